@@ -1,0 +1,63 @@
+"""The one place that wires the stages: search → export → parity → bench → evaluate → report."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cnnforge.artifacts import atomic_write_text
+from cnnforge.bench import BenchReport, benchmark, results_as_json
+from cnnforge.evaluate import Evaluation, evaluate
+from cnnforge.export import ExportResult, export
+from cnnforge.report import write_report
+from cnnforge.search import SearchConfig, SearchProgress, SearchResult, search
+
+RUN_BATCH_SIZES = (1, 32)
+
+
+@dataclass
+class RunResult:
+    search: SearchResult
+    export: ExportResult
+    bench: BenchReport
+    evaluation: Evaluation
+    report: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.search.run_dir
+
+    def artifacts(self) -> dict[str, Path]:
+        names = ["config.json", "trials.csv", "best.keras", "model.onnx", "parity.json",
+                 "bench.json", "evaluation.json", "report.md"]  # fmt: skip
+        return {name: self.run_dir / name for name in names}
+
+
+def run(
+    config: SearchConfig,
+    *,
+    progress: SearchProgress | None = None,
+    stage: Callable[[str], None] = lambda name: None,
+    bench_iterations: int = 200,
+) -> RunResult:
+    """Search, export the best model, check parity, benchmark it, evaluate it, and report."""
+    stage("search")
+    found = search(config, progress=progress)
+    stage("export")
+    exported = export(found.run_dir, data=config.data)
+    stage("bench")
+    timing = benchmark(
+        exported.onnx_path,
+        batch_sizes=RUN_BATCH_SIZES,
+        iterations=bench_iterations,
+        warmup=20,
+        keras_model=found.best_model,
+    )
+    atomic_write_text(found.run_dir / "bench.json", json.dumps(results_as_json(timing), indent=2))
+    stage("evaluate")
+    scored = evaluate(exported.onnx_path, config.data)
+    atomic_write_text(found.run_dir / "evaluation.json", json.dumps(asdict(scored), indent=2))
+    stage("report")
+    return RunResult(found, exported, timing, scored, write_report(found.run_dir))

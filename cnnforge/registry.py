@@ -1,0 +1,189 @@
+"""One registry for every plugin kind: a dict, a decorator, glob listing, and discovery.
+
+Plugins are found the same way whether they ship with cnnforge or with a stranger's package:
+the entry-point group ``cnnforge.plugins`` names modules whose import registers plugins through
+the decorators below. Single files or modules come from ``--plugin PATH`` or ``CNNFORGE_PLUGINS``.
+A module that fails to import is recorded by name with its cause; the others still load.
+
+Plugin modules must not import TensorFlow or Keras at module level (import them inside the
+functions), so that listing plugins stays instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cnnforge.errors import CnnforgeError
+
+KINDS = ("architecture", "backbone", "dataset")
+ENTRY_POINT_GROUP = "cnnforge.plugins"
+ENV_VAR = "CNNFORGE_PLUGINS"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A registered plugin: what it is, where it came from, and the callable that does the work."""
+
+    name: str
+    kind: str
+    fn: Callable[..., Any]
+    description: str
+    source: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+_plugins: dict[str, dict[str, Plugin]] = {kind: {} for kind in KINDS}
+_load_errors: dict[str, str] = {}
+_loaded_sources: set[str] = set()
+_current_source = "__main__"
+
+
+def register(kind: str, name: str | None = None, **info: Any) -> Callable[[F], F]:
+    """Decorator that registers ``fn`` as a plugin of ``kind`` under ``name`` (default: its name).
+
+    Extra keyword arguments are kept in ``Plugin.info`` (a backbone's native input size, say).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown plugin kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+    def decorator(fn: F) -> F:
+        plugin_name = name or fn.__name__
+        doc = (fn.__doc__ or "").strip().splitlines()
+        description = info.pop("description", None) or (doc[0] if doc else "")
+        existing = _plugins[kind].get(plugin_name)
+        if existing is not None and existing.source != _current_source:
+            raise CnnforgeError(
+                f"{kind} plugin {plugin_name!r} from {_current_source} clashes with the one from "
+                f"{existing.source}; rename one of them"
+            )
+        _plugins[kind][plugin_name] = Plugin(
+            plugin_name, kind, fn, description, _current_source, dict(info)
+        )
+        return fn
+
+    return decorator
+
+
+def architecture(name: str | None = None, **info: Any) -> Callable[[F], F]:
+    """Register ``build(hp, inputs, spec) -> features``: a whole network body for ``spec``."""
+    return register("architecture", name, **info)
+
+
+def backbone(name: str | None = None, **info: Any) -> Callable[[F], F]:
+    """Register a pretrained feature extractor (``info``: ``native_size``, ``min_size``)."""
+    return register("backbone", name, **info)
+
+
+def dataset(name: str | None = None, **info: Any) -> Callable[[F], F]:
+    """Register ``load(path) -> RawData``; ``path`` is the part after ``NAME:`` or None."""
+    return register("dataset", name, **info)
+
+
+def _import_as(key: str, source: str, importer: Callable[[], object]) -> None:
+    """Run ``importer`` once per ``key``, registrations attributed to ``source``; record failures."""
+    global _current_source
+    if key in _loaded_sources:
+        return
+    _loaded_sources.add(key)
+    previous, _current_source = _current_source, source
+    try:
+        importer()
+    except Exception as exc:  # a broken plugin must not take the others down
+        _load_errors[key] = _describe_failure(exc)
+    finally:
+        _current_source = previous
+
+
+def _describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _import_file(path: Path) -> None:
+    module_name = f"cnnforge_user_plugin_{path.stem}_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+
+
+def _load_path(spec: str) -> None:
+    path = Path(spec).expanduser()
+    if path.suffix == ".py" or os.sep in spec:
+        if not path.is_file():
+            _loaded_sources.add(spec)
+            _load_errors[spec] = "FileNotFoundError: no such plugin file; check the path"
+            return
+        _import_as(str(path), str(path), lambda: _import_file(path.resolve()))
+    else:
+        _import_as(spec, spec, lambda: importlib.import_module(spec))
+
+
+def load_plugins(paths: Iterable[str] = ()) -> None:
+    """Discover plugins: entry points, then ``CNNFORGE_PLUGINS``, then ``paths``. Idempotent."""
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        _import_as(f"{dist}:{ep.name}", dist, ep.load)
+    env_paths = [p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
+    for spec in [*env_paths, *paths]:
+        _load_path(spec)
+
+
+def load_errors() -> dict[str, str]:
+    """Plugin sources that failed to import, with the cause."""
+    return dict(_load_errors)
+
+
+def list_plugins(pattern: str = "*", kind: str | None = None) -> list[Plugin]:
+    """Registered plugins whose name matches the glob ``pattern``, sorted by kind then name."""
+    kinds = [kind] if kind else list(KINDS)
+    return [
+        plugin
+        for k in kinds
+        for name, plugin in sorted(_plugins[k].items())
+        if fnmatch.fnmatchcase(name, pattern)
+    ]
+
+
+def get(kind: str, name: str) -> Plugin:
+    """The plugin ``name`` of ``kind``, or an error that suggests the closest names."""
+    try:
+        return _plugins[kind][name]
+    except KeyError:
+        raise CnnforgeError(_unknown_message(kind, name)) from None
+
+
+def find(name: str) -> Plugin:
+    """The plugin called ``name`` whatever its kind."""
+    for kind in KINDS:
+        if name in _plugins[kind]:
+            return _plugins[kind][name]
+    raise CnnforgeError(_unknown_message(None, name))
+
+
+def _unknown_message(kind: str | None, name: str) -> str:
+    names = [p.name for p in list_plugins(kind=kind)]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    label = f"{kind} plugin" if kind else "plugin"
+    hint = f"did you mean {', '.join(close)}?" if close else "see `cnnforge plugins list`"
+    message = f"unknown {label} {name!r}; {hint}"
+    if _load_errors:
+        message += (
+            f" ({len(_load_errors)} plugin source(s) failed to load: {', '.join(_load_errors)})"
+        )
+    return message

@@ -1,0 +1,86 @@
+"""onnxruntime sessions and the cnnforge metadata of an ONNX model, shared by every stage that
+runs the exported model (parity, evaluate, bench). Imports no TensorFlow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnforge.errors import CnnforgeError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+META_PREFIX = "cnnforge."
+
+
+def provider_name(provider: str) -> str:
+    """The onnxruntime name of ``provider`` (cpu, cuda, tensorrt), if this install has it."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise CnnforgeError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if PROVIDERS[provider] not in available:
+        raise CnnforgeError(
+            f"provider {provider!r} is not available in this onnxruntime ({ort.__version__}, "
+            f"has {', '.join(available)}); install onnxruntime-gpu for cuda/tensorrt"
+        )
+    return PROVIDERS[provider]
+
+
+def open_session(
+    model: Path | str | bytes, *, provider: str = "cpu", threads: int | None = None
+) -> Any:
+    """An InferenceSession on ``model`` (a path or serialized bytes); a bad file is one line."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if not path.is_file():
+            raise CnnforgeError(f"ONNX model {path} does not exist; check the path")
+        model = str(path)
+    try:
+        return ort.InferenceSession(model, options, providers=[provider_name(provider)])
+    except CnnforgeError:
+        raise
+    except Exception as exc:
+        label = model if isinstance(model, str) else "the ONNX model"
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise CnnforgeError(
+            f"onnxruntime cannot load {label} ({reason}); is it a complete .onnx file?"
+        ) from None
+
+
+def metadata(session: Any) -> dict[str, Any]:
+    """The cnnforge.* metadata of a session's model, JSON values decoded."""
+    props = session.get_modelmeta().custom_metadata_map
+    decoded = {}
+    for key, value in props.items():
+        if key.startswith(META_PREFIX):
+            try:
+                decoded[key[len(META_PREFIX) :]] = json.loads(value)
+            except json.JSONDecodeError:
+                decoded[key[len(META_PREFIX) :]] = value
+    return decoded
+
+
+def predict(session: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Probabilities for ``images`` (raw pixels, the model's layout), in batches."""
+    name = session.get_inputs()[0].name
+    out = [
+        session.run(None, {name: images[i : i + batch_size].astype(np.float32)})[0]
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(out)

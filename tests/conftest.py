@@ -1,0 +1,69 @@
+"""Shared fixtures. The example plugin package is installed for real (pip, into a temporary
+target folder put on sys.path) before collection, so its entry point is discovered the way a
+user's would be and its architecture gets the contract tests too."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_PACKAGE = ROOT / "examples" / "cnnforge-example-plugin"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    target = Path(tempfile.mkdtemp(prefix="cnnforge-example-plugin-"))
+    config.add_cleanup(lambda: shutil.rmtree(target, ignore_errors=True))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(EXAMPLE_PACKAGE)],
+        check=True,
+    )  # fmt: skip
+    sys.path.insert(0, str(target))
+    import importlib
+
+    importlib.invalidate_caches()
+    import cnnforge
+
+    cnnforge.load_plugins()
+
+
+@pytest.fixture(scope="session")
+def small_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """400 train and 200 test images of the bundled Fashion-MNIST subset, as an .npz source."""
+    import cnnforge
+
+    raw = cnnforge.get("dataset", "fashion_mnist_small").fn(None)
+    path = tmp_path_factory.mktemp("data") / "small.npz"
+    np.savez(
+        path,
+        x_train=raw.x_train[:400],
+        y_train=raw.y_train[:400],
+        x_test=raw.x_test[:200],
+        y_test=raw.y_test[:200],
+        class_names=np.array(raw.class_names),
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, small_npz: Path):
+    """A real two-trial search on small data, exported: the run directory many tests read."""
+    from cnnforge.export import export
+    from cnnforge.search import SearchConfig, search
+
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    config = SearchConfig(data=str(small_npz), run_dir=run_dir, max_trials=2, epochs=2, patience=0)
+    result = search(config)
+    export(run_dir)
+    return result

@@ -1,0 +1,130 @@
+"""The CLI through click's runner: the whole job, and bad input as one line with no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from cnnforge.cli import cli
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error:") and "Traceback" not in result.output + result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help_and_plugin_listing_do_not_import_tensorflow():
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom cnnforge.cli import cli\n"
+        "for args in (['--help'], ['plugins', 'list']):\n"
+        "    assert CliRunner().invoke(cli, args).exit_code == 0\n"
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TF imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_plugins_list_and_show():
+    listed = invoke("plugins", "list", "--kind", "architecture")
+    assert listed.exit_code == 0
+    assert (
+        "simple_cnn" in listed.output
+        and "resnet" in listed.output
+        and "fashion_mnist" not in listed.output
+    )
+    shown = invoke("plugins", "show", "simple_cnn")
+    assert shown.exit_code == 0
+    for text in ("conv_blocks", "1 .. 4", "max, average", "learning_rate", "(log)"):
+        assert text in shown.output
+
+
+def test_unknown_plugin_is_one_line_with_a_suggestion():
+    assert_one_line_error(
+        invoke("plugins", "show", "resnt"), "unknown plugin 'resnt'", "did you mean resnet"
+    )
+
+
+def test_run_end_to_end_writes_every_artifact(small_npz, tmp_path):
+    run_dir = tmp_path / "run"
+    result = invoke("run", "--data", str(small_npz), "--run-dir", str(run_dir),
+                    "--max-trials", "2", "--epochs", "1")  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    for name in ("config.json", "trials.csv", "best.keras", "model.onnx", "parity.json",
+                 "bench.json", "evaluation.json", "report.md"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+        assert str(run_dir / name) in result.output
+    assert "test accuracy (onnxruntime)" in result.output
+    bench = json.loads((run_dir / "bench.json").read_text())
+    assert [r["batch_size"] for r in bench if r["runtime"] == "onnxruntime"] == [1, 32]
+    report = (run_dir / "report.md").read_text()
+    for heading in ("## Summary", "## Trials", "## Export parity", "## Latency", "## Test split"):
+        assert heading in report
+    assert not list(run_dir.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_export_bench_evaluate_commands(finished_run, small_npz, tmp_path):
+    out = tmp_path / "exported.onnx"
+    exported = invoke("export", str(finished_run.run_dir), "-o", str(out))
+    assert exported.exit_code == 0 and out.is_file() and "parity: max abs diff" in exported.output
+    benched = invoke("bench", str(out), "--batch-sizes", "1,2", "--iterations", "5", "--warmup", "1",
+                     "--json", str(tmp_path / "b.json"))  # fmt: skip
+    assert benched.exit_code == 0
+    assert [r["batch_size"] for r in json.loads((tmp_path / "b.json").read_text())] == [1, 2]
+    evaluated = invoke(
+        "evaluate", str(out), "--data", str(small_npz), "--json", str(tmp_path / "e.json")
+    )
+    assert evaluated.exit_code == 0 and "accuracy" in evaluated.output
+    assert json.loads((tmp_path / "e.json").read_text())["images"] == 200
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (
+            ["search", "--data", "dir:/no/such/folder"],
+            ["image folder /no/such/folder does not exist"],
+        ),
+        (["search", "--arch", "simple_cnm"], ["did you mean simple_cnn"]),
+        (["search", "--data", "fashion_mnist_smal"], ["did you mean fashion_mnist_small"]),
+        (["bench", "missing.onnx"], ["missing.onnx does not exist"]),
+        (["export", "missing.keras"], ["missing.keras does not exist"]),
+        (["report", "."], ["not a cnnforge run directory"]),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(args, fragments, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(invoke(*args), *fragments)
+    assert not (tmp_path / "runs").exists(), "nothing is written on bad input"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["search", "--max-trials", "-1"],
+        ["search", "--epochs", "0"],
+        ["search", "--tuner", "annealing"],
+        ["bench", "m.onnx", "--batch-sizes", "1,x"],
+        ["search", "--fix", "conv_blocks"],
+    ],
+)
+def test_nonsense_flag_values_are_usage_errors(args):
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = CliRunner().invoke(cli, ["--debug", "bench", str(tmp_path / "missing.onnx")])
+    assert result.exit_code != 0
+    assert type(result.exception).__name__ == "CnnforgeError"

@@ -1,0 +1,89 @@
+"""The contract every registered architecture plugin must meet, parametrized over the registry:
+a new plugin, built-in or third-party, gets these tests for free."""
+
+from __future__ import annotations
+
+import keras
+import keras_tuner
+import numpy as np
+import pytest
+
+import cnnforge
+from cnnforge.data import DataSpec
+from cnnforge.export import to_onnx
+from cnnforge.hypermodel import build_model
+from cnnforge.parity import check_parity
+from cnnforge.runtime import open_session
+
+ARCHITECTURES = [p.name for p in cnnforge.list_plugins(kind="architecture")]
+SPECS = {
+    "grayscale 28": DataSpec("test", (28, 28, 1), tuple("abcdefghij")),
+    "colour 32": DataSpec("test", (32, 32, 3), ("x", "y", "z")),
+}
+
+
+def test_the_registry_has_the_builtin_and_example_architectures():
+    assert {"simple_cnn", "resnet", "depthwise_cnn"} <= set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("spec_name", list(SPECS))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_architecture_contract(arch, spec_name, tmp_path):
+    spec = SPECS[spec_name]
+    model = build_model(cnnforge.get("architecture", arch), spec, keras_tuner.HyperParameters())
+    assert model.inputs[0].shape[1:] == spec.input_shape
+    assert model.outputs[0].shape[1:] == (spec.num_classes,)
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (8, *spec.input_shape)).astype("float32")
+    y = rng.integers(0, spec.num_classes, 8)
+    before = [w.copy() for w in model.get_weights()]
+    loss = model.train_on_batch(x, y)
+    assert np.isfinite(np.ravel(loss)[0])
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+
+    probabilities = model(x, training=False).numpy()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+    proto = to_onnx(model)
+    session = open_session(proto.SerializeToString())
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    assert [o.name for o in session.get_outputs()] == ["probabilities"]
+    assert session.get_inputs()[0].shape[0] == "batch"
+    report = check_parity(model, proto.SerializeToString(), x, inputs="random", batch_sizes=(1, 3))
+    assert report.passed, report.mismatches
+    assert report.batch_axis_dynamic
+    keras.backend.clear_session()
+
+
+def test_simple_cnn_defaults_are_the_tensorflow_cifar10_tutorial_network():
+    spec = DataSpec("cifar-like", (32, 32, 3), tuple(str(i) for i in range(10)))
+    model = build_model(
+        cnnforge.get("architecture", "simple_cnn"), spec, keras_tuner.HyperParameters()
+    )
+    layers = [type(layer).__name__ for layer in model.layers]
+    assert layers == ["InputLayer", "Rescaling", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D",
+                      "Conv2D", "Flatten", "Dense", "Dense"]  # fmt: skip
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [(c.filters, c.kernel_size, c.padding, c.activation.__name__) for c in convs] == [
+        (32, (3, 3), "valid", "relu"),
+        (64, (3, 3), "valid", "relu"),
+        (64, (3, 3), "valid", "relu"),
+    ]
+    assert model.layers[-2].units == 64 and model.layers[-1].units == 10
+    # The tutorial's model.summary(): 122,570 trainable parameters.
+    assert model.count_params() == 122_570
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    assert model.loss == "sparse_categorical_crossentropy"
+
+
+def test_plugin_returning_a_feature_map_is_refused_with_a_hint():
+    @cnnforge.architecture("returns_4d_for_test")
+    def returns_4d(hp, inputs, spec):
+        return keras.layers.Conv2D(4, 3)(inputs)
+
+    spec = SPECS["grayscale 28"]
+    with pytest.raises(cnnforge.CnnforgeError, match="must return a 2-D .* flatten or pool"):
+        build_model(
+            cnnforge.get("architecture", "returns_4d_for_test"), spec, keras_tuner.HyperParameters()
+        )
