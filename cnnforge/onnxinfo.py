@@ -1,0 +1,174 @@
+"""What an ONNX graph says about itself: image input (name, layout, shape), parameters, operator
+counts and FLOPs per image. Imports no TensorFlow, and needs no cnnforge metadata, so it works on
+models exported by any tool.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnforge.errors import CnnforgeError
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """The image input of a model: its name, layout and per-image shape (H, W, C order kept)."""
+
+    name: str
+    layout: str  # "NHWC" or "NCHW"
+    shape: tuple[int, ...]  # per image, in the model's own layout
+    dtype: str  # onnx element type name, e.g. "float32"
+    batch: int | str | None  # fixed batch size, the symbolic name, or None
+
+    @property
+    def height_width(self) -> tuple[int, int]:
+        return (
+            (self.shape[0], self.shape[1])
+            if self.layout == "NHWC"
+            else (self.shape[1], self.shape[2])
+        )
+
+    @property
+    def channels(self) -> int:
+        return self.shape[2] if self.layout == "NHWC" else self.shape[0]
+
+
+def load(model: Path | str | bytes | Any) -> Any:
+    """An onnx ModelProto from a path, bytes, or a ModelProto; a bad file is one clear line."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    try:
+        if isinstance(model, bytes):
+            return onnx.load_from_string(model)
+        path = Path(model)
+        if not path.is_file():
+            raise CnnforgeError(f"ONNX model {path} does not exist; check the path")
+        return onnx.load(str(path), load_external_data=False)
+    except CnnforgeError:
+        raise
+    except Exception as exc:
+        raise CnnforgeError(
+            f"cannot parse ONNX model {model if not isinstance(model, bytes) else ''}({exc})"
+        ) from None
+
+
+def _dims(value_info: Any) -> list[int | str | None]:
+    dims = []
+    for d in value_info.type.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return dims
+
+
+def _graph_inputs(proto: Any) -> list[Any]:
+    """Graph inputs that are real inputs (old exporters list initializers as inputs too)."""
+    initializers = {init.name for init in proto.graph.initializer}
+    return [i for i in proto.graph.input if i.name not in initializers]
+
+
+def image_input(model: Any) -> ImageInput:
+    """Discover the image input: one 4-D input, channels first (1/3/4) or last."""
+    import onnx
+
+    proto = load(model)
+    inputs = _graph_inputs(proto)
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise CnnforgeError(
+            f"model has {len(inputs)} inputs ({names}); cnnforge expects one image input"
+        )
+    dims = _dims(inputs[0])
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type).name
+    if len(dims) != 4:
+        raise CnnforgeError(
+            f"input {inputs[0].name!r} has shape {dims}; not an image model (expected 4-D NHWC or NCHW)"
+        )
+    batch, rest = dims[0], dims[1:]
+    if not all(isinstance(d, int) for d in rest):
+        raise CnnforgeError(
+            f"input {inputs[0].name!r} has shape {dims} with unknown image dimensions; give them with --shape"
+        )
+    layout = "NCHW" if rest[0] in (1, 3, 4) and rest[2] not in (1, 3, 4) else "NHWC"
+    meta = {p.key: p.value for p in proto.metadata_props}
+    layout = meta.get("cnnforge.input_layout", layout)
+    return ImageInput(inputs[0].name, layout, tuple(rest), dtype, batch)  # type: ignore[arg-type]
+
+
+def parameter_count(model: Any) -> int:
+    """Number of values in the graph's initializers (weights and constants)."""
+    proto = load(model)
+    return int(sum(int(np.prod(init.dims)) if init.dims else 1 for init in proto.graph.initializer))
+
+
+def operator_counts(model: Any) -> dict[str, int]:
+    return dict(Counter(node.op_type for node in load(model).graph.node).most_common())
+
+
+def _with_batch_one(proto: Any) -> Any:
+    fixed = copy.deepcopy(proto)
+    for value in [*fixed.graph.input, *fixed.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].ClearField("dim_param")
+            dims[0].dim_value = 1
+    for value in list(fixed.graph.value_info):
+        fixed.graph.value_info.remove(value)
+    return fixed
+
+
+def flops_per_image(model: Any) -> int:
+    """Floating-point operations (a multiply-add counts 2) of one image through the graph.
+
+    Counts the layers that dominate a CNN's cost: Conv, ConvTranspose, MatMul and Gemm.
+    Element-wise, activation and pooling nodes are left out (a few per cent at most).
+    """
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(_with_batch_one(load(model)))
+    graph = inferred.graph
+    shapes = {v.name: _dims(v) for v in [*graph.input, *graph.output, *graph.value_info]}
+    shapes.update({init.name: list(init.dims) for init in graph.initializer})
+    total = 0
+    for node in graph.node:
+        total += _node_flops(node, shapes)
+    return int(total)
+
+
+def _known(shape: list | None) -> bool:
+    return bool(shape) and all(isinstance(d, int) for d in shape)
+
+
+def _node_flops(node: Any, shapes: dict[str, list]) -> int:
+    out = shapes.get(node.output[0]) if node.output else None
+    if node.op_type in ("Conv", "ConvTranspose"):
+        weight = shapes.get(node.input[1])
+        if not (_known(out) and _known(weight)):
+            return 0
+        # weight: (Cout, Cin/group, kh, kw); per output element Cin/group * kh * kw MACs.
+        per_output = int(np.prod(weight[1:]))
+        if node.op_type == "ConvTranspose":
+            return 2 * int(np.prod(shapes[node.input[0]])) * weight[1] * int(np.prod(weight[2:]))
+        return 2 * int(np.prod(out)) * per_output
+    if node.op_type in ("MatMul", "Gemm"):
+        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if not (_known(out) and _known(a)):
+            # A dense layer after a dynamic Reshape: one row per image, (K, N) weights.
+            return 2 * int(np.prod(b)) if _known(b) and len(b) == 2 else 0
+        transposed = node.op_type == "Gemm" and any(
+            attr.name == "transA" and attr.i for attr in node.attribute
+        )
+        k = a[-2] if transposed else a[-1]
+        return 2 * int(np.prod(out)) * k
+    return 0
