@@ -39,7 +39,9 @@ class CnnforgeGroup(click.Group):
         except CnnforgeError as exc:
             self._fail(ctx, str(exc))
         except KeyboardInterrupt:
-            self._fail(ctx, "interrupted", code=130)
+            self._fail(
+                ctx, "interrupted; state is saved: run the same command again to resume", code=130
+            )
         except Exception as exc:
             self._fail(
                 ctx,
@@ -283,7 +285,7 @@ def search(**options: Any) -> None:
 
 @cli.command()
 @search_options({"data": "fashion_mnist_small", "arch": "simple_cnn", "run_dir": Path("runs/latest"),
-                 "tuner": "random", "max_trials": 5, "epochs": 8, "patience": 2})  # fmt: skip
+                 "tuner": "random", "max_trials": 6, "epochs": 12, "patience": 3})  # fmt: skip
 def run(**options: Any) -> None:
     """Search, export to ONNX, check parity, benchmark and evaluate: the whole job."""
     _quiet_tensorflow()

@@ -8,14 +8,18 @@ state, so ``trials.csv`` can be rewritten from disk after every trial and after 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import io
 import json
 import math
 import platform
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,12 +34,20 @@ from cnnforge.data import Dataset, DataSpec, load_dataset
 from cnnforge.errors import CnnforgeError
 from cnnforge.hypermodel import PluginHyperModel, default_space
 
-TUNERS = {
-    "random": keras_tuner.RandomSearch,
-    "bayesian": keras_tuner.BayesianOptimization,
-    "hyperband": keras_tuner.Hyperband,
-    "grid": keras_tuner.GridSearch,
-}  # random and bayesian run with a baseline-first oracle (below)
+
+def _save_json_atomically(path: str, obj: Any) -> str:
+    """KerasTuner's ``utils.save_json``, but written to a temporary name and renamed."""
+    text = json.dumps(obj)
+    atomic_write_text(Path(path), text)
+    return text
+
+
+# KerasTuner writes its oracle, tuner and trial state in place: a job killed mid-write would
+# leave a truncated JSON file that cannot be resumed. Every KerasTuner module calls
+# ``utils.save_json`` through the module, so replacing it there makes all those writes atomic.
+keras_tuner.src.utils.save_json = _save_json_atomically
+
+TUNERS = ("random", "bayesian", "hyperband", "grid")
 # Settings that define a search; a run directory is resumed only with the same ones.
 IDENTITY_KEYS = ("data", "arch", "tuner", "objective", "seed", "fix", "space", "val_fraction")
 
@@ -165,27 +177,47 @@ def _trial_cost_path(tuner: keras_tuner.Tuner, trial_id: str) -> Path:
     return Path(tuner.get_trial_dir(trial_id)) / "cnnforge_cost.json"
 
 
+class NonFiniteLoss(keras.callbacks.Callback):
+    """Fail the trial as soon as the loss is NaN or infinite, saying at which epoch."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss} at epoch {epoch + 1}; lower the learning rate"
+            )
+
+
+def _failure_reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+
+
 def _make_tuner_class(base: type) -> type:
-    """``base`` plus what cnnforge records per trial, and progress events."""
+    """``base`` plus what cnnforge records per trial, failures as reasons, and progress events."""
 
     class RecordingTuner(base):
         def __init__(self, *args: Any, progress: SearchProgress | None, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+            with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner prints "Reloading Tuner"
+                super().__init__(*args, **kwargs)
             self.progress = progress
-            self.trials_started = 0
 
         def run_trial(self, trial, *args, **kwargs):
-            self.trials_started += 1
             if self.progress:
                 total = getattr(self.oracle, "max_trials", None)
-                self.progress.trial_started(
-                    self.trials_started, total, trial.hyperparameters.values
-                )
+                number = int(trial.trial_id) + 1
+                self.progress.trial_started(number, total, trial.hyperparameters.values)
             start = time.perf_counter()
+            cost: dict[str, Any] = {}
             try:
                 return super().run_trial(trial, *args, **kwargs)
+            except Exception as exc:
+                # Any failure of one trial (a plugin that raises, out of memory, NaN loss) is
+                # recorded with its reason; KerasTuner counts FAILED trials in a row.
+                cost["error"] = _failure_reason(exc)
+                raise keras_tuner.errors.FailedTrialError(cost["error"]) from exc
             finally:
-                cost = {**self.hypermodel.last_fit, "duration_s": time.perf_counter() - start}
+                cost.update(self.hypermodel.last_fit, duration_s=time.perf_counter() - start)
                 atomic_write_text(_trial_cost_path(self, trial.trial_id), json.dumps(cost))
                 self.hypermodel.last_fit = {}
 
@@ -221,7 +253,7 @@ def trial_records(tuner: keras_tuner.Tuner) -> list[TrialRecord]:
                 params=cost.get("params"),
                 epochs=cost.get("epochs"),
                 duration_s=cost.get("duration_s"),
-                message=(trial.message or "").strip().splitlines()[-1] if trial.message else "",
+                message=cost.get("error", ""),
             )
         )
     return records
@@ -259,6 +291,23 @@ def _check_run_dir(config: SearchConfig) -> None:
         )
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops a search like Ctrl-C: KerasTuner's state is saved, the trial re-runs later."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _epoch_callback(progress: SearchProgress | None, epochs: int) -> list[keras.callbacks.Callback]:
     if progress is None:
         return []
@@ -279,7 +328,31 @@ class _BaselineFirst:
         return super().populate_space(trial_id)
 
 
-BASELINE_FIRST_ORACLES = {
+class _ResumableGridOracle(keras_tuner.oracles.GridSearchOracle):
+    """KerasTuner's grid oracle keeps its walk through the grid (the order of tried trials and
+    the queue of trials to expand) outside its saved state, so a reloaded grid search fails with
+    a KeyError. This one saves both and rebuilds them on reload."""
+
+    def get_state(self) -> dict[str, Any]:
+        order, index, ids = [], self._ordered_ids._next_index[None], self._ordered_ids
+        while index is not None:
+            order.append(ids._memory[index])
+            index = ids._next_index[index]
+        return {
+            **super().get_state(),
+            "grid_order": order,
+            "populate_next": list(self._populate_next),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self._ordered_ids = keras_tuner.src.tuners.gridsearch.LinkedList()
+        for trial_id in state.get("grid_order", []):
+            self._ordered_ids.insert(trial_id)
+        self._populate_next = list(state.get("populate_next", []))
+
+
+ORACLES = {
     "random": type(
         "RandomSearchOracle", (_BaselineFirst, keras_tuner.oracles.RandomSearchOracle), {}
     ),
@@ -288,6 +361,7 @@ BASELINE_FIRST_ORACLES = {
         (_BaselineFirst, keras_tuner.oracles.BayesianOptimizationOracle),
         {},
     ),
+    "grid": _ResumableGridOracle,  # starts from the defaults by itself
 }
 
 
@@ -303,13 +377,11 @@ def _build_tuner(config: SearchConfig, hypermodel, hps, progress) -> keras_tuner
         overwrite=False,
         progress=progress,
     )
-    if config.tuner in BASELINE_FIRST_ORACLES:
-        oracle = BASELINE_FIRST_ORACLES[config.tuner](max_trials=config.max_trials, **search_space)
-        return _make_tuner_class(keras_tuner.Tuner)(oracle=oracle, **storage)
-    tuner_class = _make_tuner_class(TUNERS[config.tuner])
-    if config.tuner == "hyperband":
+    if config.tuner == "hyperband":  # Hyperband's tuner sets each trial's epochs itself
+        tuner_class = _make_tuner_class(keras_tuner.Hyperband)
         return tuner_class(max_epochs=config.epochs, **search_space, **storage)
-    return tuner_class(max_trials=config.max_trials, **search_space, **storage)
+    oracle = ORACLES[config.tuner](max_trials=config.max_trials, **search_space)
+    return _make_tuner_class(keras_tuner.Tuner)(oracle=oracle, **storage)
 
 
 def search(
@@ -340,7 +412,7 @@ def search(
     )
     hypermodel = PluginHyperModel(plugin, dataset.spec)
     tuner = _build_tuner(config, hypermodel, hps, progress)
-    callbacks = _epoch_callback(progress, config.epochs)
+    callbacks = [*_epoch_callback(progress, config.epochs), NonFiniteLoss()]
     if config.patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -350,17 +422,27 @@ def search(
             )
         )
     try:
-        tuner.search(
-            dataset.x_train.astype("float32"),
-            dataset.y_train,
-            validation_data=(dataset.x_val.astype("float32"), dataset.y_val),
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            callbacks=callbacks,
-            verbose=0,
-        )
-    except RuntimeError as exc:  # KerasTuner gives up after too many failed trials
-        raise CnnforgeError(f"search stopped: {str(exc).strip().splitlines()[-1]}") from exc
+        with _sigterm_as_interrupt():
+            tuner.search(
+                dataset.x_train.astype("float32"),
+                dataset.y_train,
+                validation_data=(dataset.x_val.astype("float32"), dataset.y_val),
+                epochs=config.epochs,
+                batch_size=config.batch_size,
+                callbacks=callbacks,
+                verbose=0,
+            )
+    except RuntimeError as exc:  # KerasTuner gives up after too many failed trials in a row
+        if "consecutive failures" not in str(exc):
+            raise
+        records = trial_records(tuner)
+        write_trials_csv(records, config.run_dir / "trials.csv")
+        failed = [r for r in records if r.status == "FAILED"]
+        raise CnnforgeError(
+            f"search stopped: {len(failed)} trial(s) failed, the last "
+            f"{tuner.oracle.max_consecutive_failed_trials} in a row (last: {failed[-1].message}); "
+            f"see {config.run_dir / 'trials.csv'}"
+        ) from exc
     return _finish(config, tuner, dataset.spec)
 
 
