@@ -19,7 +19,7 @@ from rich.table import Table
 from cnnforge import registry
 from cnnforge.errors import CnnforgeError
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False)
 
 
@@ -272,13 +272,39 @@ def _print_trials(result: Any) -> None:
 @cli.command()
 @search_options({"data": "fashion_mnist_small", "arch": "simple_cnn", "run_dir": Path("runs/search"),
                  "tuner": "random", "max_trials": 10, "epochs": 10, "patience": 3})  # fmt: skip
-def search(**options: Any) -> None:
+@click.option(
+    "--distributed",
+    type=click.Choice(["chief", "worker"]),
+    help="Distributed search on KerasTuner's chief/worker engine.",
+)
+@click.option("--listen", metavar="HOST:PORT", help="Chief: where to serve the oracle.")
+@click.option(
+    "--chief", "chief_address", metavar="HOST:PORT", help="Worker: the chief to work for."
+)
+@click.option("--worker-id", help="Worker: a name unique among the workers.")
+@click.option("--worker-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
+              help="Chief: seconds of silence after which a worker's trial goes to another.")  # fmt: skip
+def search(distributed, listen, chief_address, worker_id, worker_timeout, **options: Any) -> None:
     """Search an architecture's hyperparameters with KerasTuner; keep the best model."""
     _quiet_tensorflow()
     from cnnforge.search import search as run_search
+    from cnnforge.search import work
 
     config = _search_config(options)
-    result = run_search(config, progress=RichSearchProgress(config.objective))
+    config.distributed, config.worker_id, config.worker_timeout = (
+        distributed,
+        worker_id,
+        worker_timeout,
+    )
+    config.address = listen if distributed == "chief" else chief_address
+    progress = RichSearchProgress(config.objective)
+    if distributed == "chief":
+        console.print(f"chief: serving the oracle on {listen}; start workers with --chief {listen}")
+    if distributed == "worker":
+        ran = work(config, progress=progress)
+        console.print(f"worker {worker_id}: ran {len(ran)} trial(s); the chief has no more")
+        return
+    result = run_search(config, progress=progress)
     _print_trials(result)
     console.print(f"best model: {result.best_model}\ntrials:     {result.run_dir / 'trials.csv'}")
 

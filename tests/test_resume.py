@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from cnnforge.errors import CnnforgeError
-from cnnforge.search import _save_json_atomically
+from cnnforge.tuners import _save_json_atomically
 
 
 def search_command(data: Path, run_dir: Path, tuner: str, trials: int = 3) -> list[str]:
     return [
         sys.executable, "-m", "cnnforge.cli", "search", "--data", str(data), "--run-dir", str(run_dir),
-        "--tuner", tuner, "--max-trials", str(trials), "--epochs", "3", "--patience", "0",
+        "--tuner", tuner, "--max-trials", str(trials), "--epochs", "4", "--patience", "0",
         "--fix", "conv_blocks=2", "--space", "filters_0=16,32", "--space", "dense_units_0=32,64",
         "--fix", "learning_rate=0.001", "--fix", "dropout=0.0",
     ]  # fmt: skip
