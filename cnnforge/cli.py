@@ -414,7 +414,7 @@ def report(run_dir: Path) -> None:
     console.print(f"wrote {write_html_report(run_dir)}")
     for missing in missing_artifacts(run_dir, read_run(run_dir)):
         err_console.print(f"[yellow]missing {missing.file}:[/] {missing.consequence}; "
-                          f"{missing.remedy}")  # fmt: skip
+                          f"{missing.remedy}", soft_wrap=True)  # fmt: skip
 
 
 @cli.command()

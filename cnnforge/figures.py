@@ -143,7 +143,7 @@ def missing_artifacts(run_dir: Path, run: dict[str, Any]) -> list[Missing]:
     wanted = [
         ("search.json", f"the search has not finished ({trials} of {asked} trials recorded)",
          f"run the same `cnnforge search` command with `--run-dir {run_dir}` again to resume it"),
-        ("best.keras", "no best model: no training curves of the winner, no feature maps",
+        ("best.keras", "no best model yet: no feature maps, nothing to export",
          "finish the search (above)"),
         ("model.onnx", "no exported model: no parity, latency or test-split results",
          f"`cnnforge export {run_dir}`"),
