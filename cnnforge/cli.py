@@ -334,7 +334,7 @@ def run(**options: Any) -> None:
         f"{result.evaluation.images} images; total {time.perf_counter() - start:.0f}s"
     )
     for name, path in result.artifacts().items():
-        console.print(f"  {name:<16} {path}")
+        console.print(f"  {name:<16} {path}", soft_wrap=True)  # long paths stay whole
 
 
 # --- export, bench, evaluate, report ----------------------------------------------------------
@@ -430,10 +430,43 @@ def evaluate(model: Path, data: str, json_out: Path | None) -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def report(run_dir: Path) -> None:
-    """Rebuild report.md of a run directory from its files."""
+    """Rebuild report.md and report.html (figures, sortable trials) of a run directory."""
     from cnnforge.report import write_report
 
     console.print(f"wrote {write_report(run_dir)}")
+    _quiet_tensorflow()
+    from cnnforge.figures import missing_artifacts
+    from cnnforge.report import read_run
+    from cnnforge.report_html import write_html_report
+
+    console.print(f"wrote {write_html_report(run_dir)}")
+    for missing in missing_artifacts(run_dir, read_run(run_dir)):
+        err_console.print(f"[yellow]missing {missing.file}:[/] {missing.consequence}; "
+                          f"{missing.remedy}", soft_wrap=True)  # fmt: skip
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--layers", help="Comma-separated layer names (default: the conv layers, or a "
+              "representative subset of a deep model's).")  # fmt: skip
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="PNG to write (default: IMAGE-explained.png beside the image).")  # fmt: skip
+def explain(model: Path, image: Path, layers: str | None, output: Path | None) -> None:
+    """Draw a model's first-layer filters and its feature maps for IMAGE (MODEL: .keras or run)."""
+    _quiet_tensorflow()
+    from cnnforge.explain import explain as run_explain
+
+    names = [n.strip() for n in layers.split(",") if n.strip()] if layers else None
+    result = run_explain(model, image, output, layers=names)
+    for note in result.explanation.notes:
+        err_console.print(f"[yellow]note:[/] {note}")
+    for entry in result.explanation.feature_maps:
+        layer = entry.layer
+        console.print(f"  {layer.path:<28} {layer.kind:<20} {layer.filters:>5} maps  "
+                      f"output {'×'.join(map(str, layer.output_shape))}")  # fmt: skip
+    name, probability = result.explanation.prediction or ("?", 0.0)
+    console.print(f"predicted: {name} ({probability:.1%})\nwrote {result.figure}")
 
 
 def main() -> None:
