@@ -18,6 +18,7 @@ from rich.table import Table
 
 from cnnforge import registry
 from cnnforge.errors import CnnforgeError
+from cnnforge.objectives import higher_is_better
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False)
@@ -96,6 +97,8 @@ def _assignments(
 def cli(ctx: click.Context, debug: bool, plugins: tuple[str, ...]) -> None:
     """cnnforge: a labelled image dataset to a deployable, benchmarked ONNX classifier."""
     ctx.obj = {"debug": debug}
+    if debug:
+        os.environ["CNNFORGE_DEBUG"] = "1"
     registry.load_plugins(plugins)
 
 
@@ -251,7 +254,7 @@ class RichSearchProgress:
 def _print_trials(result: Any) -> None:
     table = Table("trial", "status", result.objective, "params", "epochs", "seconds", "hyperparameters",
                   title="Trials, best first", box=None, pad_edge=False)  # fmt: skip
-    reverse = "loss" not in result.objective
+    reverse = higher_is_better(result.objective)
     ranked = sorted(
         result.trials,
         key=lambda r: (

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cnnforge.evaluate import class_scores, confusion_matrix
-from cnnforge.search import objective_direction
+from cnnforge.objectives import higher_is_better
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def trial_points(trials: list[dict[str, str]]) -> list[TrialPoint]:
 def pareto_front(points: list[TrialPoint], objective: str) -> list[TrialPoint]:
     """The trials no other trial beats on both latency (lower) and the objective; by latency."""
     measured = [p for p in points if p.score is not None and p.latency is not None]
-    sign = 1 if objective_direction(objective) == "max" else -1
+    sign = 1 if higher_is_better(objective) else -1
     front, best = [], -math.inf
     for point in sorted(measured, key=lambda p: (p.latency, -sign * p.score)):
         if sign * point.score > best:
@@ -76,7 +76,7 @@ def best_trial(run: dict[str, Any]) -> tuple[str | None, bool]:
     scored = [p for p in trial_points(run["trials"]) if p.score is not None]
     if not scored:
         return None, False
-    pick = max if objective_direction(objective) == "max" else min
+    pick = max if higher_is_better(objective) else min
     return pick(scored, key=lambda p: p.score).trial_id, False
 
 

@@ -34,7 +34,15 @@ def model_inputs(spec: DataSpec) -> tuple[Any, Any]:
 def build_model(plugin: Plugin, spec: DataSpec, hp: keras_tuner.HyperParameters) -> keras.Model:
     """The compiled classifier that ``plugin`` builds for ``spec`` with hyperparameters ``hp``."""
     inputs, scaled = model_inputs(spec)
-    features = plugin.fn(hp, scaled, spec)
+    try:
+        features = plugin.fn(hp, scaled, spec)
+    except CnnforgeError:
+        raise
+    except Exception as exc:
+        raise CnnforgeError(
+            f"architecture plugin {plugin.name!r} (from {plugin.source}) failed to build: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(features, keras.KerasTensor) or len(features.shape) != 2:
         shape = getattr(features, "shape", type(features).__name__)
         raise CnnforgeError(

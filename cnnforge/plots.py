@@ -15,6 +15,7 @@ import numpy as np
 
 from cnnforge.explain import Explanation, FeatureMaps, FilterBank, most_active_channels
 from cnnforge.figures import TrialPoint
+from cnnforge.objectives import higher_is_better
 
 MAPS_PER_LAYER = 16
 FILTERS_SHOWN = 32
@@ -58,7 +59,7 @@ def render_trial_scores(points: list[TrialPoint], objective: str, best_id: str |
               if p.score is not None]  # fmt: skip
     if scored:
         xs, ys = zip(*scored, strict=True)
-        pick = np.maximum if "loss" not in objective else np.minimum
+        pick = np.maximum if higher_is_better(objective) else np.minimum
         ax.step(xs, pick.accumulate(ys), where="post", color=FAILED_COLOUR, alpha=0.6,
                 label="best so far")  # fmt: skip
         ax.scatter(xs, ys, color=OTHER_COLOUR, zorder=3, label="trial")

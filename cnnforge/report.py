@@ -15,6 +15,7 @@ from typing import Any
 
 from cnnforge.artifacts import atomic_write_text
 from cnnforge.errors import CnnforgeError
+from cnnforge.objectives import higher_is_better
 
 RUN_FILES = {
     "config": "config.json",
@@ -78,7 +79,7 @@ def _trials_section(trials: list[dict[str, str]], objective: str) -> list[str]:
     if not trials:
         return ["_No trials recorded yet._"]
     ranked = sorted(
-        trials, key=lambda t: float(t["score"] or "-inf"), reverse="loss" not in objective
+        trials, key=lambda t: float(t["score"] or "-inf"), reverse=higher_is_better(objective)
     )
     hp_columns = [c for c in trials[0] if c.startswith("hp_")]
     rows = [

@@ -19,6 +19,7 @@ from typing import Any
 from cnnforge import figures, plots
 from cnnforge.artifacts import atomic_write_text
 from cnnforge.errors import CnnforgeError
+from cnnforge.objectives import higher_is_better
 from cnnforge.report import read_run, report_sections
 
 MISCLASSIFIED_SHOWN = 12
@@ -155,7 +156,7 @@ def trials_table(trials: list[dict[str, str]], objective: str, best_id: str | No
     if objective in columns:  # the score is that metric's column already
         columns.remove("score")
     scores = {p.trial_id: p.score for p in figures.trial_points(trials)}
-    sign = -1 if "loss" not in objective else 1
+    sign = -1 if higher_is_better(objective) else 1
     ranked = sorted(scores, key=lambda t: (scores[t] is None, sign * (scores[t] or 0)))
     by_id = {t["trial_id"]: t for t in trials}
 

@@ -50,6 +50,7 @@ def open_session(
         path = Path(model)
         if not path.is_file():
             raise CnnforgeError(f"ONNX model {path} does not exist; check the path")
+        check_external_data(path)
         model = str(path)
     try:
         return ort.InferenceSession(model, options, providers=[provider_name(provider)])
@@ -61,6 +62,31 @@ def open_session(
         raise CnnforgeError(
             f"onnxruntime cannot load {label} ({reason}); is it a complete .onnx file?"
         ) from None
+
+
+def check_external_data(path: Path) -> None:
+    """Refuse a model whose external weights live outside its own folder (``../../etc/passwd``):
+    a downloaded model must not make the runtime read arbitrary files."""
+    import onnx
+
+    from cnnforge.onnxinfo import load
+
+    folder = path.resolve().parent
+    graph = load(path).graph
+    tensors = [
+        *graph.initializer,
+        *(t for node in graph.node for a in node.attribute for t in [a.t] if a.HasField("t")),
+    ]
+    for tensor in tensors:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not target.is_relative_to(folder):
+            raise CnnforgeError(
+                f"ONNX model {path} points its weights at {location!r}, outside its folder; "
+                "refusing to load it (keep external data files beside the model)"
+            )
 
 
 def metadata(session: Any) -> dict[str, Any]:

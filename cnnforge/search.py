@@ -32,6 +32,7 @@ from cnnforge.artifacts import atomic_write_text, save_model_atomic
 from cnnforge.data import Dataset, DataSpec, load_dataset
 from cnnforge.errors import CnnforgeError
 from cnnforge.hypermodel import PluginHyperModel, default_space
+from cnnforge.objectives import objective_direction
 from cnnforge.tuners import (
     TUNERS,
     NonFiniteLoss,
@@ -39,7 +40,6 @@ from cnnforge.tuners import (
     SearchProgress,
     TrialRecord,
     make_tuner,
-    objective_direction,
     trial_record,
     trial_records,
     trials_csv_path,

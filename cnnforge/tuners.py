@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import keras
 import keras_tuner
 
 from cnnforge.artifacts import atomic_write_text
+from cnnforge.objectives import objective_direction
 
 COST_FILE = "cnnforge_cost.json"
 
@@ -40,6 +42,9 @@ def _save_json_atomically(path: str, obj: Any) -> str:
 # leave a truncated JSON file that cannot be resumed. Every KerasTuner module calls
 # ``utils.save_json`` through the module, so replacing it there makes all those writes atomic.
 keras_tuner.src.utils.save_json = _save_json_atomically
+# KerasTuner prints the traceback of every failed trial; cnnforge records the reason in
+# trials.csv instead, and shows tracebacks only under --debug.
+keras_tuner.src.config.DEBUG = bool(os.environ.get("CNNFORGE_DEBUG"))
 
 
 @dataclass
@@ -65,10 +70,6 @@ class SearchProgress(Protocol):
     ) -> None: ...
     def epoch_ended(self, epoch: int, epochs: int, logs: dict[str, float]) -> None: ...
     def trial_ended(self, record: TrialRecord) -> None: ...
-
-
-def objective_direction(objective: str) -> str:
-    return "min" if "loss" in objective else "max"
 
 
 # --- trial records ---------------------------------------------------------------------------
