@@ -92,13 +92,23 @@ def _assignments(
     metavar="PATH",
     help="Load plugins from a .py file or module (repeatable; also CNNFORGE_PLUGINS).",
 )
+@click.option(
+    "--unsafe-deserialization",
+    is_flag=True,
+    envvar="CNNFORGE_UNSAFE_DESERIALIZATION",
+    help="Load .keras files that hold Python code (Lambda layers). Only for files you trust.",
+)
 @click.version_option(package_name="cnnforge")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, plugins: tuple[str, ...]) -> None:
+def cli(
+    ctx: click.Context, debug: bool, plugins: tuple[str, ...], unsafe_deserialization: bool
+) -> None:
     """cnnforge: a labelled image dataset to a deployable, benchmarked ONNX classifier."""
     ctx.obj = {"debug": debug}
     if debug:
         os.environ["CNNFORGE_DEBUG"] = "1"
+    if unsafe_deserialization:
+        os.environ["CNNFORGE_UNSAFE_DESERIALIZATION"] = "1"
     registry.load_plugins(plugins)
 
 
@@ -184,6 +194,8 @@ def search_options(defaults: dict[str, Any]) -> Callable[[Callable], Callable]:
                      help="Pin a hyperparameter (repeatable)."),
         click.option("--space", multiple=True, callback=_assignments, metavar="NAME=V1,V2",
                      help="Narrow a hyperparameter to these values (repeatable)."),
+        click.option("--strategy", type=click.Choice(["mirrored"]),
+                     help="Train each trial on all local GPUs (tf.distribute.MirroredStrategy)."),
     ]  # fmt: skip
 
     def decorate(fn: Callable) -> Callable:
@@ -214,6 +226,7 @@ def _search_config(options: dict[str, Any]) -> Any:
         patience=options["patience"],
         fix=options["fix"],
         space=space,
+        strategy=options["strategy"],
     )
 
 

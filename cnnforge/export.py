@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,17 +71,25 @@ def resolve_source(source: Path | str) -> ExportSource:
     )
 
 
-def load_keras_model(path: Path, *, safe_mode: bool = True) -> Any:
-    """Load a ``.keras`` file in Keras' safe mode; a broken file is a one-line error."""
+UNSAFE_ENV = "CNNFORGE_UNSAFE_DESERIALIZATION"
+
+
+def load_keras_model(path: Path, *, safe_mode: bool | None = None) -> Any:
+    """Load a ``.keras`` file in Keras' safe mode (no deserialised Python lambdas) unless the user
+    opted out (``--unsafe-deserialization`` / ``CNNFORGE_UNSAFE_DESERIALIZATION=1``); a broken
+    file is a one-line error."""
     import keras
 
+    if safe_mode is None:
+        safe_mode = not os.environ.get(UNSAFE_ENV)
     try:
         return keras.models.load_model(path, safe_mode=safe_mode)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CnnforgeError(
-            f"cannot load Keras model {path} ({reason[:200]}); is it a complete .keras file?"
-        ) from None
+        hint = "is it a complete .keras file?"
+        if "safe_mode" in str(exc) or "lambda" in str(exc).lower():
+            hint = "it holds Python code (a Lambda layer): pass --unsafe-deserialization only if you trust it"
+        raise CnnforgeError(f"cannot load Keras model {path} ({reason[:160]}); {hint}") from None
 
 
 def as_functional(model: Any) -> Any:

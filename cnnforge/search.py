@@ -74,6 +74,8 @@ class SearchConfig:
     address: str | None = None
     worker_id: str | None = None
     worker_timeout: float = 300.0
+    # "mirrored": each trial trains on all local GPUs with tf.distribute.MirroredStrategy.
+    strategy: str | None = None
 
     def validate(self) -> None:
         if self.tuner not in TUNERS:
@@ -87,6 +89,8 @@ class SearchConfig:
             raise CnnforgeError(f"patience must be 0 (off) or more, got {self.patience}")
         if self.distributed:
             _validate_distributed(self)
+        if self.strategy not in (None, "mirrored"):
+            raise CnnforgeError(f"--strategy takes mirrored, got {self.strategy!r}")
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "run_dir": str(self.run_dir)}
@@ -266,8 +270,15 @@ def _prepare(config: SearchConfig, dataset: Dataset | None, progress: SearchProg
         project_name="tuner",
         overwrite=False,
         progress=progress,
+        distribution_strategy=_strategy(config.strategy),
     )
     return dataset, tuner
+
+
+def _strategy(name: str | None) -> Any:
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy() if name == "mirrored" else None
 
 
 def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, progress) -> None:
@@ -393,7 +404,9 @@ def _finish(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset) -> Se
     best_trial = tuner.oracle.get_best_trials(1)[0]
     best = next(r for r in records if r.trial_id == best_trial.trial_id)
     best_model = _best_model(tuner, best_trial, best, dataset, config)
-    best_model.optimizer.build(best_model.trainable_variables)  # saved whole, loads cleanly
+    strategy = tuner.distribution_strategy
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        best_model.optimizer.build(best_model.trainable_variables)  # saved whole, loads cleanly
     best_path = config.run_dir / "best.keras"
     save_model_atomic(best_model, best_path)
     atomic_write_text(config.run_dir / "search.json", json.dumps(asdict(best), indent=2))

@@ -124,7 +124,8 @@ def test_nonsense_flag_values_are_usage_errors(args):
     assert "Traceback" not in result.output + result.stderr
 
 
-def test_debug_shows_the_traceback(tmp_path):
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNFORGE_DEBUG", "")  # --debug sets it for the process; restored after
     result = CliRunner().invoke(cli, ["--debug", "bench", str(tmp_path / "missing.onnx")])
     assert result.exit_code != 0
     assert type(result.exception).__name__ == "CnnforgeError"

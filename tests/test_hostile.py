@@ -200,8 +200,10 @@ def test_onnx_external_data_outside_its_folder_is_refused(finished_run, tmp_path
     assert_refused(invoke("bench", str(folder / "evil.onnx")), "outside its folder", "refusing")
 
 
-def test_unsafe_keras_lambda_is_not_deserialised(tmp_path):
+def test_unsafe_keras_lambda_is_not_deserialised(tmp_path, monkeypatch):
     import keras
+
+    monkeypatch.setenv("CNNFORGE_UNSAFE_DESERIALIZATION", "")  # restored after the test
 
     inputs = keras.Input((8, 8, 1))
     outputs = keras.layers.Dense(2, activation="softmax")(
@@ -209,8 +211,13 @@ def test_unsafe_keras_lambda_is_not_deserialised(tmp_path):
     )
     keras.Model(inputs, outputs).save(tmp_path / "lambda.keras")
     result = invoke("export", str(tmp_path / "lambda.keras"))
-    assert_refused(result, "cannot load Keras model", "lambda.keras")
+    assert_refused(result, "cannot load Keras model", "lambda.keras", "--unsafe-deserialization")
     assert files_under(tmp_path) == ["lambda.keras"]
+    trusted = CliRunner().invoke(
+        cli, ["--unsafe-deserialization", "export", str(tmp_path / "lambda.keras")]
+    )
+    assert trusted.exit_code == 0, trusted.stderr
+    assert (tmp_path / "model.onnx").is_file()
 
 
 @pytest.fixture

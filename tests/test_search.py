@@ -108,3 +108,11 @@ def test_every_tuner_runs(tuner, small_npz, tmp_path):
     result = search(config)
     completed = [t for t in result.trials if t.status == "COMPLETED"]
     assert completed and (tmp_path / tuner / "best.keras").is_file()
+
+
+def test_mirrored_strategy_trains_a_trial(small_npz, tmp_path):
+    """On a machine without GPUs MirroredStrategy uses the CPU: the code path a GPU box runs."""
+    config = SearchConfig(data=str(small_npz), run_dir=tmp_path / "m", max_trials=1, epochs=1,
+                          patience=0, strategy="mirrored")  # fmt: skip
+    result = search(config)
+    assert result.trials[0].status == "COMPLETED" and result.best_model.is_file()
