@@ -198,12 +198,18 @@ def plot_distribution(result: BenchResult, path: Path) -> Path:
     stats = result.latency_ms
     fig, (hist, trace) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     shown = samples[samples <= stats["p99.9"]] if len(samples) > 1 else samples
-    hist.hist(shown, bins=min(80, max(10, len(shown) // 20)), color="tab:blue", alpha=0.7)
+    bins: Any = min(80, max(10, len(shown) // 20))
+    spread = shown.max() / shown.min() > 10 if shown.min() > 0 else False
+    if spread:  # stalls far from the typical call: log-spaced bins keep both readable
+        bins = np.geomspace(shown.min(), shown.max(), bins + 1)
+        hist.set_xscale("log")
+    hist.hist(shown, bins=bins, color="tab:blue", alpha=0.7)
     hist.axvspan(*result.p50_ci_ms, color="tab:green", alpha=0.25, label="95% interval of p50")
     for key, color in (("p50", "tab:green"), ("p90", "tab:orange"), ("p99", "tab:red"),
                        ("p99.9", "tab:purple")):  # fmt: skip
         hist.axvline(stats[key], color=color, label=f"{key} {number(stats[key])} ms")
-    hist.set(xlabel="latency (ms)", ylabel="calls (log scale)", yscale="log",
+    hist.set(xlabel="latency (ms, log scale)" if spread else "latency (ms)", yscale="log",
+             ylabel="calls (log scale)",
              title=f"{len(samples)} calls ({len(samples) - len(shown)} above p99.9 not drawn)")  # fmt: skip
     hist.legend(fontsize=8)
     trace.plot(np.arange(len(samples)), samples, ".", markersize=2, alpha=0.5)
