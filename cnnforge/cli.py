@@ -306,7 +306,7 @@ def run(**options: Any) -> None:
         f"{result.evaluation.images} images; total {time.perf_counter() - start:.0f}s"
     )
     for name, path in result.artifacts().items():
-        console.print(f"  {name:<16} {path}")
+        console.print(f"  {name:<16} {path}", soft_wrap=True)
 
 
 # --- export, bench, evaluate, report ----------------------------------------------------------
