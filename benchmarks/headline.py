@@ -116,8 +116,9 @@ def main() -> None:
           f"load average {env['load_average_before'][0]} at the start "
           f"(a shared machine); {time.perf_counter() - started:.0f} s in all.")  # fmt: skip
     print("")
-    print("Peak (fp32 onnxruntime MatMul 1024×1024, best call): " + ", ".join(
-        f"{p.gflops:.1f} GFLOP/s at {p.threads} thread(s)" for p in first.peaks) + ".")  # fmt: skip
+    print("Peak (fp32 onnxruntime MatMul, N x N by N x N, N in 256, 512, 1024, best call): " + ", ".join(
+        f"{p.gflops:.1f} GFLOP/s at {p.threads} thread(s) (N = {p.matrix_size})"
+        for p in first.peaks) + ".")  # fmt: skip
     for name, report in reports.items():
         print("")
         print("\n".join(summary_lines(name, report)))

@@ -226,9 +226,10 @@ def test_parse_shape_refuses_nonsense(text):
 
 
 def test_peak_microbenchmark_reports_what_it_measured():
-    peak = measure_peak("cpu", 1, size=64, min_iterations=3, min_duration_s=0.01)
-    assert peak.gflops > 0 and peak.calls >= 3
-    assert peak.what.startswith("onnxruntime MatMul 64x64 fp32, cpu, threads 1: best of")
+    peak = measure_peak("cpu", 1, sizes=(32, 64), min_iterations=3, min_duration_s=0.01)
+    assert peak.gflops > 0 and peak.calls >= 6 and peak.matrix_size in (32, 64)
+    assert peak.what.startswith("onnxruntime fp32 MatMul N x N by a constant N x N, N in 32, 64,")
+    assert f"at N = {peak.matrix_size}" in peak.what
 
 
 def test_benchmark_with_keras_baseline(finished_run):
