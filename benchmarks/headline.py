@@ -86,6 +86,10 @@ def summary_lines(name, report):
             f"[{number(k.p50_ci_ms[0])}–{number(k.p50_ci_ms[1])}] | "
             f"{r.speedup_vs_keras:.1f}× | {number(r.gflops)} | {r.peak_share:.1%} |"
         )
+    peaks = ", ".join(f"{p.gflops:.1f} GFLOP/s at {p.threads} thread(s) (N = {p.matrix_size})"
+                      for p in report.peaks)  # fmt: skip
+    lines += ["", f"Peak measured in this model's run (fp32 onnxruntime MatMul N x N by N x N, "
+              f"N in 256, 512, 1024, best call): {peaks}."]  # fmt: skip
     lines += ["", "Keras at its own threads (TensorFlow's default) achieves "
               + ", ".join(f"{number(k.gflops)} GFLOP/s at batch {k.batch_size}"
                           for k in report.keras) + "."]  # fmt: skip
@@ -113,12 +117,9 @@ def main() -> None:
     env = first.environment
     print(f"Measured {env['measured_at']} on {env['cpu']}, {env['cores']} cores, onnxruntime "
           f"{env['onnxruntime']}, TensorFlow {env['tensorflow']}, Keras {env['keras']}; "
-          f"load average {env['load_average_before'][0]} at the start "
+          f"load average {env['load_average_before'][0]} at the start and "
+          f"{list(reports.values())[-1].environment['load_average_after'][0]} at the end "
           f"(a shared machine); {time.perf_counter() - started:.0f} s in all.")  # fmt: skip
-    print("")
-    print("Peak (fp32 onnxruntime MatMul, N x N by N x N, N in 256, 512, 1024, best call): " + ", ".join(
-        f"{p.gflops:.1f} GFLOP/s at {p.threads} thread(s) (N = {p.matrix_size})"
-        for p in first.peaks) + ".")  # fmt: skip
     for name, report in reports.items():
         print("")
         print("\n".join(summary_lines(name, report)))
