@@ -698,7 +698,7 @@ def keras_results(
     if isinstance(keras_model, (str, Path)):
         model, label = load_keras_model(Path(keras_model)), Path(keras_model).name
     else:
-        model, label = keras_model, f"keras model {keras_model.name!r}"
+        model, label = keras_model, keras_model.name
     env.update(tensorflow=tf.__version__, keras=keras.__version__)
     forward = tf.function(lambda x: model(x, training=False))
     shape = tuple(model.inputs[0].shape[1:])

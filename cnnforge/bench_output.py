@@ -157,6 +157,7 @@ def plot_latency_vs_batch(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
     for label, cells in _series(rows).items():
@@ -178,6 +179,8 @@ def plot_latency_vs_batch(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         batches = sorted({r["batch_size"] for r in rows})
         axis.set_xticks(batches, [str(b) for b in batches])
         axis.minorticks_off()
+        axis.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axis.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         axis.grid(True, which="major", alpha=0.3)
     left.legend(fontsize=8)
     env = rows[0]["environment"]
