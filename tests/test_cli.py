@@ -167,9 +167,9 @@ def test_bench_sweep_outputs_and_the_regression_gate(tmp_path):
 
     same = invoke("bench", "compare", str(out / "bench.json"), str(out / "bench.json"))
     assert same.exit_code == 0 and "passed" in same.output and "ratio CI" in same.output
-    for row in rows:
-        row["latency_ms"]["p50"] *= 2
-        row["p50_ci_ms"] = [v * 2 for v in row["p50_ci_ms"]]
+    for row in rows:  # every new interval starts 1.5x above the base interval's top
+        high = row["p50_ci_ms"][1]
+        row["latency_ms"]["p50"], row["p50_ci_ms"] = 1.75 * high, [1.5 * high, 2 * high]
     (tmp_path / "slow.json").write_text(json.dumps(rows))
     slower = invoke("bench", "compare", str(out / "bench.json"), str(tmp_path / "slow.json"),
                     "--max-slowdown", "10%")  # fmt: skip
