@@ -42,6 +42,8 @@ _LAZY = {
     "benchmark": "cnnforge.bench",
     "evaluate": "cnnforge.evaluate",
     "run": "cnnforge.pipeline",
+    "explain": "cnnforge.explain",
+    "write_html_report": "cnnforge.report_html",
 }
 
 __all__ = [

@@ -19,7 +19,7 @@ from rich.table import Table
 from cnnforge import registry
 from cnnforge.errors import CnnforgeError
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False)
 
 
@@ -39,7 +39,9 @@ class CnnforgeGroup(click.Group):
         except CnnforgeError as exc:
             self._fail(ctx, str(exc))
         except KeyboardInterrupt:
-            self._fail(ctx, "interrupted", code=130)
+            self._fail(
+                ctx, "interrupted; state is saved: run the same command again to resume", code=130
+            )
         except Exception as exc:
             self._fail(
                 ctx,
@@ -270,20 +272,46 @@ def _print_trials(result: Any) -> None:
 @cli.command()
 @search_options({"data": "fashion_mnist_small", "arch": "simple_cnn", "run_dir": Path("runs/search"),
                  "tuner": "random", "max_trials": 10, "epochs": 10, "patience": 3})  # fmt: skip
-def search(**options: Any) -> None:
+@click.option(
+    "--distributed",
+    type=click.Choice(["chief", "worker"]),
+    help="Distributed search on KerasTuner's chief/worker engine.",
+)
+@click.option("--listen", metavar="HOST:PORT", help="Chief: where to serve the oracle.")
+@click.option(
+    "--chief", "chief_address", metavar="HOST:PORT", help="Worker: the chief to work for."
+)
+@click.option("--worker-id", help="Worker: a name unique among the workers.")
+@click.option("--worker-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
+              help="Chief: seconds of silence after which a worker's trial goes to another.")  # fmt: skip
+def search(distributed, listen, chief_address, worker_id, worker_timeout, **options: Any) -> None:
     """Search an architecture's hyperparameters with KerasTuner; keep the best model."""
     _quiet_tensorflow()
     from cnnforge.search import search as run_search
+    from cnnforge.search import work
 
     config = _search_config(options)
-    result = run_search(config, progress=RichSearchProgress(config.objective))
+    config.distributed, config.worker_id, config.worker_timeout = (
+        distributed,
+        worker_id,
+        worker_timeout,
+    )
+    config.address = listen if distributed == "chief" else chief_address
+    progress = RichSearchProgress(config.objective)
+    if distributed == "chief":
+        console.print(f"chief: serving the oracle on {listen}; start workers with --chief {listen}")
+    if distributed == "worker":
+        ran = work(config, progress=progress)
+        console.print(f"worker {worker_id}: ran {len(ran)} trial(s); the chief has no more")
+        return
+    result = run_search(config, progress=progress)
     _print_trials(result)
     console.print(f"best model: {result.best_model}\ntrials:     {result.run_dir / 'trials.csv'}")
 
 
 @cli.command()
 @search_options({"data": "fashion_mnist_small", "arch": "simple_cnn", "run_dir": Path("runs/latest"),
-                 "tuner": "random", "max_trials": 5, "epochs": 8, "patience": 2})  # fmt: skip
+                 "tuner": "random", "max_trials": 6, "epochs": 12, "patience": 3})  # fmt: skip
 def run(**options: Any) -> None:
     """Search, export to ONNX, check parity, benchmark and evaluate: the whole job."""
     _quiet_tensorflow()
@@ -306,7 +334,7 @@ def run(**options: Any) -> None:
         f"{result.evaluation.images} images; total {time.perf_counter() - start:.0f}s"
     )
     for name, path in result.artifacts().items():
-        console.print(f"  {name:<16} {path}", soft_wrap=True)
+        console.print(f"  {name:<16} {path}", soft_wrap=True)  # long paths stay whole
 
 
 # --- export, bench, evaluate, report ----------------------------------------------------------
@@ -582,10 +610,43 @@ def evaluate(model: Path, data: str, json_out: Path | None) -> None:
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def report(run_dir: Path) -> None:
-    """Rebuild report.md of a run directory from its files."""
+    """Rebuild report.md and report.html (figures, sortable trials) of a run directory."""
     from cnnforge.report import write_report
 
     console.print(f"wrote {write_report(run_dir)}")
+    _quiet_tensorflow()
+    from cnnforge.figures import missing_artifacts
+    from cnnforge.report import read_run
+    from cnnforge.report_html import write_html_report
+
+    console.print(f"wrote {write_html_report(run_dir)}")
+    for missing in missing_artifacts(run_dir, read_run(run_dir)):
+        err_console.print(f"[yellow]missing {missing.file}:[/] {missing.consequence}; "
+                          f"{missing.remedy}", soft_wrap=True)  # fmt: skip
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--layers", help="Comma-separated layer names (default: the conv layers, or a "
+              "representative subset of a deep model's).")  # fmt: skip
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="PNG to write (default: IMAGE-explained.png beside the image).")  # fmt: skip
+def explain(model: Path, image: Path, layers: str | None, output: Path | None) -> None:
+    """Draw a model's first-layer filters and its feature maps for IMAGE (MODEL: .keras or run)."""
+    _quiet_tensorflow()
+    from cnnforge.explain import explain as run_explain
+
+    names = [n.strip() for n in layers.split(",") if n.strip()] if layers else None
+    result = run_explain(model, image, output, layers=names)
+    for note in result.explanation.notes:
+        err_console.print(f"[yellow]note:[/] {note}")
+    for entry in result.explanation.feature_maps:
+        layer = entry.layer
+        console.print(f"  {layer.path:<28} {layer.kind:<20} {layer.filters:>5} maps  "
+                      f"output {'×'.join(map(str, layer.output_shape))}")  # fmt: skip
+    name, probability = result.explanation.prediction or ("?", 0.0)
+    console.print(f"predicted: {name} ({probability:.1%})\nwrote {result.figure}")
 
 
 def main() -> None:

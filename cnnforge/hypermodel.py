@@ -81,5 +81,7 @@ class PluginHyperModel(keras_tuner.HyperModel):
             "params": model.count_params(),
             "epochs": len(history.history.get("loss", [])),
             "train_seconds": time.perf_counter() - start,
+            # KerasTuner keeps only each metric's best epoch; the report plots every epoch.
+            "history": {k: [float(v) for v in values] for k, values in history.history.items()},
         }
         return history

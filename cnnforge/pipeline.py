@@ -12,6 +12,7 @@ from cnnforge.bench import BenchReport, benchmark, results_as_json
 from cnnforge.evaluate import Evaluation, evaluate
 from cnnforge.export import ExportResult, export
 from cnnforge.report import write_report
+from cnnforge.report_html import write_html_report
 from cnnforge.search import SearchConfig, SearchProgress, SearchResult, search
 
 RUN_BATCH_SIZES = (1, 32)
@@ -31,7 +32,7 @@ class RunResult:
 
     def artifacts(self) -> dict[str, Path]:
         names = ["config.json", "trials.csv", "best.keras", "model.onnx", "parity.json",
-                 "bench.json", "evaluation.json", "report.md"]  # fmt: skip
+                 "bench.json", "evaluation.json", "report.md", "report.html"]  # fmt: skip
         return {name: self.run_dir / name for name in names}
 
 
@@ -62,4 +63,6 @@ def run(
     scored = evaluate(exported.onnx_path, config.data)
     atomic_write_text(found.run_dir / "evaluation.json", json.dumps(asdict(scored), indent=2))
     stage("report")
-    return RunResult(found, exported, timing, scored, write_report(found.run_dir))
+    report = write_report(found.run_dir)
+    write_html_report(found.run_dir)
+    return RunResult(found, exported, timing, scored, report)

@@ -169,18 +169,22 @@ def _evaluation_section(ev: dict[str, Any]) -> list[str]:
     ]
 
 
-def render_markdown(run_dir: Path) -> str:
-    run = read_run(run_dir)
+def report_sections(run: dict[str, Any]) -> list[tuple[str, list[str] | None]]:
+    """(title, Markdown lines) per section; None where the run has not measured it yet."""
     objective = run["config"]["search"]["objective"]
-    sections = [
+    return [
         ("Summary", _summary(run)),
         ("Trials", _trials_section(run["trials"], objective)),
         ("Export parity", _parity_section(run["parity"]) if "parity" in run else None),
         ("Latency", _bench_section(run["bench"]) if run.get("bench") else None),
         ("Test split", _evaluation_section(run["evaluation"]) if "evaluation" in run else None),
     ]
+
+
+def render_markdown(run_dir: Path) -> str:
+    run = read_run(run_dir)
     out = [f"# cnnforge run `{Path(run_dir).name}`", ""]
-    for title, lines in sections:
+    for title, lines in report_sections(run):
         out += [f"## {title}", "", *(lines or [f"_Not measured yet ({title.lower()})._"]), ""]
     versions = run["config"].get("versions", {})
     out.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))

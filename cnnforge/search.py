@@ -1,24 +1,27 @@
-"""Tuner choice, run directory, resume → SearchResult.
+"""Tuner choice, run directory, resume, distributed roles → SearchResult.
 
 A run directory belongs to one search configuration. Running the same configuration again
 resumes it from KerasTuner's state in ``tuner/``; a different configuration is refused rather
-than mixed. Each trial's cost (parameters, epochs, seconds) is kept beside KerasTuner's own trial
-state, so ``trials.csv`` can be rewritten from disk after every trial and after a resume.
+than mixed. A search runs in one process, or as a chief that serves the oracle over gRPC and
+workers that run trials (KerasTuner's own engine, driven through its ``KERASTUNER_*`` variables).
+The KerasTuner customisations (recording, oracles, atomic state) live in ``tuners.py``.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import difflib
-import io
 import json
 import math
+import os
 import platform
-import time
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import keras
 import keras_tuner
@@ -29,13 +32,20 @@ from cnnforge.artifacts import atomic_write_text, save_model_atomic
 from cnnforge.data import Dataset, DataSpec, load_dataset
 from cnnforge.errors import CnnforgeError
 from cnnforge.hypermodel import PluginHyperModel, default_space
+from cnnforge.tuners import (
+    TUNERS,
+    NonFiniteLoss,
+    RecordingTuner,
+    SearchProgress,
+    TrialRecord,
+    make_tuner,
+    objective_direction,
+    trial_record,
+    trial_records,
+    trials_csv_path,
+    write_trials_csv,
+)
 
-TUNERS = {
-    "random": keras_tuner.RandomSearch,
-    "bayesian": keras_tuner.BayesianOptimization,
-    "hyperband": keras_tuner.Hyperband,
-    "grid": keras_tuner.GridSearch,
-}  # random and bayesian run with a baseline-first oracle (below)
 # Settings that define a search; a run directory is resumed only with the same ones.
 IDENTITY_KEYS = ("data", "arch", "tuner", "objective", "seed", "fix", "space", "val_fraction")
 
@@ -57,6 +67,13 @@ class SearchConfig:
     val_fraction: float = 0.1
     fix: dict[str, str] = field(default_factory=dict)
     space: dict[str, list[str]] = field(default_factory=dict)
+    # Distributed search: "chief" (serves the oracle at ``address``) or "worker" (runs trials
+    # for the chief at ``address``, as ``worker_id``); a silent worker loses its trial after
+    # ``worker_timeout`` seconds.
+    distributed: str | None = None
+    address: str | None = None
+    worker_id: str | None = None
+    worker_timeout: float = 300.0
 
     def validate(self) -> None:
         if self.tuner not in TUNERS:
@@ -68,24 +85,11 @@ class SearchConfig:
                 )
         if self.patience < 0:
             raise CnnforgeError(f"patience must be 0 (off) or more, got {self.patience}")
+        if self.distributed:
+            _validate_distributed(self)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "run_dir": str(self.run_dir)}
-
-
-@dataclass
-class TrialRecord:
-    """One row of trials.csv."""
-
-    trial_id: str
-    status: str
-    score: float | None
-    metrics: dict[str, float]
-    hyperparameters: dict[str, Any]
-    params: int | None = None
-    epochs: int | None = None
-    duration_s: float | None = None
-    message: str = ""
 
 
 @dataclass
@@ -98,18 +102,19 @@ class SearchResult:
     objective: str
 
 
-class SearchProgress(Protocol):
-    """What a front end hears while a search runs."""
-
-    def trial_started(
-        self, number: int, total: int | None, hyperparameters: dict[str, Any]
-    ) -> None: ...
-    def epoch_ended(self, epoch: int, epochs: int, logs: dict[str, float]) -> None: ...
-    def trial_ended(self, record: TrialRecord) -> None: ...
-
-
-def objective_direction(objective: str) -> str:
-    return "min" if "loss" in objective else "max"
+def _validate_distributed(config: SearchConfig) -> None:
+    if config.distributed not in ("chief", "worker"):
+        raise CnnforgeError(f"--distributed takes chief or worker, got {config.distributed!r}")
+    flag = "--listen" if config.distributed == "chief" else "--chief"
+    host, _, port = (config.address or "").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CnnforgeError(
+            f"a {config.distributed} needs {flag} HOST:PORT, got {config.address!r}"
+        )
+    if config.distributed == "worker" and (not config.worker_id or "chief" in config.worker_id):
+        raise CnnforgeError("a worker needs --worker-id ID, unique per worker and without 'chief'")
+    if config.worker_timeout <= 0:
+        raise CnnforgeError(f"worker timeout must be positive seconds, got {config.worker_timeout}")
 
 
 def library_versions() -> dict[str, str]:
@@ -161,90 +166,6 @@ def constrained_hyperparameters(config: SearchConfig, space: list) -> keras_tune
     return hps
 
 
-def _trial_cost_path(tuner: keras_tuner.Tuner, trial_id: str) -> Path:
-    return Path(tuner.get_trial_dir(trial_id)) / "cnnforge_cost.json"
-
-
-def _make_tuner_class(base: type) -> type:
-    """``base`` plus what cnnforge records per trial, and progress events."""
-
-    class RecordingTuner(base):
-        def __init__(self, *args: Any, progress: SearchProgress | None, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.progress = progress
-            self.trials_started = 0
-
-        def run_trial(self, trial, *args, **kwargs):
-            self.trials_started += 1
-            if self.progress:
-                total = getattr(self.oracle, "max_trials", None)
-                self.progress.trial_started(
-                    self.trials_started, total, trial.hyperparameters.values
-                )
-            start = time.perf_counter()
-            try:
-                return super().run_trial(trial, *args, **kwargs)
-            finally:
-                cost = {**self.hypermodel.last_fit, "duration_s": time.perf_counter() - start}
-                atomic_write_text(_trial_cost_path(self, trial.trial_id), json.dumps(cost))
-                self.hypermodel.last_fit = {}
-
-        def on_trial_end(self, trial):
-            super().on_trial_end(trial)
-            records = trial_records(self)
-            write_trials_csv(records, Path(self.project_dir).parent / "trials.csv")
-            if self.progress:
-                self.progress.trial_ended(next(r for r in records if r.trial_id == trial.trial_id))
-
-    RecordingTuner.__name__ = f"Recording{base.__name__}"
-    return RecordingTuner
-
-
-def trial_records(tuner: keras_tuner.Tuner) -> list[TrialRecord]:
-    """Every trial the oracle knows, with cnnforge's cost records where they exist."""
-    records = []
-    for trial in sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id):
-        cost_file = _trial_cost_path(tuner, trial.trial_id)
-        cost = json.loads(cost_file.read_text()) if cost_file.exists() else {}
-        metrics = {
-            name: float(trial.metrics.get_best_value(name))
-            for name in trial.metrics.metrics
-            if trial.metrics.get_best_value(name) is not None
-        }
-        records.append(
-            TrialRecord(
-                trial_id=trial.trial_id,
-                status=str(trial.status),
-                score=None if trial.score is None else float(trial.score),
-                metrics=metrics,
-                hyperparameters=dict(trial.hyperparameters.values),
-                params=cost.get("params"),
-                epochs=cost.get("epochs"),
-                duration_s=cost.get("duration_s"),
-                message=(trial.message or "").strip().splitlines()[-1] if trial.message else "",
-            )
-        )
-    return records
-
-
-def write_trials_csv(records: list[TrialRecord], path: Path) -> None:
-    metric_names = sorted({m for r in records for m in r.metrics})
-    hp_names = list(dict.fromkeys(h for r in records for h in r.hyperparameters))
-    header = ["trial_id", "status", "score", *metric_names, "params", "epochs", "duration_s"]
-    header += [f"hp_{h}" for h in hp_names] + ["message"]
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(header)
-    for r in records:
-        writer.writerow(
-            [r.trial_id, r.status, r.score, *(r.metrics.get(m) for m in metric_names)]
-            + [r.params, r.epochs, None if r.duration_s is None else round(r.duration_s, 3)]
-            + [r.hyperparameters.get(h) for h in hp_names]
-            + [r.message]
-        )
-    atomic_write_text(path, out.getvalue())
-
-
 def _check_run_dir(config: SearchConfig) -> None:
     """Refuse to mix two different searches in one run directory."""
     config_file = config.run_dir / "config.json"
@@ -259,6 +180,48 @@ def _check_run_dir(config: SearchConfig) -> None:
         )
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops a search like Ctrl-C: KerasTuner's state is saved, the trial re-runs later."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+KERASTUNER_VARIABLES = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
+
+
+@contextlib.contextmanager
+def _kerastuner_role(config: SearchConfig) -> Iterator[None]:
+    """Set KerasTuner's distributed-search variables for this process while the search runs."""
+    if not config.distributed:
+        yield
+        return
+    host, _, port = config.address.rpartition(":")  # type: ignore[union-attr]
+    tuner_id = "chief" if config.distributed == "chief" else config.worker_id
+    saved = {name: os.environ.get(name) for name in KERASTUNER_VARIABLES}
+    os.environ.update(
+        KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port
+    )
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _epoch_callback(progress: SearchProgress | None, epochs: int) -> list[keras.callbacks.Callback]:
     if progress is None:
         return []
@@ -269,57 +232,9 @@ def _epoch_callback(progress: SearchProgress | None, epochs: int) -> list[keras.
     ]
 
 
-class _BaselineFirst:
-    """Oracle mixin: the first trial is the default build, so a search never ends below baseline."""
-
-    def populate_space(self, trial_id):
-        if not self.trials:
-            defaults = {hp.name: hp.default for hp in self.hyperparameters.space}
-            return {"status": keras_tuner.engine.trial.TrialStatus.RUNNING, "values": defaults}
-        return super().populate_space(trial_id)
-
-
-BASELINE_FIRST_ORACLES = {
-    "random": type(
-        "RandomSearchOracle", (_BaselineFirst, keras_tuner.oracles.RandomSearchOracle), {}
-    ),
-    "bayesian": type(
-        "BayesianOptimizationOracle",
-        (_BaselineFirst, keras_tuner.oracles.BayesianOptimizationOracle),
-        {},
-    ),
-}
-
-
-def _build_tuner(config: SearchConfig, hypermodel, hps, progress) -> keras_tuner.Tuner:
-    objective = keras_tuner.Objective(config.objective, objective_direction(config.objective))
-    search_space = dict(
-        objective=objective, hyperparameters=hps, tune_new_entries=True, seed=config.seed
-    )
-    storage = dict(
-        hypermodel=hypermodel,
-        directory=str(config.run_dir),
-        project_name="tuner",
-        overwrite=False,
-        progress=progress,
-    )
-    if config.tuner in BASELINE_FIRST_ORACLES:
-        oracle = BASELINE_FIRST_ORACLES[config.tuner](max_trials=config.max_trials, **search_space)
-        return _make_tuner_class(keras_tuner.Tuner)(oracle=oracle, **storage)
-    tuner_class = _make_tuner_class(TUNERS[config.tuner])
-    if config.tuner == "hyperband":
-        return tuner_class(max_epochs=config.epochs, **search_space, **storage)
-    return tuner_class(max_trials=config.max_trials, **search_space, **storage)
-
-
-def search(
-    config: SearchConfig,
-    *,
-    dataset: Dataset | None = None,
-    progress: SearchProgress | None = None,
-) -> SearchResult:
-    """Run (or resume) the search ``config`` describes; write the run directory; return the best."""
-    config.validate()
+def _prepare(config: SearchConfig, dataset: Dataset | None, progress: SearchProgress | None):
+    """Check everything, write config.json, build the tuner: what chief, worker and a local
+    search share."""
     plugin = registry.get("architecture", config.arch)
     dataset = dataset or load_dataset(
         config.data, val_fraction=config.val_fraction, seed=config.seed
@@ -338,9 +253,25 @@ def search(
             indent=2,
         ),
     )
-    hypermodel = PluginHyperModel(plugin, dataset.spec)
-    tuner = _build_tuner(config, hypermodel, hps, progress)
-    callbacks = _epoch_callback(progress, config.epochs)
+    tuner = make_tuner(
+        config.tuner,
+        objective=config.objective,
+        max_trials=config.max_trials,
+        epochs=config.epochs,
+        seed=config.seed,
+        hyperparameters=hps,
+        lease_seconds=config.worker_timeout if config.distributed == "chief" else None,
+        hypermodel=PluginHyperModel(plugin, dataset.spec),
+        directory=str(config.run_dir),
+        project_name="tuner",
+        overwrite=False,
+        progress=progress,
+    )
+    return dataset, tuner
+
+
+def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, progress) -> None:
+    callbacks = [*_epoch_callback(progress, config.epochs), NonFiniteLoss()]
     if config.patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -350,35 +281,120 @@ def search(
             )
         )
     try:
-        tuner.search(
-            dataset.x_train.astype("float32"),
-            dataset.y_train,
-            validation_data=(dataset.x_val.astype("float32"), dataset.y_val),
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            callbacks=callbacks,
-            verbose=0,
-        )
-    except RuntimeError as exc:  # KerasTuner gives up after too many failed trials
-        raise CnnforgeError(f"search stopped: {str(exc).strip().splitlines()[-1]}") from exc
-    return _finish(config, tuner, dataset.spec)
+        with _sigterm_as_interrupt():
+            tuner.search(
+                dataset.x_train.astype("float32"),
+                dataset.y_train,
+                validation_data=(dataset.x_val.astype("float32"), dataset.y_val),
+                epochs=config.epochs,
+                batch_size=config.batch_size,
+                callbacks=callbacks,
+                verbose=0,
+            )
+    except RuntimeError as exc:  # KerasTuner gives up after too many failed trials in a row
+        if "consecutive failures" not in str(exc):
+            raise
+        records = trial_records(tuner.oracle)
+        write_trials_csv(records, config.run_dir / "trials.csv")
+        failed = [r for r in records if r.status == "FAILED"]
+        raise CnnforgeError(
+            f"search stopped: {len(failed)} trial(s) failed, the last "
+            f"{tuner.oracle.max_consecutive_failed_trials} in a row (last: {failed[-1].message}); "
+            f"see {config.run_dir / 'trials.csv'}"
+        ) from exc
 
 
-def _finish(config: SearchConfig, tuner: keras_tuner.Tuner, spec: DataSpec) -> SearchResult:
-    records = trial_records(tuner)
-    write_trials_csv(records, config.run_dir / "trials.csv")
+def _watch_as_chief(tuner: RecordingTuner, progress: SearchProgress | None) -> threading.Event:
+    """While the chief serves: let silent workers go, and report trials as they end."""
+    stop, oracle = threading.Event(), tuner.oracle
+    reported = set(oracle.end_order)
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            oracle.expire_silent_tuners()
+            for trial_id in [t for t in oracle.end_order if t not in reported]:
+                reported.add(trial_id)
+                if progress:
+                    trial_dir = Path(oracle._project_dir) / f"trial_{trial_id}"
+                    progress.trial_ended(trial_record(oracle.trials[trial_id], trial_dir))
+
+    threading.Thread(target=watch, name="cnnforge-chief-watch", daemon=True).start()
+    return stop
+
+
+def search(
+    config: SearchConfig,
+    *,
+    dataset: Dataset | None = None,
+    progress: SearchProgress | None = None,
+) -> SearchResult:
+    """Run (or resume) the search ``config`` describes, in this process or as the chief of a
+    distributed search; write the run directory; return the best trial and model."""
+    if config.distributed == "worker":
+        raise CnnforgeError("a worker runs trials for a chief: use cnnforge.search.work()")
+    config.validate()
+    with _kerastuner_role(config):
+        dataset, tuner = _prepare(config, dataset, progress)
+        stop = _watch_as_chief(tuner, progress) if config.distributed == "chief" else None
+        try:
+            _run_trials(config, tuner, dataset, progress)
+        finally:
+            if stop:
+                stop.set()
+    return _finish(config, tuner, dataset)
+
+
+def work(
+    config: SearchConfig,
+    *,
+    dataset: Dataset | None = None,
+    progress: SearchProgress | None = None,
+) -> list[str]:
+    """Run trials for the chief at ``config.address`` until it has none left; the trial ids run."""
+    if config.distributed != "worker":
+        raise CnnforgeError("work() is for a distributed worker: set distributed='worker'")
+    config.validate()
+    with _kerastuner_role(config):
+        dataset, tuner = _prepare(config, dataset, progress)
+        _run_trials(config, tuner, dataset, progress)
+    return tuner.trials_run
+
+
+def _best_model(
+    tuner: RecordingTuner, best_trial: Any, record: TrialRecord, dataset: Dataset, config
+):
+    """The best trial's checkpoint, or, when it stayed with a worker that did not share the run
+    directory, the same hyperparameters trained again for the epochs that trial ran."""
+    if Path(tuner._get_checkpoint_fname(best_trial.trial_id)).exists():
+        with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            return tuner.load_model(best_trial)
+    keras.utils.set_random_seed(config.seed)
+    model = tuner.hypermodel.build(best_trial.hyperparameters)
+    model.fit(
+        dataset.x_train.astype("float32"),
+        dataset.y_train,
+        validation_data=(dataset.x_val.astype("float32"), dataset.y_val),
+        epochs=record.epochs or config.epochs,
+        batch_size=config.batch_size,
+        verbose=0,
+    )
+    return model
+
+
+def _finish(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset) -> SearchResult:
+    records = trial_records(tuner.oracle)
+    write_trials_csv(records, trials_csv_path(tuner.oracle))
     completed = [r for r in records if r.score is not None and math.isfinite(r.score)]
     if not completed:
         raise CnnforgeError(
             f"no trial completed in {config.run_dir}; see the message column of trials.csv"
         )
     best_trial = tuner.oracle.get_best_trials(1)[0]
-    with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
-        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-        best_model = tuner.load_model(best_trial)
+    best = next(r for r in records if r.trial_id == best_trial.trial_id)
+    best_model = _best_model(tuner, best_trial, best, dataset, config)
     best_model.optimizer.build(best_model.trainable_variables)  # saved whole, loads cleanly
     best_path = config.run_dir / "best.keras"
     save_model_atomic(best_model, best_path)
-    best = next(r for r in records if r.trial_id == best_trial.trial_id)
     atomic_write_text(config.run_dir / "search.json", json.dumps(asdict(best), indent=2))
-    return SearchResult(config.run_dir, best_path, best, records, spec, config.objective)
+    return SearchResult(config.run_dir, best_path, best, records, dataset.spec, config.objective)

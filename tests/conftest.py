@@ -28,6 +28,7 @@ def pytest_configure(config: pytest.Config) -> None:
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
          "--target", str(target), str(EXAMPLE_PACKAGE)],
         check=True,
+        env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"},
     )  # fmt: skip
     sys.path.insert(0, str(target))
     import importlib

@@ -61,7 +61,7 @@ def test_run_end_to_end_writes_every_artifact(small_npz, tmp_path):
                     "--max-trials", "2", "--epochs", "1")  # fmt: skip
     assert result.exit_code == 0, result.output + result.stderr
     for name in ("config.json", "trials.csv", "best.keras", "model.onnx", "parity.json",
-                 "bench.json", "evaluation.json", "report.md"):  # fmt: skip
+                 "bench.json", "evaluation.json", "report.md", "report.html"):  # fmt: skip
         assert (run_dir / name).is_file(), name
         assert str(run_dir / name) in result.output
     assert "test accuracy (onnxruntime)" in result.output

@@ -1,0 +1,364 @@
+"""cnnforge's additions to KerasTuner's engine: what is recorded per trial, and the oracles.
+
+- Every oracle rewrites ``trials.csv`` when a trial ends, from KerasTuner's state plus the cost
+  file each trial leaves beside it (``tuner/trial_N/cnnforge_cost.json``): parameters, epochs,
+  seconds, and the failure reason. Local searches and a distributed chief work the same way.
+- ``random`` and ``bayesian`` start with the default build (the baseline).
+- ``grid`` survives a reload (KerasTuner's forgets its walk through the grid).
+- A worker that falls silent for longer than its lease loses its trial to the next worker.
+- KerasTuner's state files are written atomically (below).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import keras
+import keras_tuner
+
+from cnnforge.artifacts import atomic_write_text
+
+COST_FILE = "cnnforge_cost.json"
+
+
+def _save_json_atomically(path: str, obj: Any) -> str:
+    """KerasTuner's ``utils.save_json``, but written to a temporary name and renamed."""
+    text = json.dumps(obj)
+    atomic_write_text(Path(path), text)
+    return text
+
+
+# KerasTuner writes its oracle, tuner and trial state in place: a job killed mid-write would
+# leave a truncated JSON file that cannot be resumed. Every KerasTuner module calls
+# ``utils.save_json`` through the module, so replacing it there makes all those writes atomic.
+keras_tuner.src.utils.save_json = _save_json_atomically
+
+
+@dataclass
+class TrialRecord:
+    """One row of trials.csv."""
+
+    trial_id: str
+    status: str
+    score: float | None
+    metrics: dict[str, float]
+    hyperparameters: dict[str, Any]
+    params: int | None = None
+    epochs: int | None = None
+    duration_s: float | None = None
+    message: str = ""
+
+
+class SearchProgress(Protocol):
+    """What a front end hears while a search runs."""
+
+    def trial_started(
+        self, number: int, total: int | None, hyperparameters: dict[str, Any]
+    ) -> None: ...
+    def epoch_ended(self, epoch: int, epochs: int, logs: dict[str, float]) -> None: ...
+    def trial_ended(self, record: TrialRecord) -> None: ...
+
+
+def objective_direction(objective: str) -> str:
+    return "min" if "loss" in objective else "max"
+
+
+# --- trial records ---------------------------------------------------------------------------
+
+
+def trial_record(trial: Any, trial_dir: Path) -> TrialRecord:
+    """A KerasTuner trial plus the cost file cnnforge left in its folder."""
+    cost_file = trial_dir / COST_FILE
+    cost = json.loads(cost_file.read_text()) if cost_file.exists() else {}
+    metrics = {
+        name: float(trial.metrics.get_best_value(name))
+        for name in trial.metrics.metrics
+        if trial.metrics.get_best_value(name) is not None
+    }
+    return TrialRecord(
+        trial_id=trial.trial_id,
+        status=str(trial.status),
+        score=None if trial.score is None else float(trial.score),
+        metrics=metrics,
+        hyperparameters=dict(trial.hyperparameters.values),
+        params=cost.get("params"),
+        epochs=cost.get("epochs"),
+        duration_s=cost.get("duration_s"),
+        message=cost.get("error", ""),
+    )
+
+
+def trial_records(oracle: Any) -> list[TrialRecord]:
+    """Every trial an oracle knows, in trial-id order."""
+    project = Path(oracle._project_dir)
+    return [
+        trial_record(trial, project / f"trial_{trial.trial_id}")
+        for trial in sorted(oracle.trials.values(), key=lambda t: t.trial_id)
+    ]
+
+
+def write_trials_csv(records: list[TrialRecord], path: Path) -> None:
+    metric_names = sorted({m for r in records for m in r.metrics})
+    hp_names = list(dict.fromkeys(h for r in records for h in r.hyperparameters))
+    header = ["trial_id", "status", "score", *metric_names, "params", "epochs", "duration_s"]
+    header += [f"hp_{h}" for h in hp_names] + ["message"]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    for r in records:
+        writer.writerow(
+            [r.trial_id, r.status, r.score, *(r.metrics.get(m) for m in metric_names)]
+            + [r.params, r.epochs, None if r.duration_s is None else round(r.duration_s, 3)]
+            + [r.hyperparameters.get(h) for h in hp_names]
+            + [r.message]
+        )
+    atomic_write_text(path, out.getvalue())
+
+
+def trials_csv_path(oracle: Any) -> Path:
+    return Path(oracle._project_dir).parent / "trials.csv"
+
+
+# --- oracles ---------------------------------------------------------------------------------
+
+
+class _RecordsTrials:
+    """Oracle mixin: trials.csv is rewritten whenever a trial ends, wherever it ran."""
+
+    @keras_tuner.synchronized
+    def end_trial(self, trial: Any) -> None:
+        super().end_trial(trial)
+        write_trials_csv(trial_records(self), trials_csv_path(self))
+
+
+class _WorkerLeases:
+    """Oracle mixin: a tuner that has neither asked for a trial nor finished an epoch for
+    ``lease_seconds`` is taken for dead; its trial goes back in the queue for the next tuner,
+    and it no longer keeps a distributed chief waiting."""
+
+    lease_seconds: float | None = None
+
+    def _last_seen(self) -> dict[str, float]:
+        if not hasattr(self, "_seen"):
+            self._seen: dict[str, float] = {}
+        return self._seen
+
+    @keras_tuner.synchronized
+    def create_trial(self, tuner_id: str) -> Any:
+        self._last_seen()[tuner_id] = time.monotonic()
+        self.expire_silent_tuners()
+        if self._others_may_give_back(tuner_id):
+            # Every trial is handed out, but another tuner may still die and give one back:
+            # wait (IDLE) instead of stopping, so a trial is never left without a tuner.
+            idle = keras_tuner.engine.trial.TrialStatus.IDLE
+            return keras_tuner.engine.trial.Trial(self.hyperparameters.copy(), "idle", status=idle)
+        return super().create_trial(tuner_id)
+
+    def _others_may_give_back(self, tuner_id: str) -> bool:
+        return bool(
+            self.lease_seconds
+            and self.max_trials
+            and len(self.trials) >= self.max_trials
+            and not self._retry_queue
+            and tuner_id not in self.ongoing_trials
+            and self.ongoing_trials
+        )
+
+    @keras_tuner.synchronized
+    def update_trial(self, trial_id: str, metrics: dict, step: int = 0) -> Any:
+        for tuner_id, trial in self.ongoing_trials.items():
+            if trial.trial_id == trial_id:
+                self._last_seen()[tuner_id] = time.monotonic()
+        return super().update_trial(trial_id, metrics, step=step)
+
+    @keras_tuner.synchronized
+    def expire_silent_tuners(self) -> list[str]:
+        """Re-queue the trials of silent tuners; return the ids of the tuners let go."""
+        if not self.lease_seconds:
+            return []
+        now, seen = time.monotonic(), self._last_seen()
+        silent = [
+            tuner_id
+            for tuner_id in {*self.tuner_ids, *self.ongoing_trials}
+            if now - seen.setdefault(tuner_id, now) > self.lease_seconds
+        ]
+        for tuner_id in silent:
+            trial = self.ongoing_trials.pop(tuner_id, None)
+            if trial is not None:
+                self._retry_queue.append(trial.trial_id)
+            self.tuner_ids.discard(tuner_id)
+            del seen[tuner_id]
+        if silent:
+            self.save()
+        return silent
+
+
+class _BaselineFirst:
+    """Oracle mixin: the first trial is the default build, so a search never ends below baseline."""
+
+    def populate_space(self, trial_id: str) -> dict[str, Any]:
+        if not self.trials:
+            defaults = {hp.name: hp.default for hp in self.hyperparameters.space}
+            return {"status": keras_tuner.engine.trial.TrialStatus.RUNNING, "values": defaults}
+        return super().populate_space(trial_id)
+
+
+class _ResumableGrid:
+    """Oracle mixin for the grid: KerasTuner keeps its walk through the grid (the order of the
+    tried trials and the queue of trials to expand) outside its saved state, so a reloaded grid
+    search fails with a KeyError. This saves both and rebuilds them on reload."""
+
+    def get_state(self) -> dict[str, Any]:
+        order, ids = [], self._ordered_ids
+        index = ids._next_index[None]
+        while index is not None:
+            order.append(ids._memory[index])
+            index = ids._next_index[index]
+        return {
+            **super().get_state(),
+            "grid_order": order,
+            "populate_next": list(self._populate_next),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self._ordered_ids = keras_tuner.src.tuners.gridsearch.LinkedList()
+        for trial_id in state.get("grid_order", []):
+            self._ordered_ids.insert(trial_id)
+        self._populate_next = list(state.get("populate_next", []))
+
+
+_ORACLE_BASES = {
+    "random": (_BaselineFirst, keras_tuner.oracles.RandomSearchOracle),
+    "bayesian": (_BaselineFirst, keras_tuner.oracles.BayesianOptimizationOracle),
+    "grid": (_ResumableGrid, keras_tuner.oracles.GridSearchOracle),  # starts from the defaults
+    "hyperband": (keras_tuner.oracles.HyperbandOracle,),
+}
+TUNERS = tuple(_ORACLE_BASES)
+ORACLES = {
+    name: type(bases[-1].__name__, (_RecordsTrials, _WorkerLeases, *bases), {})
+    for name, bases in _ORACLE_BASES.items()
+}
+
+
+# --- tuners ----------------------------------------------------------------------------------
+
+
+class NonFiniteLoss(keras.callbacks.Callback):
+    """Fail the trial as soon as the loss is NaN or infinite, saying at which epoch."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss} at epoch {epoch + 1}; lower the learning rate"
+            )
+
+
+def _failure_reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+
+
+class _HyperbandWithOracle(keras_tuner.Hyperband):
+    """Hyperband's way of running trials (epochs set per bracket) with an oracle cnnforge built."""
+
+    def __init__(self, oracle: Any, **kwargs: Any) -> None:
+        keras_tuner.Tuner.__init__(self, oracle=oracle, **kwargs)
+
+
+class RecordingTuner(keras_tuner.Tuner):
+    """Runs trials, leaving each one's cost (or failure reason) beside it, with progress events
+    and a heartbeat to the oracle after every epoch (which also keeps a worker's lease)."""
+
+    def __init__(self, *args: Any, progress: SearchProgress | None, **kwargs: Any) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner prints "Reloading Tuner"
+            super().__init__(*args, **kwargs)
+        self.progress = progress
+        self.trials_run: list[str] = []
+
+    def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
+        self.trials_run.append(trial.trial_id)
+        if self.progress:
+            total = getattr(self.oracle, "max_trials", None)
+            self.progress.trial_started(
+                int(trial.trial_id) + 1, total, trial.hyperparameters.values
+            )
+        start = time.perf_counter()
+        cost: dict[str, Any] = {}
+        try:
+            return super().run_trial(trial, *args, **kwargs)
+        except Exception as exc:
+            # Any failure of one trial (a plugin that raises, out of memory, NaN loss) is
+            # recorded with its reason; KerasTuner counts FAILED trials in a row.
+            cost["error"] = _failure_reason(exc)
+            raise keras_tuner.errors.FailedTrialError(cost["error"]) from exc
+        finally:
+            cost.update(self.hypermodel.last_fit, duration_s=time.perf_counter() - start)
+            atomic_write_text(
+                Path(self.get_trial_dir(trial.trial_id)) / COST_FILE, json.dumps(cost)
+            )
+            self.hypermodel.last_fit = {}
+
+    def pre_create_trial(self) -> None:
+        # KerasTuner asks again at once when the oracle answers IDLE; ask once a second instead.
+        if getattr(self, "_asked_in_vain", False):
+            time.sleep(1.0)
+        self._asked_in_vain = True
+
+    def on_trial_begin(self, trial: Any) -> None:
+        self._asked_in_vain = False
+        super().on_trial_begin(trial)
+
+    def on_epoch_end(self, trial: Any, model: Any, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_end(trial, model, epoch, logs)
+        objective = self.oracle.objective.name
+        if logs and objective in logs:
+            self.oracle.update_trial(
+                trial.trial_id, {objective: float(logs[objective])}, step=epoch
+            )
+
+    def on_trial_end(self, trial: Any) -> None:
+        super().on_trial_end(trial)
+        if self.progress:
+            ended = self.oracle.get_trial(trial.trial_id)
+            self.progress.trial_ended(trial_record(ended, Path(self.get_trial_dir(trial.trial_id))))
+
+
+class RecordingHyperband(RecordingTuner, _HyperbandWithOracle):
+    pass
+
+
+def make_tuner(
+    tuner: str,
+    *,
+    objective: str,
+    max_trials: int,
+    epochs: int,
+    seed: int,
+    hyperparameters: keras_tuner.HyperParameters,
+    lease_seconds: float | None,
+    **tuner_kwargs: Any,
+) -> RecordingTuner:
+    """The tuner named ``tuner`` over cnnforge's oracle for it."""
+    oracle_kwargs = dict(
+        objective=keras_tuner.Objective(objective, objective_direction(objective)),
+        hyperparameters=hyperparameters,
+        tune_new_entries=True,
+        seed=seed,
+    )
+    if tuner == "hyperband":
+        oracle = ORACLES[tuner](max_epochs=epochs, **oracle_kwargs)
+    else:
+        oracle = ORACLES[tuner](max_trials=max_trials, **oracle_kwargs)
+    oracle.lease_seconds = lease_seconds
+    tuner_class = RecordingHyperband if tuner == "hyperband" else RecordingTuner
+    return tuner_class(oracle=oracle, **tuner_kwargs)
