@@ -1,13 +1,33 @@
-"""onnxruntime latency: warm-up, then many timed ``session.run`` calls, nothing else timed.
+"""onnxruntime latency you can trust: sweeps, statistics with a confidence interval, a Keras
+baseline and the machine's measured peak, all in one process and one run.
 
-Inputs are made before timing starts; each iteration times exactly one ``run``. A Keras baseline
-is timed in the same process, as a ``tf.function`` call (``model.predict`` costs tens of ms per
-call in overhead and would make any speed-up a lie), so the speed-up is a ratio measured in one
-run on one machine.
+The method (docs/benchmarks.md says it for users):
+
+- Everything but the call is done before timing starts: sessions, inputs, and with I/O binding
+  the device copies of the inputs and the output buffers.
+- Each cell (model × provider × threads × batch size) runs ``warmup`` untimed calls, then timed
+  calls, one ``perf_counter`` pair around each, until both ``min_iterations`` calls and
+  ``min_duration_s`` seconds are reached. Python's garbage collector is off while timing, as in
+  ``timeit``.
+- Percentiles interpolate linearly between order statistics (numpy's default). The median's
+  confidence interval is distribution-free (order statistics and the binomial distribution), see
+  :func:`median_ci`.
+- Throughput is batch size / mean latency (what a stream of calls sustains, outliers included);
+  achieved GFLOP/s is FLOPs per image (counted from the graph,
+  :func:`cnnforge.onnxinfo.flops_per_image`) × batch size / median latency (the typical call,
+  robust to a busy neighbour).
+- The peak is an fp32 onnxruntime MatMul of two N × N matrices (the second a constant, as model
+  weights are; a few sizes of N) on the same provider with the same threads and spinning: the
+  best call's GFLOP/s, as peak probes (STREAM, peak-FLOPS loops) report it, since contention
+  only ever slows a call down. Each result states its share of it.
+- The Keras baseline is a ``tf.function`` call in the same process (``model.predict`` costs tens
+  of ms per call in overhead and would make any speed-up a lie); speed-ups are ratios of medians.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import platform
 import time
@@ -18,45 +38,36 @@ from typing import Any
 
 import numpy as np
 
+from cnnforge import __version__, onnxinfo
 from cnnforge.errors import CnnforgeError
-from cnnforge.runtime import open_session
+from cnnforge.runtime import PROVIDERS, installed_onnxruntime, open_session, provider_name
+
+DEFAULT_BATCH_SIZES = (1, 8, 32)
+CI_LEVEL = 0.95
+CI_METHOD = "distribution-free order-statistic interval (binomial), 95%"
+ONNXRUNTIME = "onnxruntime"
+KERAS = "keras tf.function"
+# Square MatMul sizes the peak probe tries: small ones finish inside a scheduler time slice on
+# a shared machine, large ones amortize threading; the best of them is the peak.
+PEAK_SIZES = {"cpu": (256, 512, 1024), "cuda": (2048, 4096), "tensorrt": (2048, 4096)}
+
+Shapes = dict[str | None, tuple[int, ...]]
 
 
-@dataclass
-class BenchResult:
-    runtime: str
-    batch_size: int
-    provider: str
-    threads: int | None
-    warmup: int
-    iterations: int
-    latency_ms: dict[str, float]
-    throughput: float  # images per second, from the mean latency
-
-
-@dataclass
-class BenchReport:
-    model: str
-    environment: dict[str, Any]
-    results: list[BenchResult]
-    keras: list[BenchResult] = field(default_factory=list)
-
-    def speedups(self) -> dict[int, float]:
-        """Keras mean latency / onnxruntime mean latency, per batch size."""
-        ort_by_batch = {r.batch_size: r for r in self.results}
-        return {
-            k.batch_size: k.latency_ms["mean"] / ort_by_batch[k.batch_size].latency_ms["mean"]
-            for k in self.keras
-            if k.batch_size in ort_by_batch
-        }
+# --- statistics ------------------------------------------------------------------------------
 
 
 def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
+    """p50 / p90 / p99 / p99.9, mean, sample standard deviation, min and max, in ms."""
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
+    if ms.size == 0:
+        raise ValueError("latency_stats needs at least one timing")
+    p50, p90, p99, p999 = np.percentile(ms, [50, 90, 99, 99.9])
     return {
-        "p50": float(np.percentile(ms, 50)),
-        "p90": float(np.percentile(ms, 90)),
-        "p99": float(np.percentile(ms, 99)),
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "p99.9": float(p999),
         "mean": float(ms.mean()),
         "std": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
         "min": float(ms.min()),
@@ -64,16 +75,330 @@ def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
     }
 
 
-def time_calls(call: Callable[[], Any], *, warmup: int, iterations: int) -> list[float]:
-    """Seconds taken by each of ``iterations`` calls of ``call``, after ``warmup`` untimed ones."""
+def _binomial_half_cdf(n: int) -> np.ndarray:
+    """P(B <= k) for k = 0..n, B ~ Binomial(n, 1/2), in log space so large n does not overflow."""
+    k = np.arange(1, n + 1)
+    log_comb = np.concatenate([[0.0], np.cumsum(np.log(n - k + 1) - np.log(k))])
+    return np.minimum(np.cumsum(np.exp(log_comb - n * np.log(2.0))), 1.0)
+
+
+def median_ci(samples: Sequence[float], level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """A confidence interval for the median: ``(low, high, coverage)``, distribution-free.
+
+    With n sorted samples x(1) ≤ … ≤ x(n), the interval [x(j), x(n+1-j)] holds the true median
+    with probability 1 − 2·P(B ≤ j−1), B ~ Binomial(n, ½), whatever the distribution, for
+    independent samples. j is the largest rank whose coverage is still ≥ ``level``. When n is too
+    small for any (n < 6 at 95 %), the interval is [min, max] and ``coverage`` says what it is.
+    Successive timings are not quite independent (caches, clocks, neighbours), so read it as the
+    run-to-run noise of this run, not a guarantee about another day.
+    """
+    x = np.sort(np.asarray(samples, dtype=np.float64))
+    if x.size == 0:
+        raise ValueError("median_ci needs at least one sample")
+    cdf = _binomial_half_cdf(x.size)
+    ranks = np.nonzero(cdf <= (1 - level) / 2)[0]
+    j = int(ranks[-1]) + 1 if ranks.size else 1
+    return float(x[j - 1]), float(x[x.size - j]), float(1 - 2 * cdf[j - 1])
+
+
+def time_calls(
+    call: Callable[[], Any], *, warmup: int, iterations: int, min_duration_s: float = 0.0
+) -> list[float]:
+    """Seconds of each timed call of ``call``, after ``warmup`` untimed ones.
+
+    Timing goes on until at least ``iterations`` calls and ``min_duration_s`` seconds are done.
+    """
     for _ in range(warmup):
         call()
-    times = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
+    times: list[float] = []
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        first = end = time.perf_counter()
+        while len(times) < iterations or end - first < min_duration_s:
+            start = time.perf_counter()
+            call()
+            end = time.perf_counter()
+            times.append(end - start)
+    finally:
+        if collecting:
+            gc.enable()
     return times
+
+
+# --- what to feed ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Feed:
+    """One model input: its name, dtype and per-item dims (batch axis left out)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    fixed_batch: int | None = None
+
+
+@dataclass
+class BenchModel:
+    """A model file as the benchmark sees it: label, inputs, FLOPs, the batch sizes to time."""
+
+    path: str
+    label: str
+    precision: str | None
+    layout: str | None  # NHWC / NCHW for image models, None for a model fed by --shape
+    feeds: tuple[Feed, ...]
+    flops_per_image: int | None
+    batch_sizes: tuple[int, ...]
+    value_range: tuple[float, float]
+
+    def arrays(self, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {
+            f.name: random_array(rng, f.dtype, (batch_size, *f.shape), self.value_range)
+            for f in self.feeds
+        }
+
+
+def random_array(
+    rng: np.random.Generator, dtype: str, shape: tuple[int, ...], value_range: tuple[float, float]
+) -> np.ndarray:
+    """Inputs to time with: floats uniform in ``value_range``; unsigned ints 0–255; signed ints
+    0–99 (valid token ids and indices for most models); booleans half true."""
+    kind = np.dtype(dtype).kind
+    if kind == "f":
+        return rng.uniform(*value_range, shape).astype(dtype)
+    if kind == "u":
+        return rng.integers(0, 256, shape).astype(dtype)
+    if kind == "i":
+        return rng.integers(0, 100, shape).astype(dtype)
+    if kind == "b":
+        return rng.random(shape) < 0.5
+    raise CnnforgeError(f"cannot make inputs of dtype {dtype}; cnnforge bench feeds numbers only")
+
+
+def parse_shape(text: str) -> tuple[str | None, tuple[int, ...]]:
+    """``"3x224x224"`` or ``"input_ids=128"`` → (input name or None, per-item dims)."""
+    name, sep, dims = text.rpartition("=")
+    try:
+        parsed = tuple(int(d) for d in dims.replace(",", "x").split("x"))
+    except ValueError:
+        parsed = ()
+    if not parsed or min(parsed) < 1 or (sep and not name):
+        raise CnnforgeError(
+            f"--shape {text!r} is not [NAME=]DIMS; write per-item dims like 3x224x224 or "
+            "input_ids=128 (the batch axis comes from --batch-sizes)"
+        )
+    return (name or None), parsed
+
+
+def _metadata(proto: Any) -> dict[str, Any]:
+    meta = {}
+    for prop in proto.metadata_props:
+        if prop.key.startswith("cnnforge."):
+            try:
+                meta[prop.key[len("cnnforge.") :]] = json.loads(prop.value)
+            except json.JSONDecodeError:
+                meta[prop.key[len("cnnforge.") :]] = prop.value
+    return meta
+
+
+def _image_feeds(proto: Any, path: str) -> tuple[list[Feed], str]:
+    try:
+        image = onnxinfo.image_input(proto)
+    except CnnforgeError as exc:
+        hint = "" if "--shape" in str(exc) else "; to time it anyway give --shape [NAME=]DIMS"
+        raise CnnforgeError(f"{path}: {exc}{hint}") from None
+    fixed = image.batch if isinstance(image.batch, int) and image.batch > 0 else None
+    return [Feed(image.name, image.dtype, image.shape, fixed)], image.layout
+
+
+def _given_feeds(proto: Any, shapes: Shapes, path: str) -> list[Feed]:
+    """Feeds from ``--shape``: every input named (or the only one), ranks and fixed dims checked."""
+    inputs = onnxinfo.inputs(proto)
+    names = ", ".join(i.name for i in inputs)
+    if None in shapes:
+        if len(inputs) != 1 or len(shapes) != 1:
+            raise CnnforgeError(
+                f"{path} has {len(inputs)} inputs ({names}); name each: --shape NAME=DIMS"
+            )
+        shapes = {inputs[0].name: shapes[None]}
+    unknown = sorted(str(name) for name in set(shapes) - {i.name for i in inputs})
+    if unknown:
+        raise CnnforgeError(f"--shape names {', '.join(unknown)}, but {path} has inputs {names}")
+    feeds = []
+    for graph_input in inputs:
+        if graph_input.name not in shapes:
+            raise CnnforgeError(f"input {graph_input.name!r} of {path} needs a shape too: "
+                                f"add --shape {graph_input.name}=DIMS")  # fmt: skip
+        feeds.append(_fit(graph_input, shapes[graph_input.name], path))
+    return feeds
+
+
+def _fit(graph_input: onnxinfo.GraphInput, per_item: tuple[int, ...], path: str) -> Feed:
+    dims = list(graph_input.dims)
+    if len(dims) != len(per_item) + 1:
+        raise CnnforgeError(
+            f"input {graph_input.name!r} of {path} has dims {dims}, so --shape needs "
+            f"{len(dims) - 1} per-item dims (batch axis left out), got {'x'.join(map(str, per_item))}"
+        )
+    if any(isinstance(d, int) and d != g for d, g in zip(dims[1:], per_item, strict=True)):
+        raise CnnforgeError(
+            f"--shape {'x'.join(map(str, per_item))} does not fit input {graph_input.name!r} of "
+            f"{path}, whose dims are {dims}; give the fixed ones as they are"
+        )
+    fixed = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+    return Feed(graph_input.name, graph_input.dtype, per_item, fixed)
+
+
+def _batch_sizes(feeds: list[Feed], asked: tuple[int, ...] | None, path: str) -> tuple[int, ...]:
+    fixed = {f.fixed_batch for f in feeds if f.fixed_batch}
+    if not fixed:
+        return asked or DEFAULT_BATCH_SIZES
+    batch = max(fixed)
+    if len(fixed) > 1 or (asked and asked != (batch,)):
+        raise CnnforgeError(
+            f"{path} has a fixed batch size of {batch} (inputs "
+            f"{', '.join(f'{f.name}: {f.fixed_batch}' for f in feeds)}); run it with --batch-sizes {batch}"
+        )
+    return (batch,)
+
+
+def describe_model(
+    path: Path | str, *, batch_sizes: tuple[int, ...] | None = None, shapes: Shapes | None = None
+) -> BenchModel:
+    """What to feed ``path`` and how much work one image is, read from the graph alone."""
+    proto = onnxinfo.load(path)
+    if not proto.graph.node:
+        raise CnnforgeError(f"ONNX model {path} has an empty graph; is it a complete .onnx file?")
+    meta = _metadata(proto)
+    if shapes:
+        feeds, layout = _given_feeds(proto, shapes, str(path)), None
+        flops = onnxinfo.flops_per_image(proto, {f.name: f.shape for f in feeds})
+    else:
+        feeds, layout = _image_feeds(proto, str(path))
+        flops = onnxinfo.flops_per_image(proto)
+    pixel_range = meta.get("pixel_range")
+    low, high = pixel_range if isinstance(pixel_range, list) and len(pixel_range) == 2 else (0, 1)
+    precision = meta.get("precision")
+    return BenchModel(
+        str(path),
+        str(precision) if precision else Path(path).stem,
+        str(precision) if precision else None,
+        layout,
+        tuple(feeds),
+        flops or None,
+        _batch_sizes(feeds, batch_sizes, str(path)),
+        (float(low), float(high)),
+    )
+
+
+def _unique_labels(models: list[BenchModel]) -> None:
+    """Label by precision (else file name); where labels clash, by file name and precision."""
+    labels = [m.label for m in models]
+    if len(set(labels)) == len(labels):
+        return
+    for model in models:
+        stem = Path(model.path).stem
+        model.label = f"{stem}:{model.precision}" if model.precision else stem
+    if len({m.label for m in models}) < len(models):
+        for model in models:
+            model.label = model.path
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchResult:
+    """One cell of the sweep: its settings, latency statistics and what they mean."""
+
+    runtime: str
+    model: str  # the label: cnnforge.precision metadata, else the file name
+    batch_size: int
+    provider: str
+    threads: int | None  # None: the runtime's default
+    spinning: bool | None  # session.intra_op.allow_spinning; None where it does not apply
+    io_binding: bool | None
+    warmup: int
+    iterations: int
+    duration_s: float
+    latency_ms: dict[str, float]
+    p50_ci_ms: tuple[float, float]
+    ci_coverage: float
+    throughput: float  # images per second, batch size / mean latency
+    gflops: float | None = None  # achieved: FLOPs per image × batch size / median latency
+    peak_gflops: float | None = None  # the measured peak at the same provider and threads
+    peak_share: float | None = None  # gflops / peak_gflops
+    speedup_vs_keras: float | None = None  # Keras p50 / this p50, same batch size
+    samples_ms: list[float] = field(default_factory=list, repr=False)  # kept out of the JSON
+
+
+@dataclass
+class Peak:
+    """What this machine's cores (or GPU) do on an fp32 matrix multiply, measured here."""
+
+    provider: str
+    threads: int | None
+    spinning: bool
+    gflops: float
+    matrix_size: int  # the size of the best call
+    sizes: tuple[int, ...]
+    calls: int
+
+    @property
+    def what(self) -> str:
+        threads = "default" if self.threads is None else self.threads
+        sizes = ", ".join(map(str, self.sizes))
+        return (
+            f"onnxruntime fp32 MatMul N x N by a constant N x N, N in {sizes}, {self.provider}, "
+            f"threads {threads}: best of {self.calls} calls, at N = {self.matrix_size}"
+        )
+
+
+@dataclass
+class BenchReport:
+    models: list[BenchModel]
+    environment: dict[str, Any]
+    sweep: dict[str, Any]
+    results: list[BenchResult]  # onnxruntime cells
+    keras: list[BenchResult] = field(default_factory=list)
+    peaks: list[Peak] = field(default_factory=list)
+
+    def speedups(self) -> dict[tuple[str, str, int | None, int], float]:
+        """Keras p50 / onnxruntime p50 per (model, provider, threads, batch size)."""
+        return {
+            (r.model, r.provider, r.threads, r.batch_size): r.speedup_vs_keras
+            for r in self.results
+            if r.speedup_vs_keras is not None
+        }
+
+    def best_threads(self) -> list[dict[str, Any]]:
+        """Per model, provider and batch size: the thread count with the lowest median."""
+        return best_threads(results_as_json(self))
+
+
+def best_threads(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The fastest thread count per (model, provider, batch size) of onnxruntime result rows.
+
+    ``clear`` says whether its median's interval lies wholly below every other thread count's.
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["runtime"] == ONNXRUNTIME:
+            groups.setdefault((row["model"], row["provider"], row["batch_size"]), []).append(row)
+    best = []
+    for (model, provider, batch), cells in groups.items():
+        fastest = min(cells, key=lambda r: r["latency_ms"]["p50"])
+        others = [r for r in cells if r is not fastest]
+        high = fastest.get("p50_ci_ms", [fastest["latency_ms"]["p50"]] * 2)[1]
+        clear = bool(others) and all(
+            high < r.get("p50_ci_ms", [r["latency_ms"]["p50"]] * 2)[0] for r in others
+        )
+        best.append({"model": model, "provider": provider, "batch_size": batch,
+                     "threads": fastest["threads"], "p50_ms": fastest["latency_ms"]["p50"],
+                     "compared": len(cells), "clear": clear})  # fmt: skip
+    return best
 
 
 def cpu_name() -> str:
@@ -86,104 +411,385 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(provider: str, threads: int | None) -> dict[str, Any]:
+def environment() -> dict[str, Any]:
+    """The machine and software a run was measured on, and how busy the machine was."""
     import onnxruntime as ort
 
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
+        "usable_cores": usable,
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "numpy": np.__version__,
         "onnxruntime": ort.__version__,
-        "provider": provider,
-        "threads": threads if threads is not None else "onnxruntime default",
+        "onnxruntime_packages": installed_onnxruntime(),
+        "available_providers": ort.get_available_providers(),
+        "cnnforge": __version__,
+        "load_average_before": _load_average(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def image_shape(session: Any) -> tuple[int, ...]:
-    """The per-image input shape of an image model, or an error naming what the graph says."""
-    shape = session.get_inputs()[0].shape
-    dims = shape[1:]
-    if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in dims):
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _session(model: bytes | str, provider: str, threads: int | None, spinning: bool) -> Any:
+    session = open_session(model, provider=provider, threads=threads, spinning=spinning)
+    used = session.get_providers()[0]
+    if used != PROVIDERS[provider]:
         raise CnnforgeError(
-            f"model input {session.get_inputs()[0].name!r} has shape {shape}; cnnforge bench "
-            "needs a 4-D image input with fixed height, width and channels"
+            f"onnxruntime fell back to {used}: {provider} could not start (check the GPU driver "
+            f"and the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs), or drop {provider}"
         )
-    return tuple(dims)
+    return session
 
 
-def _check_counts(batch_sizes: Sequence[int], warmup: int, iterations: int) -> None:
-    if not batch_sizes or min(batch_sizes) < 1:
+def _device(provider: str) -> str:
+    return "cpu" if provider == "cpu" else "cuda"
+
+
+def make_call(
+    session: Any, arrays: dict[str, np.ndarray], provider: str, io_binding: bool, label: str
+) -> Callable[[], Any]:
+    """The call to time. Runs once first, so a shape that does not fit is an error, not a timing.
+
+    Without I/O binding it is ``session.run`` on host arrays: on a GPU the timing includes the
+    host→device and device→host copies. With I/O binding, inputs are copied to the provider's
+    device once and outputs go to preallocated buffers there: the timing excludes host copies.
+    """
+    try:
+        outputs = session.run(None, arrays)
+    except Exception as exc:  # onnxruntime raises its own types (InvalidArgument, Fail, ...)
+        shapes = ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in arrays.items())
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CnnforgeError(
+            f"{label} does not run on {shapes} ({reason}); check --batch-sizes and --shape"
+        ) from None
+    if not io_binding:
+        return lambda: session.run(None, arrays)
+    import onnxruntime as ort
+
+    device = _device(provider)
+    binding = session.io_binding()
+    kept = []  # OrtValues on the CPU wrap numpy memory: keep them alive with the call
+    for name, array in arrays.items():
+        kept.append(ort.OrtValue.ortvalue_from_numpy(array, device, 0))
+        binding.bind_ortvalue_input(name, kept[-1])
+    for meta, out in zip(session.get_outputs(), outputs, strict=True):
+        kept.append(ort.OrtValue.ortvalue_from_shape_and_type(out.shape, out.dtype, device, 0))
+        binding.bind_ortvalue_output(meta.name, kept[-1])
+    return lambda kept=kept: session.run_with_iobinding(binding)
+
+
+def measure_peak(
+    provider: str = "cpu",
+    threads: int | None = None,
+    spinning: bool = True,
+    *,
+    sizes: Sequence[int] | None = None,
+    min_iterations: int = 5,
+    min_duration_s: float = 0.25,
+) -> Peak:
+    """GFLOP/s of an fp32 onnxruntime MatMul (N × N by a constant N × N): the best call over
+    the sizes, each timed for ``min_iterations`` calls and ``min_duration_s`` seconds."""
+    sizes = tuple(sizes or PEAK_SIZES[provider])
+    best, best_size, calls = 0.0, sizes[0], 0
+    for n in sizes:
+        times = _time_matmul(n, provider, threads, spinning, min_iterations, min_duration_s)
+        calls += len(times)
+        if 2 * n**3 / min(times) / 1e9 > best:
+            best, best_size = 2 * n**3 / min(times) / 1e9, n
+    return Peak(provider, threads, spinning, best, best_size, sizes, calls)
+
+
+def _time_matmul(
+    n: int, provider: str, threads: int | None, spinning: bool, iterations: int, seconds: float
+) -> list[float]:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "peak",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])], [weights],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = _session(model.SerializeToString(), provider, threads, spinning)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    call = make_call(session, {"a": a}, provider, True, "the peak MatMul")
+    return time_calls(call, warmup=2, iterations=iterations, min_duration_s=seconds)
+
+
+def _result(runtime: str, model: str, batch_size: int, settings: dict[str, Any],
+            warmup: int, times: list[float]) -> BenchResult:  # fmt: skip
+    stats = latency_stats(times)
+    low, high, coverage = median_ci(times)
+    return BenchResult(
+        runtime=runtime,
+        model=model,
+        batch_size=batch_size,
+        provider=settings["provider"],
+        threads=settings["threads"],
+        spinning=settings["spinning"],
+        io_binding=settings["io_binding"],
+        warmup=warmup,
+        iterations=len(times),
+        duration_s=float(sum(times)),
+        latency_ms=stats,
+        p50_ci_ms=(low * 1e3, high * 1e3),
+        ci_coverage=coverage,
+        throughput=batch_size / (stats["mean"] / 1e3),
+        samples_ms=[t * 1e3 for t in times],
+    )
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long each cell is timed."""
+
+    warmup: int = 10
+    min_iterations: int = 100
+    min_duration_s: float = 1.0
+
+    def check(self) -> None:
+        if self.warmup < 0 or self.min_iterations < 2:
+            raise CnnforgeError(
+                f"need warmup >= 0 and min iterations >= 2, got warmup={self.warmup}, "
+                f"min iterations={self.min_iterations}"
+            )
+        if not self.min_duration_s > 0:
+            raise CnnforgeError(
+                f"min duration must be > 0 s, got {self.min_duration_s}; use a small value like "
+                "0.1 to let the iteration count decide"
+            )
+
+    def run(self, call: Callable[[], Any]) -> list[float]:
+        return time_calls(call, warmup=self.warmup, iterations=self.min_iterations,
+                          min_duration_s=self.min_duration_s)  # fmt: skip
+
+
+def _check_axes(
+    batch_sizes: tuple[int, ...] | None, thread_counts: tuple, providers: tuple[str, ...]
+) -> None:
+    if batch_sizes is not None and (not batch_sizes or min(batch_sizes) < 1):
         raise CnnforgeError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
-    if warmup < 0 or iterations < 2:
-        raise CnnforgeError(
-            f"need warmup >= 0 and iterations >= 2, got warmup={warmup}, iterations={iterations}"
-        )
+    if any(t is not None and t < 1 for t in thread_counts):
+        bad = [t for t in thread_counts if t is not None]
+        raise CnnforgeError(f"threads must be at least 1 (or default), got {bad}")
+    if not providers or len(set(providers)) < len(providers):
+        raise CnnforgeError(f"give each provider once, got {list(providers)}")
+    for provider in providers:
+        provider_name(provider)
 
 
-def _keras_results(keras_path, batches, warmup, iterations) -> list[BenchResult]:
+def _as_tuple(value: Any, default: tuple) -> tuple:
+    if value is None:
+        return default
+    if isinstance(value, (str, int)):
+        return (value,)
+    return tuple(value)
+
+
+def benchmark(
+    models: Path | str | Sequence[Path | str],
+    *,
+    batch_sizes: Sequence[int] | None = None,
+    threads: int | None | Sequence[int | None] = None,
+    providers: str | Sequence[str] = "cpu",
+    spinning: bool = True,
+    io_binding: bool = False,
+    warmup: int = 10,
+    min_iterations: int = 100,
+    min_duration_s: float = 1.0,
+    keras_model: Path | str | Any | None = None,
+    shapes: Shapes | None = None,
+    peak: bool = True,
+    progress: Callable[[str], None] = lambda message: None,
+) -> BenchReport:
+    """Time every model × provider × thread count × batch size cell, in this process.
+
+    ``threads`` is one count or several (None: onnxruntime's default); ``batch_sizes`` None means
+    1, 8, 32, or the model's own where its batch axis is fixed. ``keras_model`` (a ``.keras``
+    path or a Keras model) adds the ``tf.function`` baseline; ``peak`` the MatMul microbenchmark
+    per provider and thread count; ``shapes`` says what to feed a model that is not an image
+    classifier (per-item dims by input name; the key None for a model's only input).
+    """
+    paths = [models] if isinstance(models, (str, Path)) else list(models)
+    thread_counts = _as_tuple(threads, (None,))
+    provider_list = _as_tuple(providers, ("cpu",))
+    asked = tuple(batch_sizes) if batch_sizes is not None else None
+    timing = Timing(warmup, min_iterations, min_duration_s)
+    timing.check()
+    _check_axes(asked, thread_counts, provider_list)
+    if not paths:
+        raise CnnforgeError("no model given; name one or more .onnx files")
+    if len({Path(p).resolve() for p in paths}) < len(paths):
+        raise CnnforgeError("a model is given twice; name each .onnx file once")
+    described = [describe_model(p, batch_sizes=asked, shapes=shapes) for p in paths]
+    _unique_labels(described)
+
+    env = environment()
+    peaks = []
+    for provider in provider_list if peak else ():
+        for count in thread_counts:
+            progress(f"peak: fp32 MatMul, {provider}, threads {count or 'default'}")
+            peaks.append(measure_peak(provider, count, spinning))
+    results: list[BenchResult] = []
+    cells = len(provider_list) * len(thread_counts) * sum(len(m.batch_sizes) for m in described)
+    for model in described:
+        for provider in provider_list:
+            for count in thread_counts:
+                settings = {"provider": provider, "threads": count, "spinning": spinning,
+                            "io_binding": io_binding}  # fmt: skip
+                results += _time_model(model, settings, timing, progress, len(results), cells)
+    keras = []
+    if keras_model is not None:
+        batches = sorted({b for m in described for b in m.batch_sizes})
+        progress(f"Keras baseline, batch sizes {', '.join(map(str, batches))}")
+        keras = keras_results(keras_model, batches, timing, env)
+    _add_efficiency(results, keras, described, peaks)
+    _add_speedups(results, keras)
+    env["load_average_after"] = _load_average()
+    sweep = _sweep(described, provider_list, thread_counts, spinning, io_binding, timing,
+                   keras[0].model if keras else None, peaks)  # fmt: skip
+    return BenchReport(described, env, sweep, results, keras, peaks)
+
+
+def _time_model(
+    model: BenchModel,
+    settings: dict[str, Any],
+    timing: Timing,
+    progress: Callable[[str], None],
+    done: int,
+    cells: int,
+) -> list[BenchResult]:
+    """Every batch size of ``model`` in one session (its provider, threads and spinning)."""
+    session = _session(model.path, settings["provider"], settings["threads"], settings["spinning"])
+    results = []
+    for batch in model.batch_sizes:
+        progress(f"{done + len(results) + 1}/{cells}: {model.label}, {settings['provider']}, "
+                 f"threads {settings['threads'] or 'default'}, batch {batch}")  # fmt: skip
+        call = make_call(session, model.arrays(batch), settings["provider"],
+                         settings["io_binding"], model.path)  # fmt: skip
+        results.append(_result(ONNXRUNTIME, model.label, batch, settings, timing.warmup,
+                               timing.run(call)))  # fmt: skip
+    return results
+
+
+def keras_results(
+    keras_model: Path | str | Any, batch_sizes: Sequence[int], timing: Timing, env: dict[str, Any]
+) -> list[BenchResult]:
+    """The Keras model as a ``tf.function`` call at each batch size (TensorFlow's own threads).
+
+    The first call of each batch size traces the function; it is made before the warm-up.
+    """
+    import keras
     import tensorflow as tf
 
     from cnnforge.export import load_keras_model
 
-    model = load_keras_model(Path(keras_path))
+    if isinstance(keras_model, (str, Path)):
+        model, label = load_keras_model(Path(keras_model)), Path(keras_model).name
+    else:
+        model, label = keras_model, keras_model.name
+    env.update(tensorflow=tf.__version__, keras=keras.__version__)
     forward = tf.function(lambda x: model(x, training=False))
+    shape = tuple(model.inputs[0].shape[1:])
+    settings = {"provider": "cpu", "threads": None, "spinning": None, "io_binding": None}
     results = []
-    for batch_size, images in batches.items():
-        tensor = tf.constant(images)
-        times = time_calls(
-            lambda t=tensor: forward(t).numpy(), warmup=warmup, iterations=iterations
-        )
-        results.append(_result("keras tf.function", batch_size, "cpu", None, warmup, times))
+    for batch in batch_sizes:
+        tensor = tf.constant(random_array(np.random.default_rng(0), "float32", (batch, *shape),
+                                          (0.0, 255.0)))  # fmt: skip
+        forward(tensor)  # trace
+        times = timing.run(lambda t=tensor: forward(t).numpy())
+        results.append(_result(KERAS, label, batch, settings, timing.warmup, times))
     return results
 
 
-def _result(runtime, batch_size, provider, threads, warmup, times) -> BenchResult:
-    stats = latency_stats(times)
-    return BenchResult(
-        runtime, batch_size, provider, threads, warmup, len(times), stats,
-        throughput=batch_size / (stats["mean"] / 1e3),
-    )  # fmt: skip
+def _add_efficiency(
+    results: list[BenchResult],
+    keras: list[BenchResult],
+    models: list[BenchModel],
+    peaks: list[Peak],
+) -> None:
+    flops = {m.label: m.flops_per_image for m in models}
+    peak_of = {(p.provider, p.threads): p.gflops for p in peaks}
+    # Keras runs on TensorFlow's own pool (all cores): compare it with the default-thread peak,
+    # else the largest CPU peak measured.
+    cpu_peaks = [p.gflops for p in peaks if p.provider == "cpu"]
+    keras_peak = peak_of.get(("cpu", None), max(cpu_peaks, default=None))
+    for result in results:
+        _efficiency(result, flops.get(result.model), peak_of.get((result.provider, result.threads)))
+    reference = models[0].flops_per_image if models else None
+    for result in keras:
+        _efficiency(result, reference, keras_peak)
 
 
-def benchmark(
-    model_path: Path | str,
-    *,
-    batch_sizes: Sequence[int] = (1, 8, 32),
-    threads: int | None = None,
-    provider: str = "cpu",
-    warmup: int = 10,
-    iterations: int = 100,
-    keras_model: Path | str | None = None,
-) -> BenchReport:
-    """Time the ONNX model at each batch size; optionally the Keras model too, in this process."""
-    _check_counts(batch_sizes, warmup, iterations)
-    if threads is not None and threads < 1:
-        raise CnnforgeError(f"threads must be at least 1, got {threads}")
-    session = open_session(model_path, provider=provider, threads=threads)
-    name = session.get_inputs()[0].name
-    rng = np.random.default_rng(0)
-    shape = image_shape(session)
-    batches = {b: rng.uniform(0, 255, (b, *shape)).astype(np.float32) for b in batch_sizes}
-    results = []
-    for batch_size, images in batches.items():
-        feed = {name: images}
-        times = time_calls(
-            lambda f=feed: session.run(None, f), warmup=warmup, iterations=iterations
-        )
-        results.append(_result("onnxruntime", batch_size, provider, threads, warmup, times))
-    keras = _keras_results(keras_model, batches, warmup, iterations) if keras_model else []
-    return BenchReport(str(model_path), environment(provider, threads), results, keras)
+def _efficiency(result: BenchResult, flops: int | None, peak: float | None) -> None:
+    result.peak_gflops = peak
+    if flops:
+        result.gflops = flops * result.batch_size / (result.latency_ms["p50"] / 1e3) / 1e9
+        result.peak_share = result.gflops / peak if peak else None
+
+
+def _add_speedups(results: list[BenchResult], keras: list[BenchResult]) -> None:
+    keras_p50 = {k.batch_size: k.latency_ms["p50"] for k in keras}
+    for result in results:
+        if result.batch_size in keras_p50:
+            result.speedup_vs_keras = keras_p50[result.batch_size] / result.latency_ms["p50"]
+
+
+def _sweep(
+    models: list[BenchModel],
+    providers: tuple[str, ...],
+    threads: tuple,
+    spinning: bool,
+    io_binding: bool,
+    timing: Timing,
+    keras_model: str | None,
+    peaks: list[Peak],
+) -> dict[str, Any]:
+    return {
+        "models": [
+            {"label": m.label, "path": m.path, "precision": m.precision, "layout": m.layout,
+             "inputs": [{"name": f.name, "dtype": f.dtype, "shape": list(f.shape)} for f in m.feeds],
+             "flops_per_image": m.flops_per_image, "batch_sizes": list(m.batch_sizes)}
+            for m in models
+        ],
+        "providers": list(providers),
+        "threads": list(threads),
+        "batch_sizes": sorted({b for m in models for b in m.batch_sizes}),
+        "spinning": spinning,
+        "io_binding": io_binding,
+        "inter_op_threads": 1,
+        "graph_optimization": "ORT_ENABLE_ALL",
+        "warmup": timing.warmup,
+        "min_iterations": timing.min_iterations,
+        "min_duration_s": timing.min_duration_s,
+        "ci": CI_METHOD,
+        "keras_model": keras_model,
+        "peaks": [{"provider": p.provider, "threads": p.threads, "gflops": p.gflops,
+                   "matrix_size": p.matrix_size, "what": p.what} for p in peaks],
+    }  # fmt: skip
 
 
 def results_as_json(report: BenchReport) -> list[dict[str, Any]]:
-    """The JSON form: a list of results, each self-describing (model, environment, speed-up)."""
-    speedups = report.speedups()
+    """The JSON form: a list of self-describing results (settings, statistics, model, machine)."""
+    paths = {m.label: m.path for m in report.models}
     rows = []
     for result in [*report.results, *report.keras]:
-        row = {**asdict(result), "model": report.model, "environment": report.environment}
-        if result.runtime == "onnxruntime" and result.batch_size in speedups:
-            row["speedup_vs_keras"] = speedups[result.batch_size]
+        row = asdict(result)
+        del row["samples_ms"]
+        row["p50_ci_ms"] = list(result.p50_ci_ms)
+        row["model_path"] = paths.get(result.model, result.model)
+        row["environment"] = report.environment
+        row["sweep"] = report.sweep
         rows.append(row)
     return rows

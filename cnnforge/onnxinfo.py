@@ -55,8 +55,10 @@ def load(model: Path | str | bytes | Any) -> Any:
     except CnnforgeError:
         raise
     except Exception as exc:
+        label = "" if isinstance(model, bytes) else f"{model} "
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CnnforgeError(
-            f"cannot parse ONNX model {model if not isinstance(model, bytes) else ''}({exc})"
+            f"cannot parse ONNX model {label}({reason}); is it a complete .onnx file?"
         ) from None
 
 
@@ -78,32 +80,55 @@ def _graph_inputs(proto: Any) -> list[Any]:
     return [i for i in proto.graph.input if i.name not in initializers]
 
 
+@dataclass(frozen=True)
+class GraphInput:
+    """One input of a model as the graph declares it: dims are ints, symbolic names or None."""
+
+    name: str
+    dtype: str  # numpy dtype name, e.g. "float32", "int64"
+    dims: tuple[int | str | None, ...]
+
+
+def inputs(model: Any) -> list[GraphInput]:
+    """Every real input of the graph (initializers left out), in graph order."""
+    import onnx
+
+    return [
+        GraphInput(
+            value.name,
+            onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name,
+            tuple(_dims(value)),
+        )
+        for value in _graph_inputs(load(model))
+    ]
+
+
 def image_input(model: Any) -> ImageInput:
     """Discover the image input: one 4-D input, channels first (1/3/4) or last."""
     import onnx
 
     proto = load(model)
-    inputs = _graph_inputs(proto)
-    if len(inputs) != 1:
-        names = ", ".join(i.name for i in inputs)
+    real = _graph_inputs(proto)
+    if len(real) != 1:
+        names = ", ".join(i.name for i in real)
         raise CnnforgeError(
-            f"model has {len(inputs)} inputs ({names}); cnnforge expects one image input"
+            f"model has {len(real)} inputs ({names}); cnnforge expects one image input"
         )
-    dims = _dims(inputs[0])
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type).name
+    dims = _dims(real[0])
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(real[0].type.tensor_type.elem_type).name
     if len(dims) != 4:
         raise CnnforgeError(
-            f"input {inputs[0].name!r} has shape {dims}; not an image model (expected 4-D NHWC or NCHW)"
+            f"input {real[0].name!r} has shape {dims}; not an image model (expected 4-D NHWC or NCHW)"
         )
     batch, rest = dims[0], dims[1:]
     if not all(isinstance(d, int) for d in rest):
         raise CnnforgeError(
-            f"input {inputs[0].name!r} has shape {dims} with unknown image dimensions; give them with --shape"
+            f"input {real[0].name!r} has shape {dims} with unknown image dimensions; give them with --shape"
         )
     layout = "NCHW" if rest[0] in (1, 3, 4) and rest[2] not in (1, 3, 4) else "NHWC"
     meta = {p.key: p.value for p in proto.metadata_props}
     layout = meta.get("cnnforge.input_layout", layout)
-    return ImageInput(inputs[0].name, layout, tuple(rest), dtype, batch)  # type: ignore[arg-type]
+    return ImageInput(real[0].name, layout, tuple(rest), dtype, batch)  # type: ignore[arg-type]
 
 
 def parameter_count(model: Any) -> int:
@@ -116,10 +141,18 @@ def operator_counts(model: Any) -> dict[str, int]:
     return dict(Counter(node.op_type for node in load(model).graph.node).most_common())
 
 
-def _with_batch_one(proto: Any) -> Any:
+def _with_fixed_inputs(proto: Any, input_shapes: dict[str, tuple[int, ...]]) -> Any:
+    """A copy whose dynamic batch axes are 1 and whose named inputs get the given per-item dims."""
     fixed = copy.deepcopy(proto)
     for value in [*fixed.graph.input, *fixed.graph.output]:
         dims = value.type.tensor_type.shape.dim
+        if value.name in input_shapes:
+            per_item = input_shapes[value.name]
+            while len(dims) < len(per_item) + 1:
+                dims.add()
+            for dim, size in zip(dims[1:], per_item, strict=False):
+                dim.ClearField("dim_param")
+                dim.dim_value = size
         if dims and not dims[0].HasField("dim_value"):
             dims[0].ClearField("dim_param")
             dims[0].dim_value = 1
@@ -128,32 +161,56 @@ def _with_batch_one(proto: Any) -> Any:
     return fixed
 
 
-def flops_per_image(model: Any) -> int:
+def flops_per_image(model: Any, input_shapes: dict[str, tuple[int, ...]] | None = None) -> int:
     """Floating-point operations (a multiply-add counts 2) of one image through the graph.
 
-    Counts the layers that dominate a CNN's cost: Conv, ConvTranspose, MatMul and Gemm.
-    Element-wise, activation and pooling nodes are left out (a few per cent at most).
+    Counts the layers that dominate a CNN's cost: Conv, ConvTranspose, MatMul and Gemm, and
+    their quantized forms (QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger, QGemm; a
+    multiply-add of int8 values counts 2 as well). Element-wise, activation and pooling nodes
+    are left out (a few per cent at most). ``input_shapes`` gives per-item dims (batch axis
+    left out) for inputs whose dims the graph leaves open. A graph with a fixed batch of N
+    counts N images, so the total is divided by N. 0 means nothing countable was found.
     """
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(_with_batch_one(load(model)))
+    proto = load(model)
+    batch = _fixed_batch(proto)
+    inferred = onnx.shape_inference.infer_shapes(_with_fixed_inputs(proto, input_shapes or {}))
     graph = inferred.graph
     shapes = {v.name: _dims(v) for v in [*graph.input, *graph.output, *graph.value_info]}
     shapes.update({init.name: list(init.dims) for init in graph.initializer})
     total = 0
     for node in graph.node:
         total += _node_flops(node, shapes)
-    return int(total)
+    return int(total) // batch
+
+
+def _fixed_batch(proto: Any) -> int:
+    """The fixed batch size of the first input (1 when the batch axis is dynamic)."""
+    real = _graph_inputs(proto)
+    dims = _dims(real[0]) if real else []
+    return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else 1
 
 
 def _known(shape: list | None) -> bool:
     return bool(shape) and all(isinstance(d, int) for d in shape)
 
 
+# Where each counted operator keeps its data and weight inputs.
+_CONV_WEIGHT = {"Conv": 1, "ConvTranspose": 1, "ConvInteger": 1, "QLinearConv": 3}
+_MATMUL_OPERANDS = {
+    "MatMul": (0, 1),
+    "Gemm": (0, 1),
+    "MatMulInteger": (0, 1),
+    "QLinearMatMul": (0, 3),
+    "QGemm": (0, 3),  # com.microsoft, written by onnxruntime's QOperator quantization
+}
+
+
 def _node_flops(node: Any, shapes: dict[str, list]) -> int:
     out = shapes.get(node.output[0]) if node.output else None
-    if node.op_type in ("Conv", "ConvTranspose"):
-        weight = shapes.get(node.input[1])
+    if node.op_type in _CONV_WEIGHT:
+        weight = shapes.get(node.input[_CONV_WEIGHT[node.op_type]])
         if not (_known(out) and _known(weight)):
             return 0
         # weight: (Cout, Cin/group, kh, kw); per output element Cin/group * kh * kw MACs.
@@ -161,12 +218,13 @@ def _node_flops(node: Any, shapes: dict[str, list]) -> int:
         if node.op_type == "ConvTranspose":
             return 2 * int(np.prod(shapes[node.input[0]])) * weight[1] * int(np.prod(weight[2:]))
         return 2 * int(np.prod(out)) * per_output
-    if node.op_type in ("MatMul", "Gemm"):
-        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+    if node.op_type in _MATMUL_OPERANDS:
+        a_index, b_index = _MATMUL_OPERANDS[node.op_type]
+        a, b = shapes.get(node.input[a_index]), shapes.get(node.input[b_index])
         if not (_known(out) and _known(a)):
             # A dense layer after a dynamic Reshape: one row per image, (K, N) weights.
             return 2 * int(np.prod(b)) if _known(b) and len(b) == 2 else 0
-        transposed = node.op_type == "Gemm" and any(
+        transposed = node.op_type in ("Gemm", "QGemm") and any(
             attr.name == "transA" and attr.i for attr in node.attribute
         )
         k = a[-2] if transposed else a[-1]

@@ -42,6 +42,7 @@ def run(
     progress: SearchProgress | None = None,
     stage: Callable[[str], None] = lambda name: None,
     bench_iterations: int = 200,
+    bench_min_duration_s: float = 1.0,
 ) -> RunResult:
     """Search, export the best model, check parity, benchmark it, evaluate it, and report."""
     stage("search")
@@ -52,7 +53,8 @@ def run(
     timing = benchmark(
         exported.onnx_path,
         batch_sizes=RUN_BATCH_SIZES,
-        iterations=bench_iterations,
+        min_iterations=bench_iterations,
+        min_duration_s=bench_min_duration_s,
         warmup=20,
         keras_model=found.best_model,
     )

@@ -115,13 +115,17 @@ def _parity_section(parity: dict[str, Any]) -> list[str]:
 
 
 def bench_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
-    """One row per bench result: runtime, batch, p50/p90/p99/mean in ms, images/s, speed-up."""
-    return [
-        [r["runtime"], r["batch_size"], r["threads"] or "default", r["latency_ms"]["p50"],
-         r["latency_ms"]["p90"], r["latency_ms"]["p99"], r["latency_ms"]["mean"],
-         round(r["throughput"]), r.get("speedup_vs_keras")]
-        for r in results
-    ]  # fmt: skip
+    """One row per bench result: runtime, batch, p50 (and its interval)/p90/p99/p99.9 in ms,
+    images/s, speed-up. Reads files from before p99.9 and the interval were recorded too."""
+    rows = []
+    for r in results:
+        lat, ci = r["latency_ms"], r.get("p50_ci_ms")
+        rows.append(
+            [r["runtime"], r["batch_size"], r["threads"] or "default", lat["p50"],
+             f"{ci[0]:.4g}–{ci[1]:.4g}" if ci else None, lat["p90"], lat["p99"],
+             lat.get("p99.9"), lat["mean"], round(r["throughput"]), r.get("speedup_vs_keras")]
+        )  # fmt: skip
+    return rows
 
 
 BENCH_HEADERS = [
@@ -129,8 +133,10 @@ BENCH_HEADERS = [
     "batch",
     "threads",
     "p50 ms",
+    "p50 95% CI",
     "p90 ms",
     "p99 ms",
+    "p99.9 ms",
     "mean ms",
     "images/s",
     "× Keras",
@@ -138,11 +144,18 @@ BENCH_HEADERS = [
 
 
 def _bench_section(results: list[dict[str, Any]]) -> list[str]:
-    env = results[0]["environment"]
+    env, first = results[0]["environment"], results[0]
+    provider = env.get("provider", first.get("provider"))
+    timed = (
+        f"at least {first['sweep']['min_iterations']} timed runs and "
+        f"{first['sweep']['min_duration_s']:g} s"
+        if "sweep" in first
+        else f"{first['iterations']} timed runs"
+    )
     return [
         f"{env['cpu']}, {env['cores']} cores, onnxruntime {env['onnxruntime']}, provider "
-        f"{env['provider']}; {results[0]['iterations']} timed runs after {results[0]['warmup']} "
-        "warm-up runs per row. Keras is timed as a `tf.function` call in the same process.",
+        f"{provider}; {timed} after {first['warmup']} warm-up runs per row. Keras is timed as a "
+        "`tf.function` call in the same process; × Keras is the ratio of medians.",
         "",
         markdown_table(BENCH_HEADERS, bench_rows(results)),
     ]

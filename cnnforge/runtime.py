@@ -28,16 +28,38 @@ def provider_name(provider: str) -> str:
     available = ort.get_available_providers()
     if PROVIDERS[provider] not in available:
         raise CnnforgeError(
-            f"provider {provider!r} is not available in this onnxruntime ({ort.__version__}, "
-            f"has {', '.join(available)}); install onnxruntime-gpu for cuda/tensorrt"
+            f"provider {provider!r} is not available in this onnxruntime "
+            f"({', '.join(installed_onnxruntime()) or ort.__version__} installed, with "
+            f"{', '.join(available)}); install onnxruntime-gpu for cuda/tensorrt"
         )
     return PROVIDERS[provider]
 
 
+def installed_onnxruntime() -> list[str]:
+    """The onnxruntime distributions installed, with versions (e.g. ``onnxruntime-gpu 1.20.1``)."""
+    from importlib import metadata
+
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 def open_session(
-    model: Path | str | bytes, *, provider: str = "cpu", threads: int | None = None
+    model: Path | str | bytes,
+    *,
+    provider: str = "cpu",
+    threads: int | None = None,
+    spinning: bool | None = None,
 ) -> Any:
-    """An InferenceSession on ``model`` (a path or serialized bytes); a bad file is one line."""
+    """An InferenceSession on ``model`` (a path or serialized bytes); a bad file is one line.
+
+    ``threads`` sets onnxruntime's intra-op pool (inter-op stays 1); ``spinning`` sets
+    ``session.intra_op.allow_spinning`` (None keeps onnxruntime's default, which spins).
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -46,6 +68,8 @@ def open_session(
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
     if isinstance(model, (str, Path)):
         path = Path(model)
         if not path.is_file():
@@ -53,7 +77,10 @@ def open_session(
         check_external_data(path)
         model = str(path)
     try:
-        return ort.InferenceSession(model, options, providers=[provider_name(provider)])
+        providers = [provider_name(provider)]
+        if provider == "tensorrt":  # what TensorRT cannot take runs on CUDA, not the CPU
+            providers.append(PROVIDERS["cuda"])
+        return ort.InferenceSession(model, options, providers=providers)
     except CnnforgeError:
         raise
     except Exception as exc:

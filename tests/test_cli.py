@@ -78,7 +78,7 @@ def test_export_bench_evaluate_commands(finished_run, small_npz, tmp_path):
     exported = invoke("export", str(finished_run.run_dir), "-o", str(out))
     assert exported.exit_code == 0 and out.is_file() and "parity: max abs diff" in exported.output
     benched = invoke("bench", str(out), "--batch-sizes", "1,2", "--iterations", "5", "--warmup", "1",
-                     "--json", str(tmp_path / "b.json"))  # fmt: skip
+                     "--min-duration", "0.05", "--no-peak", "--json", str(tmp_path / "b.json"))  # fmt: skip
     assert benched.exit_code == 0
     assert [r["batch_size"] for r in json.loads((tmp_path / "b.json").read_text())] == [1, 2]
     evaluated = invoke(
@@ -98,6 +98,7 @@ def test_export_bench_evaluate_commands(finished_run, small_npz, tmp_path):
         (["search", "--arch", "simple_cnm"], ["did you mean simple_cnn"]),
         (["search", "--data", "fashion_mnist_smal"], ["did you mean fashion_mnist_small"]),
         (["bench", "missing.onnx"], ["missing.onnx does not exist"]),
+        (["bench", "compare", "a.json", "b.json"], ["a.json do not exist"]),
         (["export", "missing.keras"], ["missing.keras does not exist"]),
         (["report", "."], ["not a cnnforge run directory"]),
     ],
@@ -115,6 +116,11 @@ def test_bad_input_is_one_line_without_traceback(args, fragments, tmp_path, monk
         ["search", "--epochs", "0"],
         ["search", "--tuner", "annealing"],
         ["bench", "m.onnx", "--batch-sizes", "1,x"],
+        ["bench", "m.onnx", "--min-iterations", "0"],
+        ["bench", "m.onnx", "--min-duration", "0"],
+        ["bench", "m.onnx", "--threads", "0"],
+        ["bench", "m.onnx", "--shape", "3xx4"],
+        ["bench", "compare", "only-one.json"],
         ["search", "--fix", "conv_blocks"],
     ],
 )
@@ -129,3 +135,84 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["--debug", "bench", str(tmp_path / "missing.onnx")])
     assert result.exit_code != 0
     assert type(result.exception).__name__ == "CnnforgeError"
+
+
+def test_bench_sweep_outputs_and_the_regression_gate(tmp_path):
+    import tiny_onnx
+
+    models = [
+        tiny_onnx.save(
+            tiny_onnx.conv_classifier(metadata={"cnnforge.precision": p}), tmp_path / f"{p}.onnx"
+        )
+        for p in ("fp32", "int8")
+    ]
+    out = tmp_path / "out"
+    benched = invoke("bench", *map(str, models), "--threads", "1,2", "--batch-sizes", "1,2",
+                     "--min-iterations", "5", "--min-duration", "0.01", "--warmup", "1",
+                     "--no-spinning", "--out", str(out), "--csv", str(tmp_path / "b.csv"),
+                     "--markdown", str(tmp_path / "b.md"))  # fmt: skip
+    assert benched.exit_code == 0, benched.output + benched.stderr
+    for text in ("Peak:", "spinning off", "Best thread count", "fp32", "int8", "GFLOP/s"):
+        assert text in benched.output
+    for name in (
+        "bench.json",
+        "bench.csv",
+        "bench.md",
+        "latency_vs_batch.png",
+        "latency_distribution.png",
+    ):
+        assert (out / name).is_file() and str(out / name) in benched.output
+    assert (tmp_path / "b.csv").is_file() and (tmp_path / "b.md").is_file()
+    rows = json.loads((out / "bench.json").read_text())
+    assert len(rows) == 8 and {r["spinning"] for r in rows} == {False}
+
+    same = invoke("bench", "compare", str(out / "bench.json"), str(out / "bench.json"))
+    assert same.exit_code == 0 and "passed" in same.output and "ratio CI" in same.output
+    for row in rows:  # every new interval starts 1.5x above the base interval's top
+        high = row["p50_ci_ms"][1]
+        row["latency_ms"]["p50"], row["p50_ci_ms"] = 1.75 * high, [1.5 * high, 2 * high]
+    (tmp_path / "slow.json").write_text(json.dumps(rows))
+    slower = invoke("bench", "compare", str(out / "bench.json"), str(tmp_path / "slow.json"),
+                    "--max-slowdown", "10%")  # fmt: skip
+    assert slower.exit_code == 1 and "slower" in slower.output
+    assert "FAILED: 8 cell(s) slower than 10%" in slower.stderr
+    lenient = invoke("bench", "compare", str(out / "bench.json"), str(tmp_path / "slow.json"),
+                     "--max-slowdown", "150%")  # fmt: skip
+    assert lenient.exit_code == 0
+
+
+def test_bench_help_and_explicit_run_subcommand(tmp_path):
+    import tiny_onnx
+
+    helped = invoke("bench", "--help")
+    assert (
+        helped.exit_code == 0 and "--min-duration" in helped.output and "compare" in helped.output
+    )
+    model = tiny_onnx.save(tiny_onnx.conv_classifier(batch=1), tmp_path / "fixed.onnx")
+    ran = invoke(
+        "bench", "run", str(model), "--min-iterations", "3", "--min-duration", "0.01", "--no-peak"
+    )
+    assert ran.exit_code == 0 and "fixed" in ran.output
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--providers", "tpu"], ["unknown provider 'tpu'", "choose one of cpu, cuda, tensorrt"]),
+        (["--batch-sizes", "4"], ["fixed batch size of 1", "--batch-sizes 1"]),
+        (["--shape", "x=3x8x8"], ["does not fit input 'x'"]),
+    ],
+)
+def test_bench_bad_input_is_one_line(tmp_path, args, fragments):
+    import tiny_onnx
+
+    model = tiny_onnx.save(tiny_onnx.conv_classifier(batch=1), tmp_path / "fixed.onnx")
+    assert_one_line_error(invoke("bench", str(model), "--no-peak", *args), *fragments)
+
+
+def test_bench_compare_bad_threshold_is_one_line(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"runtime": "onnxruntime", "batch_size": 1,
+        "provider": "cpu", "threads": 1, "latency_ms": {"p50": 1.0}}]))  # fmt: skip
+    result = invoke("bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "a.json"),
+                    "--max-slowdown", "lots")  # fmt: skip
+    assert_one_line_error(result, "percentage like 10%")

@@ -70,3 +70,56 @@ def test_depthwise_convolution_flops_count_groups():
     )
     # depthwise: 8*8*4 outputs, 3*3 MACs each; dense: 256*2 MACs
     assert onnxinfo.flops_per_image(to_onnx(model)) == 2 * (8 * 8 * 4 * 9 + 256 * 2)
+
+
+def test_flops_count_one_image_of_a_fixed_batch():
+    import tiny_onnx
+
+    per_image = tiny_onnx.conv_classifier_flops()
+    assert onnxinfo.flops_per_image(tiny_onnx.conv_classifier(batch=4)) == per_image
+    assert onnxinfo.flops_per_image(tiny_onnx.conv_classifier(batch="n")) == per_image
+
+
+def test_flops_with_open_image_dims_need_input_shapes():
+    import tiny_onnx
+
+    open_dims = tiny_onnx.conv_classifier(batch="n")
+    for dim in open_dims.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.ClearField("dim_value")
+        dim.dim_param = "side"
+    assert onnxinfo.flops_per_image(open_dims) == 2 * 8 * 4  # only the dense layer is countable
+    given = onnxinfo.flops_per_image(open_dims, {"x": (3, 16, 16)})
+    assert given == tiny_onnx.conv_classifier_flops()
+
+
+@pytest.mark.parametrize("fmt", ["QOperator", "QDQ"])
+def test_flops_of_int8_quantized_models_match_fp32(tmp_path, fmt):
+    import numpy as np
+    import onnx
+    import tiny_onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Images(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.batches = iter([{"x": rng.random((1, 3, 16, 16), dtype=np.float32)}] * 2)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(tiny_onnx.conv_classifier(batch="n"), str(fp32))
+    quantize_static(str(fp32), str(int8), Images(), quant_format=getattr(QuantFormat, fmt))
+    ops = onnxinfo.operator_counts(int8)
+    assert ("QLinearConv" in ops) == (fmt == "QOperator")
+    assert onnxinfo.flops_per_image(int8) == tiny_onnx.conv_classifier_flops()
+
+
+def test_graph_inputs_leave_initializers_out():
+    import tiny_onnx
+
+    model = tiny_onnx.token_model(8)
+    assert onnxinfo.inputs(model) == [
+        onnxinfo.GraphInput("ids", "int64", ("n", 8)),
+        onnxinfo.GraphInput("mask", "int64", ("n", 8)),
+    ]
