@@ -314,7 +314,7 @@ def export(
             f"on ({why_not})"
         )
     calibration = None
-    if precision == "int8":
+    if precision == "int8":  # drawn before converting: a bad count fails at once
         sample = calibration_sample(dataset.x_train, calibration_images, source=dataset.spec.name)
         calibration = to_layout(sample, layout)
     classes = int(model.outputs[0].shape[-1])
@@ -327,41 +327,14 @@ def export(
     seconds = time.perf_counter() - start
     variant = proto.SerializeToString()
 
-    default_atol, default_agreement = TOLERANCES[precision]
-    images, described = _parity_images(dataset, tuple(model.inputs[0].shape[1:]))
-    report = check_parity(
-        model,
-        variant,
-        images,
-        inputs=described,
-        atol=default_atol if atol is None else atol,
-        min_top1_agreement=default_agreement if min_top1_agreement is None else min_top1_agreement,
-        layout=layout,
-        provider=provider,
-    )
-    report.opset, report.precision = opset, precision
-    failures = []
-    if not report.passed:
-        failures.append(f"export of {resolved.keras_path} failed parity: {report.summary()}")
-    if dataset is not None:
-        report.accuracy = measure_accuracy(
-            model,
-            variant,
-            dataset.x_test,
-            dataset.y_test,
-            data=dataset.spec.name,
-            max_drop_points=max_accuracy_drop,
-            layout=layout,
-            provider=provider,
-        )
+    report = _verify(model, variant, dataset, precision, layout, provider, atol,
+                     min_top1_agreement, max_accuracy_drop)  # fmt: skip
+    report.opset = opset
+    if report.accuracy is not None:
         report.accuracy.forced = force and not report.accuracy.passed
-        if not report.accuracy.passed and not force:
-            failures.append(
-                f"{precision} variant refused: {report.accuracy.summary()}; raise "
-                "--max-accuracy-drop, choose another --precision, or --force to keep it"
-            )
     parity_path = parity_path_for(output)
     atomic_write_text(parity_path, json.dumps(asdict(report), indent=2))
+    failures = _failures(report, resolved.keras_path, force)
     if failures:
         raise CnnforgeError("; ".join(failures))
     if report.accuracy is not None and report.accuracy.forced:
@@ -377,6 +350,58 @@ def export(
     return ExportResult(
         output, parity_path, report, opset, seconds, len(onnx_bytes), precision, layout
     )
+
+
+def _verify(
+    model: Any,
+    variant: bytes,
+    dataset: Any,
+    precision: str,
+    layout: str,
+    provider: str,
+    atol: float | None,
+    min_top1_agreement: float | None,
+    max_accuracy_drop: float,
+) -> ParityReport:
+    """Parity with the precision's tolerances, then (data known) the test-split accuracy of both."""
+    default_atol, default_agreement = TOLERANCES[precision]
+    images, described = _parity_images(dataset, tuple(model.inputs[0].shape[1:]))
+    report = check_parity(
+        model,
+        variant,
+        images,
+        inputs=described,
+        atol=default_atol if atol is None else atol,
+        min_top1_agreement=default_agreement if min_top1_agreement is None else min_top1_agreement,
+        layout=layout,
+        provider=provider,
+    )
+    report.precision = precision
+    if dataset is not None:
+        report.accuracy = measure_accuracy(
+            model,
+            variant,
+            dataset.x_test,
+            dataset.y_test,
+            data=dataset.spec.name,
+            max_drop_points=max_accuracy_drop,
+            layout=layout,
+            provider=provider,
+        )
+    return report
+
+
+def _failures(report: ParityReport, keras_path: Path, force: bool) -> list[str]:
+    """Every reason to refuse the export, gathered: parity, then the accuracy gate."""
+    failures = []
+    if not report.passed:
+        failures.append(f"export of {keras_path} failed parity: {report.summary()}")
+    if report.accuracy is not None and not report.accuracy.passed and not force:
+        failures.append(
+            f"{report.precision} variant refused: {report.accuracy.summary()}; raise "
+            "--max-accuracy-drop, choose another --precision, or --force to keep it"
+        )
+    return failures
 
 
 def _measured(report: ParityReport, calibration: np.ndarray | None, dataset: Any) -> dict:

@@ -56,6 +56,8 @@ def load_image(path: Path | str) -> Any:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
+    if path.is_dir():
+        raise CnnforgeError(f"image {path} is a folder; give image files")
     if not path.is_file():
         raise CnnforgeError(f"image {path} does not exist; check the path")
     try:

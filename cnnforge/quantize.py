@@ -12,6 +12,7 @@ Imports no TensorFlow: a model can be re-quantized where only onnxruntime is ins
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 import warnings
@@ -63,6 +64,14 @@ def warn_if_slow(precision: str, provider: str) -> None:
         warnings.warn(f"{precision} on {provider}: {note}", CnnforgeWarning, stacklevel=3)
 
 
+def check_calibration_count(count: int) -> None:
+    if count < MIN_CALIBRATION_IMAGES:
+        raise CnnforgeError(
+            f"too few calibration images ({count}); int8 needs at least "
+            f"{MIN_CALIBRATION_IMAGES} real training images to estimate activation ranges"
+        )
+
+
 def calibration_sample(images: np.ndarray, count: int | None, *, source: str, seed: int = 0):
     """``count`` training images drawn without replacement (seeded); all of them, up to the
     default, when ``count`` is None. Too few images cannot estimate activation ranges."""
@@ -73,11 +82,7 @@ def calibration_sample(images: np.ndarray, count: int | None, *, source: str, se
             f"images; pass --calibration-images {available} or fewer"
         )
     count = count if count is not None else min(DEFAULT_CALIBRATION_IMAGES, available)
-    if count < MIN_CALIBRATION_IMAGES:
-        raise CnnforgeError(
-            f"too few calibration images ({count}); int8 needs at least "
-            f"{MIN_CALIBRATION_IMAGES} real training images to estimate activation ranges"
-        )
+    check_calibration_count(count)
     chosen = np.random.default_rng(seed).choice(available, count, replace=False)
     return images[np.sort(chosen)].astype(np.float32)
 
@@ -92,11 +97,31 @@ def to_fp16(model: Any) -> Any:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     wrapped = OnnxModel(copy.deepcopy(model))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _converter_errors("fp16"):
         warnings.simplefilter("ignore")  # it warns for each weight clamped to the fp16 range
         wrapped.convert_float_to_float16(keep_io_types=True)
-    wrapped.topological_sort()
+        wrapped.topological_sort()
     return wrapped.model
+
+
+@contextlib.contextmanager
+def _converter_errors(precision: str) -> Iterator[None]:
+    """onnxruntime's converters fail with anything from ImportError to KeyError: one line."""
+    try:
+        yield
+    except CnnforgeError:
+        raise
+    except ImportError as exc:
+        raise CnnforgeError(
+            f"{precision} conversion needs {exc.name or 'a missing package'} (onnxruntime's "
+            "tools use sympy); pip install sympy"
+        ) from None
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise CnnforgeError(
+            f"onnxruntime could not make the {precision} variant ({type(exc).__name__}: "
+            f"{reason}); export another --precision"
+        ) from exc
 
 
 class _ImageBatches:
@@ -124,16 +149,11 @@ def to_int8(model: Any, calibration: np.ndarray, *, per_channel: bool = True) ->
     # Every operator onnxruntime can quantize, but the final Softmax: quantizing it would round
     # the output probabilities to multiples of 1/255 (ties in the top-k) and save nothing.
     op_types = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - {"Softmax"})
-
-    if len(calibration) < MIN_CALIBRATION_IMAGES:
-        raise CnnforgeError(
-            f"too few calibration images ({len(calibration)}); int8 needs at least "
-            f"{MIN_CALIBRATION_IMAGES} real training images to estimate activation ranges"
-        )
+    check_calibration_count(len(calibration))
     input_name = model.graph.input[0].name
     with tempfile.TemporaryDirectory(prefix="cnnforge-int8-") as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
-        try:
+        with _converter_errors("int8"):
             quant_pre_process(model, prepared)
             quantize_static(
                 prepared,
@@ -146,11 +166,6 @@ def to_int8(model: Any, calibration: np.ndarray, *, per_channel: bool = True) ->
                 calibrate_method=CalibrationMethod.MinMax,
                 op_types_to_quantize=op_types,
             )
-        except ImportError as exc:
-            raise CnnforgeError(
-                f"int8 quantization needs {exc.name or 'a missing package'} "
-                "(onnxruntime's pre-processing uses sympy); pip install sympy"
-            ) from None
         return onnx.load(str(quantized))
 
 
