@@ -271,7 +271,7 @@ def _calibration_metadata(images: np.ndarray, data: str) -> dict[str, Any]:
         "method": "MinMax",
         "format": "QDQ",
         "per_channel": True,
-        "activations": "int8",
+        "activations": "uint8",
         "weights": "int8",
     }
 
