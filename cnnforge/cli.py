@@ -322,7 +322,7 @@ def run(**options: Any) -> None:
         f"{result.evaluation.images} images; total {time.perf_counter() - start:.0f}s"
     )
     for name, path in result.artifacts().items():
-        console.print(f"  {name:<16} {path}")
+        console.print(f"  {name:<16} {path}", soft_wrap=True)  # paths stay whole
 
 
 # --- export, bench, evaluate, report ----------------------------------------------------------
@@ -402,10 +402,11 @@ def export(source: Path, output: Path | None, precision: str, layout: str, opset
         calibration_images=calibration_images, provider=provider,
     )  # fmt: skip
     console.print(f"wrote {result.onnx_path} ({result.size_bytes / 1e6:.2f} MB, {result.precision}, "
-                  f"{result.layout}, opset {result.opset}, converted in {result.seconds:.2f}s)")  # fmt: skip
-    console.print(f"parity: {result.parity.summary()} → {result.parity_path}")
+                  f"{result.layout}, opset {result.opset}, converted in {result.seconds:.2f}s)",
+                  soft_wrap=True)  # fmt: skip
+    console.print(f"parity: {result.parity.summary()} → {result.parity_path}", soft_wrap=True)
     if result.accuracy is not None:
-        console.print(f"accuracy: {result.accuracy.summary()}")
+        console.print(f"accuracy: {result.accuracy.summary()}", soft_wrap=True)
 
 
 def _print_bench(report: Any) -> None:
