@@ -1,8 +1,9 @@
 """cnnforge: a labelled image dataset to a deployable, benchmarked ONNX classifier.
 
 The plugin API (decorators, data types, readers) imports no TensorFlow. The stage functions
-(``search``, ``export``, ``check_parity``, ``benchmark``, ``evaluate``, ``run``) are imported
-on first use, so ``import cnnforge`` stays fast.
+(``search``, ``export``, ``check_parity``, ``benchmark``, ``evaluate``, ``run``) and the
+deployment API (``Classifier``, ``classify``, ``inspect_model``; no TensorFlow) are imported on
+first use, so ``import cnnforge`` stays fast.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cnnforge.data import (
     read_image_folder,
     read_npz,
 )
-from cnnforge.errors import CnnforgeError
+from cnnforge.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.registry import (
     architecture,
     backbone,
@@ -44,10 +45,15 @@ _LAZY = {
     "run": "cnnforge.pipeline",
     "explain": "cnnforge.explain",
     "write_html_report": "cnnforge.report_html",
+    "Classifier": "cnnforge.predict",
+    "Prediction": "cnnforge.predict",
+    "classify": "cnnforge.predict",
+    "inspect_model": "cnnforge.inspect",
 }
 
 __all__ = [
     "CnnforgeError",
+    "CnnforgeWarning",
     "DataSpec",
     "Dataset",
     "RawData",

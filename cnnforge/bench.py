@@ -235,8 +235,8 @@ def _given_feeds(proto: Any, shapes: Shapes, path: str) -> list[Feed]:
     return feeds
 
 
-def _fit(graph_input: onnxinfo.GraphInput, per_item: tuple[int, ...], path: str) -> Feed:
-    dims = list(graph_input.dims)
+def _fit(graph_input: onnxinfo.TensorInfo, per_item: tuple[int, ...], path: str) -> Feed:
+    dims = list(graph_input.shape)
     if len(dims) != len(per_item) + 1:
         raise CnnforgeError(
             f"input {graph_input.name!r} of {path} has dims {dims}, so --shape needs "

@@ -3,6 +3,7 @@ inside the commands that need it, so ``--help`` and ``plugins list`` stay instan
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -14,10 +15,11 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cnnforge import registry
-from cnnforge.errors import CnnforgeError
+from cnnforge.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.objectives import higher_is_better
 
 console = Console(highlight=False, soft_wrap=True)
@@ -29,10 +31,24 @@ def _quiet_tensorflow() -> None:
     warnings.filterwarnings("ignore", module=r"(keras|tensorflow|tf2onnx|google)(\..*)?")
 
 
+def _show_warning(fallback: Callable, message: Any, category: type, *args: Any) -> None:
+    """cnnforge's warnings as one yellow line on stderr; other warnings as Python shows them."""
+    if issubclass(category, CnnforgeWarning):
+        err_console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    else:
+        fallback(message, category, *args)
+
+
 class CnnforgeGroup(click.Group):
     """Turns user errors into one line and a non-zero exit; tracebacks only under --debug."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", CnnforgeWarning)
+            warnings.showwarning = functools.partial(_show_warning, warnings.showwarning)
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
@@ -359,21 +375,82 @@ def run(**options: Any) -> None:
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
-    "-o", "--output", type=click.Path(path_type=Path), help="Default: model.onnx beside the source."
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Default: model.onnx beside the source (model-int8.onnx, model-nchw.onnx... "
+    "for variants).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="fp16: half-precision weights and compute; int8: static "
+    "QDQ quantization calibrated on training images.",
+)
+@click.option(
+    "--layout",
+    type=click.Choice(["nhwc", "nchw"], case_sensitive=False),
+    default="nhwc",
+    show_default=True,
+    help="Input layout (nchw: channels first).",
 )
 @click.option("--opset", type=click.IntRange(min=9), default=17, show_default=True)
-@click.option("--data", help="Dataset for parity images (default: the run's own data).")
-@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True,
-              help="Largest allowed |Keras - ONNX| probability difference.")  # fmt: skip
-def export(source: Path, output: Path | None, opset: int, data: str | None, atol: float) -> None:
-    """Export a run directory or .keras file to ONNX and check parity."""
+@click.option("--data", help="Dataset for parity, accuracy and calibration (default: the run's).")
+@click.option(
+    "--max-accuracy-drop",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    metavar="POINTS",
+    help="Refuse a variant losing more test accuracy than this, in percentage points.",
+)
+@click.option("--force", is_flag=True, help="Keep a variant that fails the accuracy gate.")
+@click.option(
+    "--calibration-images",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="int8: training images to calibrate on  [default: 256, or all if fewer]",
+)
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    help="Largest allowed |Keras - ONNX| probability  [default: 1e-4 fp32, 1e-2 fp16, "
+    "not checked for int8]",
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    metavar="FRACTION",
+    help="Least top-1 agreement with Keras  [default: 0.95 for int8]",
+)
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda", "tensorrt"]),
+    default="cpu",
+    show_default=True,
+    help="Execution provider the checks run on (the deployment's).",
+)
+def export(source: Path, output: Path | None, precision: str, layout: str, opset: int,
+           data: str | None, max_accuracy_drop: float, force: bool,
+           calibration_images: int | None, atol: float | None, min_agreement: float | None,
+           provider: str) -> None:  # fmt: skip
+    """Export a run directory or .keras file to ONNX; check parity and test accuracy."""
     _quiet_tensorflow()
     from cnnforge.export import export as run_export
 
-    result = run_export(source, output, opset=opset, data=data, atol=atol)
-    console.print(f"wrote {result.onnx_path} ({result.size_bytes / 1e6:.2f} MB, opset {result.opset}, "
-                  f"converted in {result.seconds:.2f}s)")  # fmt: skip
-    console.print(f"parity: {result.parity.summary()} → {result.parity_path}")
+    result = run_export(
+        source, output, opset=opset, data=data, precision=precision, layout=layout, atol=atol,
+        min_top1_agreement=min_agreement, max_accuracy_drop=max_accuracy_drop, force=force,
+        calibration_images=calibration_images, provider=provider,
+    )  # fmt: skip
+    console.print(f"wrote {result.onnx_path} ({result.size_bytes / 1e6:.2f} MB, {result.precision}, "
+                  f"{result.layout}, opset {result.opset}, converted in {result.seconds:.2f}s)",
+                  soft_wrap=True)  # fmt: skip
+    console.print(f"parity: {result.parity.summary()} → {result.parity_path}", soft_wrap=True)
+    if result.accuracy is not None:
+        console.print(f"accuracy: {result.accuracy.summary()}", soft_wrap=True)
 
 
 def _print_bench(report: Any) -> None:
@@ -621,6 +698,75 @@ def evaluate(model: Path, data: str, json_out: Path | None) -> None:
     )
     if json_out:
         _write_json(json_out, asdict(result))
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the facts here.")
+def inspect_command(model: Path, json_out: Path | None) -> None:
+    """Inputs, outputs, opset, operators, parameters, FLOPs, size and metadata of an ONNX model."""
+    from cnnforge.inspect import inspect_model
+
+    info = inspect_model(model)
+    facts = Table(box=None, pad_edge=False, show_header=False)
+    facts.add_row("file", escape(f"{info.path} ({info.size_bytes / 1e6:.3f} MB)"))
+    facts.add_row("producer", f"{info.producer or '?'}, opset {info.opset}, IR {info.ir_version}")
+    for label, tensors in (("input", info.inputs), ("output", info.outputs)):
+        for t in tensors:
+            shape = ", ".join("?" if d is None else str(d) for d in t.shape)
+            facts.add_row(label, escape(f"{t.name}: {t.dtype} [{shape}]"))
+    by_type = ", ".join(f"{n:,} {dtype}" for dtype, n in info.parameters_by_type.items())
+    facts.add_row("parameters", f"{info.parameters:,}" + (f" ({by_type})" if by_type else ""))
+    flops = "unknown" if info.flops_per_image is None else f"{info.flops_per_image / 1e6:,.2f} M"
+    facts.add_row("FLOPs/image", flops)
+    facts.add_row("operators", ", ".join(f"{op} {n}" for op, n in info.operators.items()))
+    console.print(facts)
+    _print_metadata(info.metadata, info.other_metadata)
+    if json_out:
+        _write_json(json_out, asdict(info))
+
+
+def _print_metadata(ours: dict[str, Any], others: dict[str, str]) -> None:
+    if not ours:
+        console.print("[yellow]no cnnforge metadata[/] (not exported by cnnforge)")
+    table = Table("metadata", "value", box=None, pad_edge=False)
+    for key, value in ours.items():
+        if key == "accuracy" and isinstance(value, dict):
+            value = (f"{value['onnxruntime']:.2%} (Keras {value['keras']:.2%}) on {value['images']} "
+                     f"{value.get('split', 'test')} images of {value['data']}"
+                     + (" [forced past the gate]" if value.get("forced") else ""))  # fmt: skip
+        elif key == "class_names" and isinstance(value, list):
+            value = f"{len(value)}: " + ", ".join(map(str, value))
+        table.add_row(key, escape(value if isinstance(value, str) else json.dumps(value)))
+    for key, value in others.items():
+        table.add_row(escape(key), escape(value))
+    if ours or others:
+        console.print(table)
+
+
+@cli.command("predict")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-k", "--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True
+)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the labels here.")
+def predict_command(
+    model: Path, images: tuple[Path, ...], top_k: int, provider: str, json_out: Path | None
+) -> None:
+    """Top-k labels of IMAGE files with onnxruntime alone (no TensorFlow)."""
+    from cnnforge.predict import Classifier
+
+    predictions = Classifier(model, provider=provider).predict(list(images), top_k)
+    table = Table("image", "label", "probability", box=None, pad_edge=False)
+    for prediction in predictions:
+        for rank, (label, probability) in enumerate(prediction.top):
+            image = escape(prediction.image) if rank == 0 else ""
+            table.add_row(image, escape(label), f"{probability:.4f}")
+    console.print(table)
+    if json_out:
+        _write_json(json_out, [p.as_dict() for p in predictions])
 
 
 @cli.command()

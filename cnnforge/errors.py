@@ -9,3 +9,7 @@ class CnnforgeError(Exception):
     The CLI prints it as one line and exits non-zero; other exceptions are bugs and show a
     traceback only under ``--debug``.
     """
+
+
+class CnnforgeWarning(UserWarning):
+    """Something the user should know that does not stop the job (the CLI prints one line)."""

@@ -9,7 +9,8 @@ import numpy as np
 
 from cnnforge.data import load_dataset
 from cnnforge.errors import CnnforgeError
-from cnnforge.runtime import metadata, open_session, predict
+from cnnforge.onnxinfo import image_input
+from cnnforge.runtime import metadata, open_session, predict, to_layout
 
 
 @dataclass
@@ -49,16 +50,17 @@ def class_scores(matrix: np.ndarray, names: tuple[str, ...]) -> list[ClassScore]
 
 
 def evaluate(model_path: Path | str, data: str) -> Evaluation:
-    """Score the ONNX model on the test split of ``data`` with onnxruntime."""
+    """Score the ONNX model on the test split of ``data`` with onnxruntime, in the model's own
+    input layout (NHWC or NCHW, from its metadata or its graph)."""
     session = open_session(model_path)
+    image = image_input(model_path)
     dataset = load_dataset(data)
-    expected = tuple(session.get_inputs()[0].shape[1:])
-    if expected != dataset.x_test.shape[1:]:
+    if image.nhwc_shape != dataset.x_test.shape[1:]:
         raise CnnforgeError(
-            f"model {model_path} takes images of shape {expected} but {data} has "
-            f"{dataset.x_test.shape[1:]}; evaluate it on the data it was trained for"
+            f"model {model_path} takes images of shape {image.shape} ({image.layout}) but {data} "
+            f"has {dataset.x_test.shape[1:]}; evaluate it on the data it was trained for"
         )
-    probabilities = predict(session, dataset.x_test)
+    probabilities = predict(session, to_layout(dataset.x_test, image.layout))
     outputs = probabilities.shape[1]
     if outputs != dataset.spec.num_classes:
         raise CnnforgeError(

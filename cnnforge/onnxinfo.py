@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,17 @@ class ImageInput:
     @property
     def channels(self) -> int:
         return self.shape[2] if self.layout == "NHWC" else self.shape[0]
+
+    @property
+    def nhwc_shape(self) -> tuple[int, int, int]:
+        """Per-image shape as (H, W, C), the order datasets and images are held in."""
+        return (*self.height_width, self.channels)
+
+
+def layout_from_shape(per_image: Sequence[Any]) -> str:
+    """A guess from a per-image shape: NCHW when the first axis looks like channels (1, 3 or 4)
+    and the last does not; otherwise NHWC. Metadata, where present, says it for sure."""
+    return "NCHW" if per_image[0] in (1, 3, 4) and per_image[2] not in (1, 3, 4) else "NHWC"
 
 
 def load(model: Path | str | bytes | Any) -> Any:
@@ -81,26 +93,32 @@ def _graph_inputs(proto: Any) -> list[Any]:
 
 
 @dataclass(frozen=True)
-class GraphInput:
-    """One input of a model as the graph declares it: dims are ints, symbolic names or None."""
+class TensorInfo:
+    """A graph input or output: name, element type and shape (symbolic dims as names)."""
 
     name: str
-    dtype: str  # numpy dtype name, e.g. "float32", "int64"
-    dims: tuple[int | str | None, ...]
+    dtype: str
+    shape: tuple[int | str | None, ...]
 
 
-def inputs(model: Any) -> list[GraphInput]:
-    """Every real input of the graph (initializers left out), in graph order."""
+def _tensor_info(value: Any) -> TensorInfo:
     import onnx
 
-    return [
-        GraphInput(
-            value.name,
-            onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name,
-            tuple(_dims(value)),
-        )
-        for value in _graph_inputs(load(model))
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+    return TensorInfo(value.name, dtype, tuple(_dims(value)))
+
+
+def signature(model: Any) -> tuple[list[TensorInfo], list[TensorInfo]]:
+    """The graph's real inputs (initializers left out) and its outputs."""
+    proto = load(model)
+    return [_tensor_info(v) for v in _graph_inputs(proto)], [
+        _tensor_info(v) for v in proto.graph.output
     ]
+
+
+def inputs(model: Any) -> list[TensorInfo]:
+    """Every real input of the graph (initializers left out), in graph order."""
+    return signature(model)[0]
 
 
 def image_input(model: Any) -> ImageInput:
@@ -125,9 +143,8 @@ def image_input(model: Any) -> ImageInput:
         raise CnnforgeError(
             f"input {real[0].name!r} has shape {dims} with unknown image dimensions; give them with --shape"
         )
-    layout = "NCHW" if rest[0] in (1, 3, 4) and rest[2] not in (1, 3, 4) else "NHWC"
     meta = {p.key: p.value for p in proto.metadata_props}
-    layout = meta.get("cnnforge.input_layout", layout)
+    layout = meta.get("cnnforge.input_layout", layout_from_shape(rest))
     return ImageInput(real[0].name, layout, tuple(rest), dtype, batch)  # type: ignore[arg-type]
 
 
@@ -135,6 +152,26 @@ def parameter_count(model: Any) -> int:
     """Number of values in the graph's initializers (weights and constants)."""
     proto = load(model)
     return int(sum(int(np.prod(init.dims)) if init.dims else 1 for init in proto.graph.initializer))
+
+
+def parameter_types(model: Any) -> dict[str, int]:
+    """Number of initializer values per element type (``{"int8": ..., "float32": ...}``): shows
+    what a precision variant really stores."""
+    import onnx
+
+    counts: Counter[str] = Counter()
+    for init in load(model).graph.initializer:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
+        counts[dtype] += int(np.prod(init.dims)) if init.dims else 1
+    return dict(counts.most_common())
+
+
+def opset(model: Any) -> int | None:
+    """The model's ONNX operator-set version (the default domain's)."""
+    for entry in load(model).opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return None
 
 
 def operator_counts(model: Any) -> dict[str, int]:

@@ -17,6 +17,7 @@ PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 META_PREFIX = "cnnforge."
+LAYOUTS = ("NHWC", "NCHW")
 
 
 def provider_name(provider: str) -> str:
@@ -137,3 +138,12 @@ def predict(session: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarr
         for i in range(0, len(images), batch_size)
     ]
     return np.concatenate(out)
+
+
+def to_layout(images: np.ndarray, layout: str) -> np.ndarray:
+    """NHWC images (how datasets and Pillow hold them) in ``layout``, the order the model takes."""
+    if layout == "NHWC":
+        return images
+    if layout == "NCHW":
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    raise CnnforgeError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")

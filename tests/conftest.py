@@ -68,3 +68,38 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, small_npz: Path):
     result = search(config)
     export(run_dir)
     return result
+
+
+@pytest.fixture(scope="session")
+def deploy_run(finished_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the finished run (best.keras, config.json) to export variants into."""
+    run_dir = tmp_path_factory.mktemp("deploy") / "run"
+    run_dir.mkdir()
+    for name in ("best.keras", "config.json"):
+        shutil.copy(finished_run.run_dir / name, run_dir / name)
+    return run_dir
+
+
+# The test model is weak on purpose (two epochs on 360 images, ~47% accurate): its int8 variant
+# agrees with Keras on ~96% of top-1 labels, so the tests set the agreement floor at 0.9.
+TEST_MODEL_MIN_AGREEMENT = 0.9
+
+
+@pytest.fixture(scope="session")
+def variants(deploy_run: Path) -> dict:
+    """int8, fp16 and NCHW float32 exports of the test model, at their default paths."""
+    import warnings
+
+    from cnnforge.errors import CnnforgeWarning
+    from cnnforge.export import export
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CnnforgeWarning)  # fp16 on CPU: checked in a test
+        return {
+            "fp32": export(deploy_run),
+            "int8": export(
+                deploy_run, precision="int8", min_top1_agreement=TEST_MODEL_MIN_AGREEMENT
+            ),
+            "fp16": export(deploy_run, precision="fp16"),
+            "nchw": export(deploy_run, layout="NCHW"),
+        }

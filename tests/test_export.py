@@ -86,7 +86,7 @@ def test_parity_gathers_every_mismatch_before_failing():
     assert not report.passed
     assert [c.batch_size for c in report.cases] == [1, 8]
     assert len(report.mismatches) == 2
-    assert report.mismatches[0].startswith("batch 1: max abs diff")
+    assert report.mismatches[0].startswith("batch 1, probabilities: max abs diff")
     assert "batch 8" in report.summary()
 
 

@@ -120,6 +120,6 @@ def test_graph_inputs_leave_initializers_out():
 
     model = tiny_onnx.token_model(8)
     assert onnxinfo.inputs(model) == [
-        onnxinfo.GraphInput("ids", "int64", ("n", 8)),
-        onnxinfo.GraphInput("mask", "int64", ("n", 8)),
+        onnxinfo.TensorInfo("ids", "int64", ("n", 8)),
+        onnxinfo.TensorInfo("mask", "int64", ("n", 8)),
     ]
