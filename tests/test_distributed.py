@@ -31,6 +31,12 @@ def command(data: Path, run_dir: Path, *role: str) -> list[str]:
     ]  # fmt: skip
 
 
+def worker(data: Path, run_dir: Path, address: str, worker_id: str) -> list[str]:
+    return command(
+        data, run_dir, "--distributed", "worker", "--chief", address, "--worker-id", worker_id
+    )
+
+
 def start(cmd: list[str]) -> subprocess.Popen:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -43,14 +49,7 @@ def rows(run_dir: Path) -> list[dict[str, str]]:
 def test_chief_and_two_workers_complete_every_trial_once(small_npz, tmp_path):
     run_dir, address = tmp_path / "run", f"127.0.0.1:{free_port()}"
     chief = start(command(small_npz, run_dir, "--distributed", "chief", "--listen", address))
-    workers = [
-        start(
-            command(
-                small_npz, run_dir, "--distributed", "worker", "--chief", address, "--worker-id", w
-            )
-        )
-        for w in ("worker1", "worker2")
-    ]
+    workers = [start(worker(small_npz, run_dir, address, w)) for w in ("worker1", "worker2")]
     outputs = [w.communicate(timeout=600) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [err for _, err in outputs]
     out, err = chief.communicate(timeout=120)
@@ -70,35 +69,13 @@ def test_a_worker_killed_mid_trial_does_not_stall_the_search(small_npz, tmp_path
     chief_cmd = command(small_npz, run_dir, "--distributed", "chief", "--listen", address,
                         "--worker-timeout", "5")  # fmt: skip
     chief = start(chief_cmd)
-    doomed = start(
-        command(
-            small_npz,
-            run_dir,
-            "--distributed",
-            "worker",
-            "--chief",
-            address,
-            "--worker-id",
-            "doomed",
-        )
-    )
+    doomed = start(worker(small_npz, run_dir, address, "doomed"))
     deadline = time.monotonic() + 300
     while not list((run_dir / "tuner").glob("trial_*")) and time.monotonic() < deadline:
         time.sleep(0.1)
     doomed.send_signal(signal.SIGKILL)
     doomed.communicate()
-    survivor = start(
-        command(
-            small_npz,
-            run_dir,
-            "--distributed",
-            "worker",
-            "--chief",
-            address,
-            "--worker-id",
-            "survivor",
-        )
-    )
+    survivor = start(worker(small_npz, run_dir, address, "survivor"))
     out, err = survivor.communicate(timeout=600)
     assert survivor.returncode == 0, err
     assert "ran 4 trial(s)" in out
