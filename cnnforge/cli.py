@@ -186,6 +186,23 @@ def _describe_range(hp: Any) -> str:
 # --- search and run --------------------------------------------------------------------------
 
 
+# Each candidate is measured with onnxruntime before training; these cap what it may cost.
+_budget_options = [
+    click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True), metavar="MS",
+                 help="Refuse (do not train) candidates slower than this per call."),
+    click.option("--max-params", type=click.IntRange(min=1), metavar="N",
+                 help="Refuse candidates with more parameters."),
+    click.option("--max-flops", type=click.IntRange(min=1), metavar="N",
+                 help="Refuse candidates with more FLOPs per image."),
+    click.option("--max-size-mb", type=click.FloatRange(min=0, min_open=True), metavar="MB",
+                 help="Refuse candidates whose ONNX file is larger."),
+    click.option("--latency-batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Batch size candidates are timed at."),
+    click.option("--latency-provider", type=click.Choice(["cpu", "cuda", "tensorrt"]),
+                 default="cpu", show_default=True, help="onnxruntime provider candidates are timed on."),
+]  # fmt: skip
+
+
 def search_options(defaults: dict[str, Any]) -> Callable[[Callable], Callable]:
     """The options that define a search, shared by ``search`` and ``run`` with their defaults."""
     options = [
@@ -212,6 +229,7 @@ def search_options(defaults: dict[str, Any]) -> Callable[[Callable], Callable]:
                      help="Narrow a hyperparameter to these values (repeatable)."),
         click.option("--strategy", type=click.Choice(["mirrored"]),
                      help="Train each trial on all local GPUs (tf.distribute.MirroredStrategy)."),
+        *_budget_options,
     ]  # fmt: skip
 
     def decorate(fn: Callable) -> Callable:
@@ -243,7 +261,12 @@ def _search_config(options: dict[str, Any]) -> Any:
         fix=options["fix"],
         space=space,
         strategy=options["strategy"],
+        **{name: options[name] for name in BUDGET_FIELDS},
     )
+
+
+BUDGET_FIELDS = ("max_latency_ms", "max_params", "max_flops", "max_size_mb",
+                 "latency_batch_size", "latency_provider")  # fmt: skip
 
 
 class RichSearchProgress:
@@ -269,19 +292,22 @@ class RichSearchProgress:
     def trial_ended(self, record: Any) -> None:
         if self.status:
             self.status.stop()
-        score = (
-            "failed: " + record.message
-            if record.score is None
-            else f"{self.objective} {record.score:.4f}"
-        )
+        if record.score is not None:
+            score = f"{self.objective} {record.score:.4f}"
+        else:
+            score = (
+                record.message if record.status == "OVER_BUDGET" else "failed: " + record.message
+            )
         seconds = f", {record.duration_s:.0f}s" if record.duration_s else ""
+        latency = f", {record.latency_ms:.3g} ms" if record.latency_ms is not None else ""
         console.print(
-            f"{self.label} (#{record.trial_id}): {score}, {record.params or '?'} params{seconds}"
+            f"{self.label} (#{record.trial_id}): {score}, {record.params or '?'} params"
+            f"{latency}{seconds}"
         )
 
 
 def _print_trials(result: Any) -> None:
-    table = Table("trial", "status", result.objective, "params", "epochs", "seconds", "hyperparameters",
+    table = Table("trial", "status", result.objective, "params", "ms", "epochs", "seconds", "hyperparameters",
                   title="Trials, best first", box=None, pad_edge=False)  # fmt: skip
     reverse = higher_is_better(result.objective)
     ranked = sorted(
@@ -297,7 +323,7 @@ def _print_trials(result: Any) -> None:
             for k, v in r.hyperparameters.items()
         )
         table.add_row(r.trial_id, r.status, "" if r.score is None else f"{r.score:.4f}", str(r.params or ""),
-                      str(r.epochs or ""), f"{r.duration_s:.1f}" if r.duration_s else "", hps)  # fmt: skip
+                      "" if r.latency_ms is None else f"{r.latency_ms:.3g}", str(r.epochs or ""), f"{r.duration_s:.1f}" if r.duration_s else "", hps)  # fmt: skip
     console.print(table)
 
 
@@ -432,13 +458,25 @@ def run(**options: Any) -> None:
     show_default=True,
     help="Execution provider the checks run on (the deployment's).",
 )
+@click.option(
+    "--trial",
+    "trial_id",
+    metavar="ID",
+    help="Export this trial of the run (see `cnnforge trials`) instead of the best.",
+)
 def export(source: Path, output: Path | None, precision: str, layout: str, opset: int,
            data: str | None, max_accuracy_drop: float, force: bool,
            calibration_images: int | None, atol: float | None, min_agreement: float | None,
-           provider: str) -> None:  # fmt: skip
+           provider: str, trial_id: str | None) -> None:  # fmt: skip
     """Export a run directory or .keras file to ONNX; check parity and test accuracy."""
     _quiet_tensorflow()
     from cnnforge.export import export as run_export
+
+    if trial_id is not None:
+        from cnnforge.search import trial_model
+
+        source = trial_model(source, trial_id)
+        output = output or source.with_name(f"model-trial-{trial_id}.onnx")
 
     result = run_export(
         source, output, opset=opset, data=data, precision=precision, layout=layout, atol=atol,
@@ -451,6 +489,47 @@ def export(source: Path, output: Path | None, precision: str, layout: str, opset
     console.print(f"parity: {result.parity.summary()} → {result.parity_path}", soft_wrap=True)
     if result.accuracy is not None:
         console.print(f"accuracy: {result.accuracy.summary()}", soft_wrap=True)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--sort",
+    "column",
+    metavar="COLUMN",
+    help="A trials.csv column (latency_ms, size_mb, params...)  [default: the objective, best first]",
+)
+@click.option("--front", is_flag=True, help="Only the Pareto front of (objective, latency, size).")
+def trials(run_dir: Path, column: str | None, front: bool) -> None:
+    """List a run's trials with their measured cost; * marks the Pareto front."""
+    from cnnforge.figures import sorted_trials
+    from cnnforge.report import read_run
+
+    run = read_run(run_dir)
+    objective = run["config"]["search"]["objective"]
+    rows = sorted_trials(run["trials"], objective, column)
+    if front:
+        rows = [r for r in rows if r.get("pareto") == "1"]
+    headers = ["trial", "status", objective, "ms", "MB", "params", "FLOPs", "epochs", "s",
+               "front", "message"]  # fmt: skip
+    cells = ["trial_id", "status", "score", "latency_ms", "size_mb", "params", "flops",
+             "epochs", "duration_s"]  # fmt: skip
+    table = [
+        [_short(r.get(c)) for c in cells] + ["*" if r.get("pareto") == "1" else "", r["message"]]
+        for r in rows
+    ]
+    _print_table(headers, table, title=f"{len(rows)} trial(s) of {run_dir}")
+
+
+def _short(text: str | None) -> str:
+    """A trials.csv cell for a table: whole numbers in full, others to 4 significant digits."""
+    try:
+        value = float(text) if text not in (None, "") else None
+    except ValueError:
+        return text or ""
+    if value is None:
+        return ""
+    return str(int(value)) if value.is_integer() else f"{value:.4g}"
 
 
 def _print_bench(report: Any) -> None:

@@ -29,11 +29,13 @@ import numpy as np
 
 from cnnforge import __version__, registry
 from cnnforge.artifacts import atomic_write_text, save_model_atomic
+from cnnforge.candidate import LIMITS, Budget, Target
 from cnnforge.data import Dataset, DataSpec, load_dataset
 from cnnforge.errors import CnnforgeError
 from cnnforge.hypermodel import PluginHyperModel, default_space
 from cnnforge.objectives import objective_direction
 from cnnforge.tuners import (
+    OVER_BUDGET,
     TUNERS,
     NonFiniteLoss,
     RecordingTuner,
@@ -48,6 +50,7 @@ from cnnforge.tuners import (
 
 # Settings that define a search; a run directory is resumed only with the same ones.
 IDENTITY_KEYS = ("data", "arch", "tuner", "objective", "seed", "fix", "space", "val_fraction")
+IDENTITY_KEYS += tuple(LIMITS.values())  # a budget decides which trials train
 
 
 @dataclass
@@ -76,6 +79,14 @@ class SearchConfig:
     worker_timeout: float = 300.0
     # "mirrored": each trial trains on all local GPUs with tf.distribute.MirroredStrategy.
     strategy: str | None = None
+    # Each candidate is timed with onnxruntime on this provider at this batch size before it is
+    # trained; one over a budget below (None: no limit) is recorded but not trained.
+    latency_provider: str = "cpu"
+    latency_batch_size: int = 1
+    max_latency_ms: float | None = None
+    max_params: int | None = None
+    max_flops: int | None = None
+    max_size_mb: float | None = None
 
     def validate(self) -> None:
         if self.tuner not in TUNERS:
@@ -91,6 +102,26 @@ class SearchConfig:
             _validate_distributed(self)
         if self.strategy not in (None, "mirrored"):
             raise CnnforgeError(f"--strategy takes mirrored, got {self.strategy!r}")
+        self._validate_budget()
+
+    def _validate_budget(self) -> None:
+        from cnnforge.runtime import provider_name
+
+        provider_name(self.latency_provider)
+        if self.latency_batch_size < 1:
+            raise CnnforgeError(
+                f"latency-batch-size must be at least 1, got {self.latency_batch_size}"
+            )
+        for name in LIMITS.values():
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise CnnforgeError(f"{name.replace('_', '-')} must be positive, got {value}")
+
+    def budget(self) -> Budget:
+        return Budget(**{name: getattr(self, name) for name in LIMITS.values()})
+
+    def target(self) -> Target:
+        return Target(self.latency_provider, self.latency_batch_size)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "run_dir": str(self.run_dir)}
@@ -265,6 +296,8 @@ def _prepare(config: SearchConfig, dataset: Dataset | None, progress: SearchProg
         seed=config.seed,
         hyperparameters=hps,
         lease_seconds=config.worker_timeout if config.distributed == "chief" else None,
+        budget=config.budget(),
+        target=config.target(),
         hypermodel=PluginHyperModel(plugin, dataset.spec),
         directory=str(config.run_dir),
         project_name="tuner",
@@ -398,8 +431,10 @@ def _finish(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset) -> Se
     write_trials_csv(records, trials_csv_path(tuner.oracle))
     completed = [r for r in records if r.score is not None and math.isfinite(r.score)]
     if not completed:
+        refused = sum(r.status == OVER_BUDGET for r in records)
+        why = f" ({refused} over budget: loosen the --max-* limits)" if refused else ""
         raise CnnforgeError(
-            f"no trial completed in {config.run_dir}; see the message column of trials.csv"
+            f"no trial completed in {config.run_dir}{why}; see the message column of trials.csv"
         )
     best_trial = tuner.oracle.get_best_trials(1)[0]
     best = next(r for r in records if r.trial_id == best_trial.trial_id)
@@ -411,3 +446,43 @@ def _finish(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset) -> Se
     save_model_atomic(best_model, best_path)
     atomic_write_text(config.run_dir / "search.json", json.dumps(asdict(best), indent=2))
     return SearchResult(config.run_dir, best_path, best, records, dataset.spec, config.objective)
+
+
+def trial_model(run_dir: Path | str, trial_id: str, *, dataset: Dataset | None = None) -> Path:
+    """Any trial of a run as ``trial-ID.keras`` in the run directory: its checkpoint loaded into
+    the model its hyperparameters build or, without one (a trial refused for its budget, or run
+    by a worker elsewhere), the model trained again for the run's epochs."""
+    run_dir = Path(run_dir)
+    trial_dir = run_dir / "tuner" / f"trial_{trial_id}"
+    if not (trial_dir / "trial.json").is_file() or not (run_dir / "config.json").is_file():
+        known = sorted(p.name.removeprefix("trial_") for p in (run_dir / "tuner").glob("trial_*"))
+        raise CnnforgeError(
+            f"{run_dir} has no trial {trial_id!r}; its trials: {', '.join(known) or 'none'}"
+        )
+    saved = json.loads((run_dir / "config.json").read_text())
+    config = SearchConfig(**{**saved["search"], "run_dir": run_dir})
+    spec = DataSpec(**{**saved["data_spec"], "input_shape": tuple(saved["data_spec"]["input_shape"]),
+                       "class_names": tuple(saved["data_spec"]["class_names"])})  # fmt: skip
+    trial = keras_tuner.engine.trial.Trial.load(str(trial_dir / "trial.json"))
+    hypermodel = PluginHyperModel(registry.get("architecture", config.arch), spec)
+    keras.utils.set_random_seed(config.seed)
+    model = hypermodel.build(trial.hyperparameters)
+    checkpoint = trial_dir / "checkpoint.weights.h5"
+    if checkpoint.is_file():
+        model.load_weights(str(checkpoint))
+    else:
+        dataset = dataset or load_dataset(
+            config.data, val_fraction=config.val_fraction, seed=config.seed
+        )
+        model.fit(
+            dataset.x_train.astype("float32"),
+            dataset.y_train,
+            validation_data=(dataset.x_val.astype("float32"), dataset.y_val),
+            epochs=trial.hyperparameters.values.get("tuner/epochs", config.epochs),
+            batch_size=config.batch_size,
+            verbose=0,
+        )
+    model.optimizer.build(model.trainable_variables)  # saved whole, loads cleanly
+    path = run_dir / f"trial-{trial_id}.keras"
+    save_model_atomic(model, path)
+    return path

@@ -3,6 +3,9 @@
 - Every oracle rewrites ``trials.csv`` when a trial ends, from KerasTuner's state plus the cost
   file each trial leaves beside it (``tuner/trial_N/cnnforge_cost.json``): parameters, epochs,
   seconds, and the failure reason. Local searches and a distributed chief work the same way.
+- Before training, each candidate is exported and timed with onnxruntime (``cnnforge.candidate``);
+  one over the budget is not trained: it ends FAILED for KerasTuner (never ranked, never retried,
+  not counted among consecutive failures) and OVER_BUDGET in trials.csv, with the reason.
 - ``random`` and ``bayesian`` start with the default build (the baseline).
 - ``grid`` survives a reload (KerasTuner's forgets its walk through the grid).
 - A worker that falls silent for longer than its lease loses its trial to the next worker.
@@ -17,7 +20,10 @@ import io
 import json
 import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,9 +32,12 @@ import keras
 import keras_tuner
 
 from cnnforge.artifacts import atomic_write_text
+from cnnforge.candidate import Budget, Target, measure_candidate
+from cnnforge.figures import TrialPoint, pareto_front
 from cnnforge.objectives import objective_direction
 
 COST_FILE = "cnnforge_cost.json"
+OVER_BUDGET = "OVER_BUDGET"
 
 
 def _save_json_atomically(path: str, obj: Any) -> str:
@@ -60,6 +69,11 @@ class TrialRecord:
     epochs: int | None = None
     duration_s: float | None = None
     message: str = ""
+    latency_ms: float | None = None
+    flops: int | None = None
+    size_mb: float | None = None
+    measure_s: float | None = None
+    pareto: bool = False  # on the front of (objective, latency, size) among completed trials
 
 
 class SearchProgress(Protocol):
@@ -75,10 +89,17 @@ class SearchProgress(Protocol):
 # --- trial records ---------------------------------------------------------------------------
 
 
+def _cost(trial_dir: Path) -> dict[str, Any]:
+    cost_file = trial_dir / COST_FILE
+    return json.loads(cost_file.read_text()) if cost_file.exists() else {}
+
+
 def trial_record(trial: Any, trial_dir: Path) -> TrialRecord:
     """A KerasTuner trial plus the cost file cnnforge left in its folder."""
-    cost_file = trial_dir / COST_FILE
-    cost = json.loads(cost_file.read_text()) if cost_file.exists() else {}
+    cost = _cost(trial_dir)
+    status = str(trial.status)
+    if status == "FAILED" and cost.get("over_budget"):
+        status = OVER_BUDGET
     metrics = {
         name: float(trial.metrics.get_best_value(name))
         for name in trial.metrics.metrics
@@ -86,7 +107,7 @@ def trial_record(trial: Any, trial_dir: Path) -> TrialRecord:
     }
     return TrialRecord(
         trial_id=trial.trial_id,
-        status=str(trial.status),
+        status=status,
         score=None if trial.score is None else float(trial.score),
         metrics=metrics,
         hyperparameters=dict(trial.hyperparameters.values),
@@ -94,23 +115,44 @@ def trial_record(trial: Any, trial_dir: Path) -> TrialRecord:
         epochs=cost.get("epochs"),
         duration_s=cost.get("duration_s"),
         message=cost.get("error", ""),
+        latency_ms=cost.get("latency_ms"),
+        flops=cost.get("flops"),
+        size_mb=cost.get("size_mb"),
+        measure_s=cost.get("measure_s"),
     )
 
 
+def mark_pareto_front(records: list[TrialRecord], objective: str) -> None:
+    """Set ``pareto`` on the completed trials no other beats on the objective, latency and size."""
+    points = [
+        TrialPoint(r.trial_id, r.status, r.score, r.latency_ms, r.size_mb)
+        for r in records
+        if r.status == "COMPLETED"
+    ]
+    front = {p.trial_id for p in pareto_front(points, objective, with_size=True)}
+    for record in records:
+        record.pareto = record.trial_id in front
+
+
 def trial_records(oracle: Any) -> list[TrialRecord]:
-    """Every trial an oracle knows, in trial-id order."""
+    """Every trial an oracle knows, in trial-id order, the Pareto front marked."""
     project = Path(oracle._project_dir)
-    return [
+    records = [
         trial_record(trial, project / f"trial_{trial.trial_id}")
         for trial in sorted(oracle.trials.values(), key=lambda t: t.trial_id)
     ]
+    mark_pareto_front(records, oracle.objective.name)
+    return records
+
+
+MEASURED = ("latency_ms", "flops", "size_mb", "measure_s")
 
 
 def write_trials_csv(records: list[TrialRecord], path: Path) -> None:
     metric_names = sorted({m for r in records for m in r.metrics})
     hp_names = list(dict.fromkeys(h for r in records for h in r.hyperparameters))
     header = ["trial_id", "status", "score", *metric_names, "params", "epochs", "duration_s"]
-    header += [f"hp_{h}" for h in hp_names] + ["message"]
+    header += [*MEASURED, "pareto"] + [f"hp_{h}" for h in hp_names] + ["message"]
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(header)
@@ -118,10 +160,16 @@ def write_trials_csv(records: list[TrialRecord], path: Path) -> None:
         writer.writerow(
             [r.trial_id, r.status, r.score, *(r.metrics.get(m) for m in metric_names)]
             + [r.params, r.epochs, None if r.duration_s is None else round(r.duration_s, 3)]
+            + [_rounded(getattr(r, m)) for m in MEASURED]
+            + [int(r.pareto)]
             + [r.hyperparameters.get(h) for h in hp_names]
             + [r.message]
         )
     atomic_write_text(path, out.getvalue())
+
+
+def _rounded(value: float | None) -> float | None:
+    return value if value is None or isinstance(value, int) else round(value, 4)
 
 
 def trials_csv_path(oracle: Any) -> Path:
@@ -138,6 +186,26 @@ class _RecordsTrials:
     def end_trial(self, trial: Any) -> None:
         super().end_trial(trial)
         write_trials_csv(trial_records(self), trials_csv_path(self))
+
+
+class _OverBudgetIsNoFailure:
+    """Oracle mixin: KerasTuner stops a search after N FAILED trials in a row; a candidate
+    refused for its budget is FAILED (so never ranked nor retried) but is no failure: it
+    neither counts towards that limit nor breaks a run of real failures."""
+
+    def _check_consecutive_failures(self) -> None:
+        in_a_row = 0
+        for trial_id in self.end_order:
+            trial = self.trials[trial_id]
+            if trial.status != keras_tuner.engine.trial.TrialStatus.FAILED:
+                in_a_row = 0
+            elif not _cost(Path(self._project_dir) / f"trial_{trial_id}").get("over_budget"):
+                in_a_row += 1
+            if in_a_row == self.max_consecutive_failed_trials:
+                raise RuntimeError(
+                    "Number of consecutive failures exceeded the limit "
+                    f"of {self.max_consecutive_failed_trials}.\n{trial.message or ''}"
+                )
 
 
 class _WorkerLeases:
@@ -245,7 +313,9 @@ _ORACLE_BASES = {
 }
 TUNERS = tuple(_ORACLE_BASES)
 ORACLES = {
-    name: type(bases[-1].__name__, (_RecordsTrials, _WorkerLeases, *bases), {})
+    name: type(
+        bases[-1].__name__, (_RecordsTrials, _OverBudgetIsNoFailure, _WorkerLeases, *bases), {}
+    )
     for name, bases in _ORACLE_BASES.items()
 }
 
@@ -276,15 +346,51 @@ class _HyperbandWithOracle(keras_tuner.Hyperband):
         keras_tuner.Tuner.__init__(self, oracle=oracle, **kwargs)
 
 
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it. tf2onnx and clearing a Keras
+    session run many weakref callbacks, and a KeyboardInterrupt raised inside one is printed
+    and ignored by Python: the search would go on."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+class OverBudget(Exception):
+    """A candidate costs more than the search's budget allows; it is not trained."""
+
+
 class RecordingTuner(keras_tuner.Tuner):
     """Runs trials, leaving each one's cost (or failure reason) beside it, with progress events
-    and a heartbeat to the oracle after every epoch (which also keeps a worker's lease)."""
+    and a heartbeat to the oracle after every epoch (which also keeps a worker's lease).
 
-    def __init__(self, *args: Any, progress: SearchProgress | None, **kwargs: Any) -> None:
+    Before training, each candidate is measured on ``target`` (None: not measured) and refused
+    when over ``budget``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        progress: SearchProgress | None,
+        budget: Budget | None = None,
+        target: Target | None = None,
+        **kwargs: Any,
+    ) -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner prints "Reloading Tuner"
             super().__init__(*args, **kwargs)
         self.progress = progress
+        self.budget = budget or Budget()
+        self.target = target
         self.trials_run: list[str] = []
+        self._measured: dict[str, dict[str, Any]] = {}  # Hyperband runs a candidate again
 
     def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
         self.trials_run.append(trial.trial_id)
@@ -296,7 +402,15 @@ class RecordingTuner(keras_tuner.Tuner):
         start = time.perf_counter()
         cost: dict[str, Any] = {}
         try:
+            cost.update(self.measure(trial.hyperparameters))
+            reasons = self.budget.violations(cost)
+            if reasons:
+                cost["over_budget"] = "; ".join(reasons)
+                raise OverBudget(cost["over_budget"])
             return super().run_trial(trial, *args, **kwargs)
+        except OverBudget as exc:
+            cost["error"] = f"over budget: {exc}"
+            raise keras_tuner.errors.FailedTrialError(cost["error"]) from None
         except Exception as exc:
             # Any failure of one trial (a plugin that raises, out of memory, NaN loss) is
             # recorded with its reason; KerasTuner counts FAILED trials in a row.
@@ -308,6 +422,30 @@ class RecordingTuner(keras_tuner.Tuner):
                 Path(self.get_trial_dir(trial.trial_id)) / COST_FILE, json.dumps(cost)
             )
             self.hypermodel.last_fit = {}
+
+    def measure(self, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
+        """The candidate's deployment cost, measured once per candidate. Without a budget, a
+        candidate that cannot be measured (say, tf2onnx cannot convert it) is still trained."""
+        if self.target is None:
+            return {}
+        key = json.dumps(
+            {k: v for k, v in sorted(hp.values.items()) if not k.startswith("tuner/")},
+            default=str,
+        )
+        if key not in self._measured:
+            with _interrupt_after():
+                self._measured[key] = self._measure_once(hp)
+        return self._measured[key]
+
+    def _measure_once(self, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
+        try:
+            return measure_candidate(self.hypermodel.build(hp), self.target)  # type: ignore[arg-type]
+        except Exception as exc:
+            if self.budget.limits():
+                raise
+            return {"measure_error": _failure_reason(exc)}
+        finally:
+            keras.backend.clear_session()
 
     def pre_create_trial(self) -> None:
         # KerasTuner asks again at once when the oracle answers IDLE; ask once a second instead.
@@ -347,6 +485,8 @@ def make_tuner(
     seed: int,
     hyperparameters: keras_tuner.HyperParameters,
     lease_seconds: float | None,
+    budget: Budget | None = None,
+    target: Target | None = None,
     **tuner_kwargs: Any,
 ) -> RecordingTuner:
     """The tuner named ``tuner`` over cnnforge's oracle for it."""
@@ -362,4 +502,4 @@ def make_tuner(
         oracle = ORACLES[tuner](max_trials=max_trials, **oracle_kwargs)
     oracle.lease_seconds = lease_seconds
     tuner_class = RecordingHyperband if tuner == "hyperband" else RecordingTuner
-    return tuner_class(oracle=oracle, **tuner_kwargs)
+    return tuner_class(oracle=oracle, budget=budget, target=target, **tuner_kwargs)

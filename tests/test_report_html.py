@@ -88,6 +88,7 @@ def test_the_page_of_a_finished_run(reported_run):
         assert f"<h2>{heading}</h2>" in page
     assert _images(page) == [
         "val_accuracy of each trial",
+        "val_accuracy against latency_ms",  # every search measures its candidates' latency
         f"training and validation curves of trial {json.loads((reported_run / 'search.json').read_text())['trial_id']}",
         "confusion matrix on the test split",
         "precision and recall per class",
@@ -248,7 +249,7 @@ def test_report_html_renders_in_headless_chromium(reported_run, tmp_path):
         images = json.loads(
             browser.call("Runtime.evaluate", session, expression=IMAGES_JS)["result"]["value"]
         )
-        assert len(images) == 6
+        assert len(images) == 7
         assert [alt for alt, complete, width in images if not (complete and width > 0)] == []
 
         # The trials table sorts: click "trial" once, ascending ids.
