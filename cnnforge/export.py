@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnforge import __version__
+from cnnforge import __version__, onnx_handlers
 from cnnforge.artifacts import atomic_write_bytes, atomic_write_text
 from cnnforge.data import load_dataset
 from cnnforge.errors import CnnforgeError
@@ -133,7 +133,12 @@ def to_onnx(
         )
     signature = (tf.TensorSpec((None, *input_shape[1:]), tf.float32, name=INPUT_NAME),)
     try:
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=opset)
+        proto, _ = tf2onnx.convert.from_keras(
+            model,
+            input_signature=signature,
+            opset=opset,
+            custom_op_handlers=onnx_handlers.custom_op_handlers(),
+        )
     except Exception as exc:
         raise CnnforgeError(
             f"tf2onnx could not convert the model at opset {opset} ({type(exc).__name__}: "

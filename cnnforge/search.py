@@ -24,11 +24,11 @@ import keras
 import keras_tuner
 import numpy as np
 
-from cnnforge import __version__, registry
+from cnnforge import __version__
 from cnnforge.artifacts import atomic_write_text, save_model_atomic
 from cnnforge.data import Dataset, DataSpec, load_dataset
 from cnnforge.errors import CnnforgeError
-from cnnforge.hypermodel import PluginHyperModel, default_space
+from cnnforge.hypermodel import PluginHyperModel, default_space, resolve_plugin
 
 TUNERS = {
     "random": keras_tuner.RandomSearch,
@@ -37,15 +37,23 @@ TUNERS = {
     "grid": keras_tuner.GridSearch,
 }  # random and bayesian run with a baseline-first oracle (below)
 # Settings that define a search; a run directory is resumed only with the same ones.
-IDENTITY_KEYS = ("data", "arch", "tuner", "objective", "seed", "fix", "space", "val_fraction")
+IDENTITY_KEYS = ("data", "arch", "backbone", "weights", "tuner", "objective", "seed", "fix", "space",
+                 "val_fraction")  # fmt: skip
 
 
 @dataclass
 class SearchConfig:
-    """Everything that defines a search. ``fix`` pins hyperparameters; ``space`` narrows them."""
+    """Everything that defines a search. ``fix`` pins hyperparameters; ``space`` narrows them.
+
+    The model is an architecture (``arch``, simple_cnn unless a backbone is given) or a backbone
+    (``backbone``: a registered one or ``run:PATH``) with ``weights``: imagenet (the default),
+    none, or a weights file.
+    """
 
     data: str = "fashion_mnist_small"
-    arch: str = "simple_cnn"
+    arch: str | None = None
+    backbone: str | None = None
+    weights: str | None = None
     run_dir: Path = Path("runs/latest")
     tuner: str = "random"
     max_trials: int = 10
@@ -58,7 +66,22 @@ class SearchConfig:
     fix: dict[str, str] = field(default_factory=dict)
     space: dict[str, list[str]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.arch is None and self.backbone is None:
+            self.arch = "simple_cnn"
+
+    @property
+    def model_name(self) -> str:
+        """The architecture or backbone searched."""
+        return self.backbone or self.arch or "simple_cnn"
+
     def validate(self) -> None:
+        if self.arch and self.backbone:
+            raise CnnforgeError(
+                f"give an architecture ({self.arch}) or a backbone ({self.backbone}), not both"
+            )
+        if self.weights is not None and not self.backbone:
+            raise CnnforgeError("weights apply to a backbone; give one or drop the weights")
         if self.tuner not in TUNERS:
             raise CnnforgeError(f"unknown tuner {self.tuner!r}; choose one of {', '.join(TUNERS)}")
         for name in ("max_trials", "epochs", "batch_size"):
@@ -151,7 +174,7 @@ def constrained_hyperparameters(config: SearchConfig, space: list) -> keras_tune
                 if close
                 else f"choose from {', '.join(by_name)}"
             )
-            raise CnnforgeError(f"{config.arch!r} has no hyperparameter {name!r}; {hint}")
+            raise CnnforgeError(f"{config.model_name!r} has no hyperparameter {name!r}; {hint}")
     hps = keras_tuner.HyperParameters()
     for name, text in config.fix.items():
         hps.Fixed(name, _typed(by_name[name], text))
@@ -320,7 +343,7 @@ def search(
 ) -> SearchResult:
     """Run (or resume) the search ``config`` describes; write the run directory; return the best."""
     config.validate()
-    plugin = registry.get("architecture", config.arch)
+    plugin = resolve_plugin(config)
     dataset = dataset or load_dataset(
         config.data, val_fraction=config.val_fraction, seed=config.seed
     )
