@@ -159,8 +159,11 @@ def plugins_show(name: str, data: str) -> None:
     console.print(
         f"[bold]{plugin.name}[/] ({plugin.kind}, from {plugin.source}): {plugin.description}"
     )
-    if plugin.kind != "architecture":
+    if plugin.kind == "dataset":
         return
+    if plugin.kind == "backbone":
+        sizes = ", ".join(f"{k} {v}" for k, v in plugin.info.items() if k.endswith("size"))
+        console.print(f"{sizes}; weights: imagenet (default), none, or a weights file")
     _quiet_tensorflow()
     from cnnforge.data import load_dataset
     from cnnforge.hypermodel import default_space
@@ -208,7 +211,13 @@ def search_options(defaults: dict[str, Any]) -> Callable[[Callable], Callable]:
     options = [
         click.option("--data", default=defaults["data"], show_default=True,
                      help="NAME, NAME:PATH, dir:FOLDER or FILE.npz."),
-        click.option("--arch", default=defaults["arch"], show_default=True, help="Architecture plugin."),
+        click.option("--arch", help=f"Architecture plugin [default: {defaults['arch']}]."),
+        click.option("--backbone", metavar="NAME|run:PATH",
+                     help="Transfer learning from a backbone plugin, or from a run directory or "
+                          ".keras model (instead of --arch)."),
+        click.option("--weights", metavar="imagenet|none|PATH",
+                     help="Backbone weights: imagenet (the default; keras downloads them once), "
+                          "none, or a local weights file."),
         click.option("--run-dir", type=click.Path(path_type=Path), default=defaults["run_dir"],
                      show_default=True, help="Where the run's artifacts go; rerun to resume."),
         click.option("--tuner", type=click.Choice(["random", "bayesian", "hyperband", "grid"]),
@@ -247,9 +256,15 @@ def _search_config(options: dict[str, Any]) -> Any:
         name: [v.strip() for v in values.split(",") if v.strip()]
         for name, values in options["space"].items()
     }
+    if options["arch"] and options["backbone"]:
+        raise click.UsageError("--arch and --backbone are mutually exclusive; give one")
+    if options["weights"] and not options["backbone"]:
+        raise click.UsageError("--weights needs --backbone")
     return SearchConfig(
         data=options["data"],
         arch=options["arch"],
+        backbone=options["backbone"],
+        weights=options["weights"],
         run_dir=options["run_dir"],
         tuner=options["tuner"],
         max_trials=options["max_trials"],
@@ -343,7 +358,7 @@ def _print_trials(result: Any) -> None:
 @click.option("--worker-timeout", type=click.FloatRange(min=1), default=300, show_default=True,
               help="Chief: seconds of silence after which a worker's trial goes to another.")  # fmt: skip
 def search(distributed, listen, chief_address, worker_id, worker_timeout, **options: Any) -> None:
-    """Search an architecture's hyperparameters with KerasTuner; keep the best model."""
+    """Search an architecture's or a backbone's hyperparameters with KerasTuner; keep the best."""
     _quiet_tensorflow()
     from cnnforge.search import search as run_search
     from cnnforge.search import work

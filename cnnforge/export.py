@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnforge import __version__
+from cnnforge import __version__, onnx_handlers
 from cnnforge.artifacts import atomic_write_bytes, atomic_write_text
 from cnnforge.data import load_dataset
 from cnnforge.errors import CnnforgeError, CnnforgeWarning
@@ -173,6 +173,7 @@ def to_onnx(
             input_signature=signature,
             opset=opset,
             inputs_as_nchw=[INPUT_NAME] if inputs_as_nchw else None,
+            custom_op_handlers=onnx_handlers.custom_op_handlers(),
         )
     except Exception as exc:
         raise CnnforgeError(

@@ -52,10 +52,17 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     return found
 
 
+def _model(search: dict[str, Any]) -> str:
+    if not search.get("backbone"):
+        return f"architecture: `{search['arch']}`"
+    default = "trained" if search["backbone"].startswith("run:") else "imagenet"
+    return f"backbone: `{search['backbone']}` (weights: {search.get('weights') or default})"
+
+
 def _summary(run: dict[str, Any]) -> list[str]:
     search = run["config"]["search"]
     lines = [
-        f"- data: `{search['data']}`, architecture: `{search['arch']}`, tuner: `{search['tuner']}`, "
+        f"- data: `{search['data']}`, {_model(search)}, tuner: `{search['tuner']}`, "
         f"seed {search['seed']}",
         f"- trials: {len(run['trials'])} (asked for {search['max_trials']}), "
         f"up to {search['epochs']} epochs, batch size {search['batch_size']}",

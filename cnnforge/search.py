@@ -27,12 +27,12 @@ import keras
 import keras_tuner
 import numpy as np
 
-from cnnforge import __version__, registry
+from cnnforge import __version__
 from cnnforge.artifacts import atomic_write_text, save_model_atomic
 from cnnforge.candidate import LIMITS, Budget, Target
 from cnnforge.data import Dataset, DataSpec, load_dataset
 from cnnforge.errors import CnnforgeError
-from cnnforge.hypermodel import PluginHyperModel, default_space
+from cnnforge.hypermodel import PluginHyperModel, default_space, resolve_plugin
 from cnnforge.objectives import objective_direction
 from cnnforge.tuners import (
     OVER_BUDGET,
@@ -49,16 +49,24 @@ from cnnforge.tuners import (
 )
 
 # Settings that define a search; a run directory is resumed only with the same ones.
-IDENTITY_KEYS = ("data", "arch", "tuner", "objective", "seed", "fix", "space", "val_fraction")
+IDENTITY_KEYS = ("data", "arch", "backbone", "weights", "tuner", "objective", "seed", "fix", "space",
+                 "val_fraction")  # fmt: skip
 IDENTITY_KEYS += tuple(LIMITS.values())  # a budget decides which trials train
 
 
 @dataclass
 class SearchConfig:
-    """Everything that defines a search. ``fix`` pins hyperparameters; ``space`` narrows them."""
+    """Everything that defines a search. ``fix`` pins hyperparameters; ``space`` narrows them.
+
+    The model is an architecture (``arch``, simple_cnn unless a backbone is given) or a backbone
+    (``backbone``: a registered one or ``run:PATH``) with ``weights``: imagenet (the default),
+    none, or a weights file.
+    """
 
     data: str = "fashion_mnist_small"
-    arch: str = "simple_cnn"
+    arch: str | None = None
+    backbone: str | None = None
+    weights: str | None = None
     run_dir: Path = Path("runs/latest")
     tuner: str = "random"
     max_trials: int = 10
@@ -88,7 +96,22 @@ class SearchConfig:
     max_flops: int | None = None
     max_size_mb: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.arch is None and self.backbone is None:
+            self.arch = "simple_cnn"
+
+    @property
+    def model_name(self) -> str:
+        """The architecture or backbone searched."""
+        return self.backbone or self.arch or "simple_cnn"
+
     def validate(self) -> None:
+        if self.arch and self.backbone:
+            raise CnnforgeError(
+                f"give an architecture ({self.arch}) or a backbone ({self.backbone}), not both"
+            )
+        if self.weights is not None and not self.backbone:
+            raise CnnforgeError("weights apply to a backbone; give one or drop the weights")
         if self.tuner not in TUNERS:
             raise CnnforgeError(f"unknown tuner {self.tuner!r}; choose one of {', '.join(TUNERS)}")
         for name in ("max_trials", "epochs", "batch_size"):
@@ -191,7 +214,7 @@ def constrained_hyperparameters(config: SearchConfig, space: list) -> keras_tune
                 if close
                 else f"choose from {', '.join(by_name)}"
             )
-            raise CnnforgeError(f"{config.arch!r} has no hyperparameter {name!r}; {hint}")
+            raise CnnforgeError(f"{config.model_name!r} has no hyperparameter {name!r}; {hint}")
     hps = keras_tuner.HyperParameters()
     for name, text in config.fix.items():
         hps.Fixed(name, _typed(by_name[name], text))
@@ -270,7 +293,7 @@ def _epoch_callback(progress: SearchProgress | None, epochs: int) -> list[keras.
 def _prepare(config: SearchConfig, dataset: Dataset | None, progress: SearchProgress | None):
     """Check everything, write config.json, build the tuner: what chief, worker and a local
     search share."""
-    plugin = registry.get("architecture", config.arch)
+    plugin = resolve_plugin(config)
     dataset = dataset or load_dataset(
         config.data, val_fraction=config.val_fraction, seed=config.seed
     )
@@ -464,7 +487,7 @@ def trial_model(run_dir: Path | str, trial_id: str, *, dataset: Dataset | None =
     spec = DataSpec(**{**saved["data_spec"], "input_shape": tuple(saved["data_spec"]["input_shape"]),
                        "class_names": tuple(saved["data_spec"]["class_names"])})  # fmt: skip
     trial = keras_tuner.engine.trial.Trial.load(str(trial_dir / "trial.json"))
-    hypermodel = PluginHyperModel(registry.get("architecture", config.arch), spec)
+    hypermodel = PluginHyperModel(resolve_plugin(config), spec)
     keras.utils.set_random_seed(config.seed)
     model = hypermodel.build(trial.hyperparameters)
     checkpoint = trial_dir / "checkpoint.weights.h5"

@@ -49,6 +49,15 @@ def test_plugins_list_and_show():
         assert text in shown.output
 
 
+def test_plugins_show_prints_a_backbones_space():
+    shown = invoke("plugins", "show", "mobilenet_v2")
+    assert shown.exit_code == 0
+    for text in ("native_size 224, min_size 32", "image_size", "128, 160, 192, 224", "avg, max",
+                 "dense_units_0", "dropout", "fine_tune_layers", "fine_tune_lr_factor",
+                 "fine_tune_epochs", "learning_rate"):  # fmt: skip
+        assert text in shown.output
+
+
 def test_unknown_plugin_is_one_line_with_a_suggestion():
     assert_one_line_error(
         invoke("plugins", "show", "resnt"), "unknown plugin 'resnt'", "did you mean resnet"
@@ -71,6 +80,24 @@ def test_run_end_to_end_writes_every_artifact(small_npz, tmp_path):
     for heading in ("## Summary", "## Trials", "## Export parity", "## Latency", "## Test split"):
         assert heading in report
     assert not list(run_dir.glob(".*tmp*")), "temporary files left behind"
+
+
+@pytest.mark.slow
+def test_run_with_a_backbone_end_to_end(small_npz, tmp_path):
+    run_dir = tmp_path / "run"
+    result = invoke("run", "--data", str(small_npz), "--run-dir", str(run_dir), "--backbone",
+                    "mobilenet_v3_small", "--weights", "none", "--fix", "image_size=32",
+                    "--max-trials", "1", "--epochs", "1")  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "test accuracy (onnxruntime)" in result.output
+    config = json.loads((run_dir / "config.json").read_text())["search"]
+    assert (config["backbone"], config["weights"], config["arch"]) == (
+        "mobilenet_v3_small",
+        "none",
+        None,
+    )
+    assert json.loads((run_dir / "parity.json").read_text())["passed"]
+    assert "backbone: `mobilenet_v3_small` (weights: none)" in (run_dir / "report.md").read_text()
 
 
 def test_export_bench_evaluate_commands(finished_run, small_npz, tmp_path):
@@ -101,6 +128,16 @@ def test_export_bench_evaluate_commands(finished_run, small_npz, tmp_path):
         (["bench", "compare", "a.json", "b.json"], ["a.json do not exist"]),
         (["export", "missing.keras"], ["missing.keras does not exist"]),
         (["report", "."], ["not a cnnforge run directory"]),
+        (["search", "--backbone", "mobilenetv2"], ["did you mean mobilenet_v2"]),
+        (
+            ["search", "--backbone", "mobilenet_v2", "--weights", "/no/such.h5"],
+            ["weights file /no/such.h5 does not exist", "--weights imagenet, none"],
+        ),
+        (
+            ["search", "--backbone", "mobilenet_v2", "--weights", "none", "--fix", "image_size=16"],
+            ["at least 32x32 pixels, got image_size=16", "resizes every image"],
+        ),
+        (["search", "--backbone", "run:/no/such/run"], ["/no/such/run does not exist"]),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, fragments, tmp_path, monkeypatch):
@@ -122,6 +159,8 @@ def test_bad_input_is_one_line_without_traceback(args, fragments, tmp_path, monk
         ["bench", "m.onnx", "--shape", "3xx4"],
         ["bench", "compare", "only-one.json"],
         ["search", "--fix", "conv_blocks"],
+        ["search", "--arch", "resnet", "--backbone", "mobilenet_v2"],
+        ["search", "--weights", "none"],
     ],
 )
 def test_nonsense_flag_values_are_usage_errors(args):

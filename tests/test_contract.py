@@ -1,5 +1,5 @@
-"""The contract every registered architecture plugin must meet, parametrized over the registry:
-a new plugin, built-in or third-party, gets these tests for free."""
+"""The contract every registered architecture and backbone plugin must meet, parametrized over
+the registry: a new plugin, built-in or third-party, gets these tests for free."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import cnnforge
+from cnnforge import transfer
 from cnnforge.data import DataSpec
 from cnnforge.export import to_onnx
 from cnnforge.hypermodel import build_model
@@ -16,6 +17,12 @@ from cnnforge.parity import check_parity
 from cnnforge.runtime import open_session
 
 ARCHITECTURES = [p.name for p in cnnforge.list_plugins(kind="architecture")]
+# Backbones whose contract test takes more than a few seconds (conversion of many layers).
+HEAVY_BACKBONES = {"efficientnet_b1", "efficientnet_b2", "resnet50", "densenet121", "convnext_tiny"}
+BACKBONES = [
+    pytest.param(p.name, marks=[pytest.mark.slow] if p.name in HEAVY_BACKBONES else [])
+    for p in cnnforge.list_plugins(kind="backbone")
+]
 SPECS = {
     "grayscale 28": DataSpec("test", (28, 28, 1), tuple("abcdefghij")),
     "colour 32": DataSpec("test", (32, 32, 3), ("x", "y", "z")),
@@ -28,9 +35,23 @@ def test_the_registry_has_the_builtin_and_example_architectures():
 
 @pytest.mark.parametrize("spec_name", list(SPECS))
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_architecture_contract(arch, spec_name, tmp_path):
+def test_architecture_contract(arch, spec_name):
     spec = SPECS[spec_name]
     model = build_model(cnnforge.get("architecture", arch), spec, keras_tuner.HyperParameters())
+    check_contract(model, spec)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_backbone_contract(backbone):
+    """Weights none, at the smallest size the backbone takes (28x28 grayscale resized to it)."""
+    plugin = cnnforge.get("backbone", backbone)
+    hp = keras_tuner.HyperParameters()
+    hp.Fixed("image_size", transfer.smallest_size(plugin))
+    check_contract(build_model(plugin, SPECS["grayscale 28"], hp), SPECS["grayscale 28"])
+
+
+def check_contract(model, spec):
+    """Raw pixels in, probabilities out; it trains; it exports; parity holds; batch is dynamic."""
     assert model.inputs[0].shape[1:] == spec.input_shape
     assert model.outputs[0].shape[1:] == (spec.num_classes,)
 
