@@ -439,7 +439,9 @@ def _load_average() -> list[float] | None:
         return None
 
 
-def _session(model: bytes | str, provider: str, threads: int | None, spinning: bool) -> Any:
+def strict_session(model: bytes | str, provider: str, threads: int | None, spinning: bool) -> Any:
+    """A session on exactly ``provider``: onnxruntime's silent fallback to the CPU is an error,
+    since timings of another provider would be reported under this one's name."""
     session = open_session(model, provider=provider, threads=threads, spinning=spinning)
     used = session.get_providers()[0]
     if used != PROVIDERS[provider]:
@@ -521,7 +523,7 @@ def _time_matmul(
         [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])], [weights],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    session = _session(model.SerializeToString(), provider, threads, spinning)
+    session = strict_session(model.SerializeToString(), provider, threads, spinning)
     a = rng.standard_normal((n, n), dtype=np.float32)
     call = make_call(session, {"a": a}, provider, True, "the peak MatMul")
     return time_calls(call, warmup=2, iterations=iterations, min_duration_s=seconds)
@@ -671,7 +673,9 @@ def _time_model(
     cells: int,
 ) -> list[BenchResult]:
     """Every batch size of ``model`` in one session (its provider, threads and spinning)."""
-    session = _session(model.path, settings["provider"], settings["threads"], settings["spinning"])
+    session = strict_session(
+        model.path, settings["provider"], settings["threads"], settings["spinning"]
+    )
     results = []
     for batch in model.batch_sizes:
         progress(f"{done + len(results) + 1}/{cells}: {model.label}, {settings['provider']}, "

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from cnnforge import onnxinfo
-from cnnforge.bench import _session, latency_stats, make_call, random_array, time_calls
+from cnnforge.bench import latency_stats, make_call, random_array, strict_session, time_calls
 
 # Short and robust: a few untimed calls, then the median of at least 30 calls or 0.2 s.
 WARMUP_CALLS = 5
@@ -77,7 +77,7 @@ def measure_candidate(model: Any, target: Target) -> dict[str, float]:
     start = time.perf_counter()
     proto = to_onnx(model)
     onnx_bytes = proto.SerializeToString()
-    session = _session(onnx_bytes, target.provider, threads=None, spinning=None)
+    session = strict_session(onnx_bytes, target.provider, threads=None, spinning=None)
     image = session.get_inputs()[0]
     shape = (target.batch_size, *model.inputs[0].shape[1:])
     arrays = {image.name: random_array(np.random.default_rng(0), "float32", shape, (0, 255))}

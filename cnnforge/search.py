@@ -438,15 +438,20 @@ def _best_model(
             return tuner.load_model(best_trial)
     keras.utils.set_random_seed(config.seed)
     model = tuner.hypermodel.build(best_trial.hyperparameters)
+    _train_again(model, dataset, config, epochs=record.epochs or config.epochs)
+    return model
+
+
+def _train_again(model: Any, dataset: Dataset, config: SearchConfig, *, epochs: int) -> None:
+    """Train a trial's model once more when its checkpoint is not at hand."""
     model.fit(
         dataset.x_train.astype("float32"),
         dataset.y_train,
         validation_data=(dataset.x_val.astype("float32"), dataset.y_val),
-        epochs=record.epochs or config.epochs,
+        epochs=epochs,
         batch_size=config.batch_size,
         verbose=0,
     )
-    return model
 
 
 def _finish(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset) -> SearchResult:
@@ -497,14 +502,8 @@ def trial_model(run_dir: Path | str, trial_id: str, *, dataset: Dataset | None =
         dataset = dataset or load_dataset(
             config.data, val_fraction=config.val_fraction, seed=config.seed
         )
-        model.fit(
-            dataset.x_train.astype("float32"),
-            dataset.y_train,
-            validation_data=(dataset.x_val.astype("float32"), dataset.y_val),
-            epochs=trial.hyperparameters.values.get("tuner/epochs", config.epochs),
-            batch_size=config.batch_size,
-            verbose=0,
-        )
+        epochs = trial.hyperparameters.values.get("tuner/epochs", config.epochs)
+        _train_again(model, dataset, config, epochs=epochs)
     model.optimizer.build(model.trainable_variables)  # saved whole, loads cleanly
     path = run_dir / f"trial-{trial_id}.keras"
     save_model_atomic(model, path)
