@@ -99,6 +99,15 @@ def _assignments(
     return parsed
 
 
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    from cnnforge.timebudget import parse_duration
+
+    try:
+        return None if value is None else parse_duration(value)
+    except CnnforgeError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.group(cls=CnnforgeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, envvar="CNNFORGE_DEBUG", help="Show tracebacks.")
 @click.option(
@@ -238,6 +247,21 @@ def search_options(defaults: dict[str, Any]) -> Callable[[Callable], Callable]:
                      help="Narrow a hyperparameter to these values (repeatable)."),
         click.option("--strategy", type=click.Choice(["mirrored"]),
                      help="Train each trial on all local GPUs (tf.distribute.MirroredStrategy)."),
+        click.option("--time-budget", callback=_duration, metavar="DURATION",
+                     help="Wall time for the whole job, final training included (e.g. 30m, 1h): "
+                          "trials stop in time for the final training."),
+        click.option("--retrain/--no-retrain", default=True, show_default=True,
+                     help="Train the best trial again on train+validation for the epochs it "
+                          "took to its best."),
+        click.option("--search-fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0,
+                     show_default=True,
+                     help="Share of the training images each trial trains on (stratified)."),
+        click.option("--deterministic", is_flag=True,
+                     help="Bit-for-bit repeatable training for a seed (TensorFlow's "
+                          "deterministic ops; slower)."),
+        click.option("--precision", type=click.Choice(["auto", "float32", "mixed"]),
+                     default="auto", show_default=True,
+                     help="Training precision; auto: mixed float16 on a GPU, float32 on a CPU."),
         *_budget_options,
     ]  # fmt: skip
 
@@ -276,10 +300,11 @@ def _search_config(options: dict[str, Any]) -> Any:
         fix=options["fix"],
         space=space,
         strategy=options["strategy"],
-        **{name: options[name] for name in BUDGET_FIELDS},
+        **{name: options[name] for name in BUDGET_FIELDS + TRAINING_FIELDS},
     )
 
 
+TRAINING_FIELDS = ("time_budget", "retrain", "search_fraction", "deterministic", "precision")
 BUDGET_FIELDS = ("max_latency_ms", "max_params", "max_flops", "max_size_mb",
                  "latency_batch_size", "latency_provider")  # fmt: skip
 
@@ -319,6 +344,22 @@ class RichSearchProgress:
             f"{self.label} (#{record.trial_id}): {score}, {record.params or '?'} params"
             f"{latency}{seconds}"
         )
+
+    def final_training_started(self, epochs: int, epochs_found: int, examples: int) -> None:
+        cut = (
+            f" (the search found {epochs_found}; the time budget holds {epochs})"
+            if epochs < epochs_found
+            else ""
+        )
+        console.print(f"final training: the best trial again on train+validation ({examples} images), {epochs} epochs{cut}")  # fmt: skip
+        self.label = "final training"
+        self.status = console.status(f"{self.label}: building")
+        self.status.start()
+
+    def final_training_ended(self, epochs: int, seconds: float) -> None:
+        if self.status:
+            self.status.stop()
+        console.print(f"final training: {epochs} epochs in {seconds:.0f}s")
 
 
 def _print_trials(result: Any) -> None:

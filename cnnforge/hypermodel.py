@@ -14,13 +14,15 @@ search space can be read by building once (``default_space``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+import zlib
 from typing import TYPE_CHECKING, Any
 
 import keras
 import keras_tuner
 
-from cnnforge import registry, transfer
+from cnnforge import registry, training, transfer
 from cnnforge.data import DataSpec
 from cnnforge.errors import CnnforgeError
 from cnnforge.registry import Plugin
@@ -71,14 +73,12 @@ def build_model(plugin: Plugin, spec: DataSpec, hp: keras_tuner.HyperParameters)
         features = transfer.backbone_features(plugin, hp, inputs, spec)
     else:
         features = _architecture_features(plugin, hp, inputs, spec)
-    outputs = keras.layers.Dense(spec.num_classes, activation="softmax", name=OUTPUT_NAME)(features)
+    # float32 even under mixed precision: the softmax and the exported output stay full precision
+    outputs = keras.layers.Dense(
+        spec.num_classes, activation="softmax", name=OUTPUT_NAME, dtype="float32"
+    )(features)
     model = keras.Model(inputs, outputs, name=transfer.model_name(plugin))
-    learning_rate = hp.Float("learning_rate", 1e-4, 1e-2, sampling="log", default=1e-3)
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    training.compile_model(model, training.recipe(hp))
     return model
 
 
@@ -97,27 +97,99 @@ def default_space(
     return list(hp.space)
 
 
-class PluginHyperModel(keras_tuner.HyperModel):
-    """The HyperModel a tuner searches; it remembers what the last ``fit`` cost."""
+def trial_seed(seed: int, hp: keras_tuner.HyperParameters) -> int:
+    """The seed of one candidate: the search's seed and the candidate's own values, so a trial
+    draws the same weights and batches whatever ran before it (resumed, or on another worker)."""
+    values = json.dumps(hp.values, sort_keys=True, default=str)
+    return zlib.crc32(f"{seed}:{values}".encode()) % 2**31
 
-    def __init__(self, plugin: Plugin, spec: DataSpec) -> None:
+
+class TrainingClock(keras.callbacks.Callback):
+    """Where training time goes, validation left out, so that retraining on more data can be
+    costed: each epoch's start (up to its first batch: iterator, shuffle buffer, first step) and
+    the steady steps after it, which scale with the number of examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = self.start_seconds = self.steady_seconds = 0.0
+        self.epochs = self.steady_steps = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._begin = self._first = self._last = time.perf_counter()
+        self._steps = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._last = time.perf_counter()
+        self._steps += 1
+        if self._steps == 1:
+            self._first = self._last
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.epochs += 1
+        self.seconds += self._last - self._begin
+        self.start_seconds += self._first - self._begin
+        self.steady_seconds += self._last - self._first
+        self.steady_steps += max(0, self._steps - 1)
+
+
+class PluginHyperModel(keras_tuner.HyperModel):
+    """The HyperModel a tuner searches: numpy arrays in, trained through cnnforge's tf.data
+    pipeline with the trial's recipe (``training.py``); it remembers what the last ``fit`` cost."""
+
+    def __init__(self, plugin: Plugin, spec: DataSpec, seed: int = 0) -> None:
         super().__init__(name=plugin.name, tunable=True)
         self.plugin = plugin
         self.spec = spec
+        self.seed = seed
         self.last_fit: dict[str, Any] = {}
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
+        keras.utils.set_random_seed(trial_seed(self.seed, hp))
         return build_model(self.plugin, self.spec, hp)
 
-    def fit(self, hp: keras_tuner.HyperParameters, model: keras.Model, *args: Any, **kwargs: Any):
+    def fit(
+        self,
+        hp: keras_tuner.HyperParameters,
+        model: keras.Model,
+        x: Any,
+        y: Any,
+        *,
+        validation_data: tuple[Any, Any] | None = None,
+        batch_size: int = 32,
+        epochs: int = 1,
+        initial_epoch: int = 0,
+        **kwargs: Any,
+    ):
+        """Train ``model`` on ``x``, ``y`` (numpy: uint8 or float pixels, integer labels); a
+        schedule spans the epochs of this call (a continued Hyperband trial restarts it)."""
         start = time.perf_counter()
-        history = model.fit(*args, **kwargs)
+        recipe = training.recipe(hp)
+        train = training.training_data(
+            x, y, recipe, num_classes=self.spec.num_classes, batch_size=batch_size,
+            seed=trial_seed(self.seed, hp),
+        )  # fmt: skip
+        if validation_data is not None:
+            kwargs["validation_data"] = training.evaluation_data(
+                *validation_data, num_classes=self.spec.num_classes, batch_size=batch_size
+            )
+        steps = training.steps_per_epoch(len(x), batch_size) * max(1, epochs - initial_epoch)
+        training.compile_model(model, recipe, steps=steps)
+        clock = TrainingClock()
+        kwargs.update(epochs=epochs, initial_epoch=initial_epoch, shuffle=False)  # shuffled above
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), clock]
+        history = model.fit(train, **kwargs)
         if self.plugin.kind == "backbone":
-            history = transfer.fine_tune(hp, model, history, *args, **kwargs)
+            history = transfer.fine_tune(hp, model, history, train, **kwargs)
         self.last_fit = {
             "params": model.count_params(),
             "epochs": len(history.history.get("loss", [])),
-            "train_seconds": time.perf_counter() - start,
+            "initial_epoch": initial_epoch,
+            "examples": len(x),
+            "fit_seconds": time.perf_counter() - start,
+            "train_seconds": clock.seconds,  # the training passes alone, not validation
+            "epoch_start_seconds": clock.start_seconds / max(1, clock.epochs),
+            "steady_seconds": clock.steady_seconds,
+            "steady_examples": clock.steady_steps * batch_size,
             # KerasTuner keeps only each metric's best epoch; the report plots every epoch.
             "history": {k: [float(v) for v in values] for k, values in history.history.items()},
         }

@@ -16,6 +16,8 @@ from cnnforge.report_html import write_html_report
 from cnnforge.search import SearchConfig, SearchProgress, SearchResult, search
 
 RUN_BATCH_SIZES = (1, 32)
+# Of a time budget, what is kept for export, parity, benchmark, evaluation and the reports.
+AFTER_SEARCH_SHARE, AFTER_SEARCH_MIN_S = 0.03, 30.0
 
 
 @dataclass
@@ -46,7 +48,12 @@ def run(
 ) -> RunResult:
     """Search, export the best model, check parity, benchmark it, evaluate it, and report."""
     stage("search")
-    found = search(config, progress=progress)
+    keep_after = (
+        max(AFTER_SEARCH_MIN_S, AFTER_SEARCH_SHARE * config.time_budget)
+        if config.time_budget
+        else 0
+    )
+    found = search(config, progress=progress, keep_after=keep_after)
     stage("export")
     exported = export(found.run_dir, data=config.data)
     stage("bench")

@@ -161,7 +161,10 @@ def list_plugins(pattern: str = "*", kind: str | None = None) -> list[Plugin]:
 
 
 def get(kind: str, name: str) -> Plugin:
-    """The plugin ``name`` of ``kind``, or an error that suggests the closest names."""
+    """The plugin ``name`` of ``kind``, or an error that suggests the closest names. Installed
+    plugins are discovered first if nothing has done so yet (the Python API needs no setup)."""
+    if name not in _plugins[kind]:
+        load_plugins()
     try:
         return _plugins[kind][name]
     except KeyError:

@@ -73,6 +73,17 @@ def _summary(run: dict[str, Any]) -> list[str]:
             f"- best trial: {best['trial_id']}, {search['objective']} {best['score']:.4f}, "
             f"{best['params']} parameters"
         )
+        final = best.get("final_training")
+        if final:
+            found = final["epochs_found"]
+            cut = f" (the search found {found})" if final["epochs"] < found else ""
+            lines.append(
+                f"- final training: the best trial again on train+validation "
+                f"({final['examples']} images), {final['epochs']} epochs{cut}, "
+                f"{final['seconds']:.0f} s"
+            )
+    if search.get("time_budget"):
+        lines.append(f"- time budget: {search['time_budget']:.0f} s for the whole run")
     if "evaluation" in run:
         ev = run["evaluation"]
         lines.append(

@@ -17,6 +17,7 @@ import os
 import platform
 import signal
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,19 +28,21 @@ import keras
 import keras_tuner
 import numpy as np
 
-from cnnforge import __version__
+from cnnforge import __version__, training
 from cnnforge.artifacts import atomic_write_text, save_model_atomic
 from cnnforge.candidate import LIMITS, Budget, Target
-from cnnforge.data import Dataset, DataSpec, load_dataset
+from cnnforge.data import Dataset, DataSpec, load_dataset, stratified_split
 from cnnforge.errors import CnnforgeError
 from cnnforge.hypermodel import PluginHyperModel, default_space, resolve_plugin
 from cnnforge.objectives import objective_direction
+from cnnforge.timebudget import TimeBudget, pace
 from cnnforge.tuners import (
     OVER_BUDGET,
     TUNERS,
     NonFiniteLoss,
     RecordingTuner,
     SearchProgress,
+    StopAtDeadline,
     TrialRecord,
     make_tuner,
     trial_record,
@@ -50,7 +53,7 @@ from cnnforge.tuners import (
 
 # Settings that define a search; a run directory is resumed only with the same ones.
 IDENTITY_KEYS = ("data", "arch", "backbone", "weights", "tuner", "objective", "seed", "fix", "space",
-                 "val_fraction")  # fmt: skip
+                 "val_fraction", "search_fraction")  # fmt: skip
 IDENTITY_KEYS += tuple(LIMITS.values())  # a budget decides which trials train
 
 
@@ -95,6 +98,18 @@ class SearchConfig:
     max_params: int | None = None
     max_flops: int | None = None
     max_size_mb: float | None = None
+    # Seconds the search may take, final training included (None: no limit): no trial starts,
+    # and a running one stops, once the time left is what the final training needs.
+    time_budget: float | None = None
+    # Train the best trial's model again on train+validation, for the epochs it took to its best
+    # (fewer if the time budget has no room for them); off: keep the trial's own model.
+    retrain: bool = True
+    # The share of the training examples (stratified) each trial trains on.
+    search_fraction: float = 1.0
+    # Same seed, same numbers: TensorFlow's deterministic ops (slower for some ops).
+    deterministic: bool = False
+    # "auto" trains in mixed float16 on a GPU and float32 on a CPU; or "float32" or "mixed".
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.arch is None and self.backbone is None:
@@ -125,6 +140,14 @@ class SearchConfig:
             _validate_distributed(self)
         if self.strategy not in (None, "mirrored"):
             raise CnnforgeError(f"--strategy takes mirrored, got {self.strategy!r}")
+        if not 0 < self.search_fraction <= 1:
+            raise CnnforgeError(f"search-fraction must be in (0, 1], got {self.search_fraction}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise CnnforgeError(f"time budget must be positive, got {self.time_budget} s")
+        if self.precision not in training.PRECISIONS:
+            raise CnnforgeError(
+                f"precision takes {', '.join(training.PRECISIONS)}, got {self.precision!r}"
+            )
         self._validate_budget()
 
     def _validate_budget(self) -> None:
@@ -151,6 +174,16 @@ class SearchConfig:
 
 
 @dataclass
+class FinalTraining:
+    """How the best trial's model was trained again on train+validation."""
+
+    examples: int
+    epochs: int
+    epochs_found: int  # what the search found; more than ``epochs`` when the budget cut it
+    seconds: float
+
+
+@dataclass
 class SearchResult:
     run_dir: Path
     best_model: Path
@@ -158,6 +191,7 @@ class SearchResult:
     trials: list[TrialRecord]
     spec: DataSpec
     objective: str
+    final_training: FinalTraining | None = None
 
 
 def _validate_distributed(config: SearchConfig) -> None:
@@ -280,6 +314,18 @@ def _kerastuner_role(config: SearchConfig) -> Iterator[None]:
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def _search_context(config: SearchConfig) -> Iterator[None]:
+    """What a search process sets while it runs: its KerasTuner role, the training precision,
+    deterministic ops if asked for."""
+    with (
+        _kerastuner_role(config),
+        training.precision_policy(config.precision),
+        training.op_determinism(config.deterministic),
+    ):
+        yield
+
+
 def _epoch_callback(progress: SearchProgress | None, epochs: int) -> list[keras.callbacks.Callback]:
     if progress is None:
         return []
@@ -290,7 +336,12 @@ def _epoch_callback(progress: SearchProgress | None, epochs: int) -> list[keras.
     ]
 
 
-def _prepare(config: SearchConfig, dataset: Dataset | None, progress: SearchProgress | None):
+def _prepare(
+    config: SearchConfig,
+    dataset: Dataset | None,
+    progress: SearchProgress | None,
+    time_budget: TimeBudget | None = None,
+):
     """Check everything, write config.json, build the tuner: what chief, worker and a local
     search share."""
     plugin = resolve_plugin(config)
@@ -321,7 +372,8 @@ def _prepare(config: SearchConfig, dataset: Dataset | None, progress: SearchProg
         lease_seconds=config.worker_timeout if config.distributed == "chief" else None,
         budget=config.budget(),
         target=config.target(),
-        hypermodel=PluginHyperModel(plugin, dataset.spec),
+        time_budget=time_budget,
+        hypermodel=PluginHyperModel(plugin, dataset.spec, seed=config.seed),
         directory=str(config.run_dir),
         project_name="tuner",
         overwrite=False,
@@ -337,6 +389,14 @@ def _strategy(name: str | None) -> Any:
     return tf.distribute.MirroredStrategy() if name == "mirrored" else None
 
 
+def trial_training_data(dataset: Dataset, config: SearchConfig) -> tuple[np.ndarray, np.ndarray]:
+    """What each trial trains on: the training split, or its stratified ``search_fraction``."""
+    if config.search_fraction >= 1:
+        return dataset.x_train, dataset.y_train
+    _, subset = stratified_split(dataset.y_train, config.search_fraction, config.seed)
+    return dataset.x_train[subset], dataset.y_train[subset]
+
+
 def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, progress) -> None:
     callbacks = [*_epoch_callback(progress, config.epochs), NonFiniteLoss()]
     if config.patience:
@@ -350,9 +410,8 @@ def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, p
     try:
         with _sigterm_as_interrupt():
             tuner.search(
-                dataset.x_train.astype("float32"),
-                dataset.y_train,
-                validation_data=(dataset.x_val.astype("float32"), dataset.y_val),
+                *trial_training_data(dataset, config),
+                validation_data=(dataset.x_val, dataset.y_val),
                 epochs=config.epochs,
                 batch_size=config.batch_size,
                 callbacks=callbacks,
@@ -394,21 +453,39 @@ def search(
     *,
     dataset: Dataset | None = None,
     progress: SearchProgress | None = None,
+    keep_after: float = 0.0,
 ) -> SearchResult:
     """Run (or resume) the search ``config`` describes, in this process or as the chief of a
-    distributed search; write the run directory; return the best trial and model."""
+    distributed search; write the run directory; return the best trial and model.
+
+    With a time budget, the clock starts here; ``keep_after`` seconds of it are kept for what
+    the caller does after the search (``cnnforge run``: export, benchmark, evaluation)."""
     if config.distributed == "worker":
         raise CnnforgeError("a worker runs trials for a chief: use cnnforge.search.work()")
     config.validate()
-    with _kerastuner_role(config):
-        dataset, tuner = _prepare(config, dataset, progress)
+    started = time.time()
+    with _search_context(config):
+        dataset = dataset or load_dataset(
+            config.data, val_fraction=config.val_fraction, seed=config.seed
+        )
+        budget = _time_budget(config, dataset, started, keep_after)
+        dataset, tuner = _prepare(config, dataset, progress, budget)
         stop = _watch_as_chief(tuner, progress) if config.distributed == "chief" else None
         try:
             _run_trials(config, tuner, dataset, progress)
         finally:
             if stop:
                 stop.set()
-    return _finish(config, tuner, dataset)
+        return _finish(config, tuner, dataset, progress)
+
+
+def _time_budget(
+    config: SearchConfig, dataset: Dataset, started: float, keep_after: float
+) -> TimeBudget | None:
+    if config.time_budget is None:
+        return None
+    final_examples = len(dataset.x_train) + len(dataset.x_val) if config.retrain else 0
+    return TimeBudget(started + config.time_budget, config.time_budget, final_examples, keep_after)
 
 
 def work(
@@ -421,40 +498,69 @@ def work(
     if config.distributed != "worker":
         raise CnnforgeError("work() is for a distributed worker: set distributed='worker'")
     config.validate()
-    with _kerastuner_role(config):
+    with _search_context(config):
         dataset, tuner = _prepare(config, dataset, progress)
         _run_trials(config, tuner, dataset, progress)
     return tuner.trials_run
 
 
-def _best_model(
-    tuner: RecordingTuner, best_trial: Any, record: TrialRecord, dataset: Dataset, config
-):
+def _best_model(tuner: RecordingTuner, best_trial: Any, record: TrialRecord, dataset: Dataset,
+                config: SearchConfig) -> keras.Model:  # fmt: skip
     """The best trial's checkpoint, or, when it stayed with a worker that did not share the run
     directory, the same hyperparameters trained again for the epochs that trial ran."""
     if Path(tuner._get_checkpoint_fname(best_trial.trial_id)).exists():
         with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             return tuner.load_model(best_trial)
-    keras.utils.set_random_seed(config.seed)
-    model = tuner.hypermodel.build(best_trial.hyperparameters)
-    _train_again(model, dataset, config, epochs=record.epochs or config.epochs)
+    return _train_again(tuner.hypermodel, best_trial.hyperparameters, dataset, config,
+                        epochs=record.epochs or config.epochs)  # fmt: skip
+
+
+def _train_again(hypermodel: PluginHyperModel, hp: Any, dataset: Dataset, config: SearchConfig,
+                 *, epochs: int) -> keras.Model:  # fmt: skip
+    """A trial's model trained once more, as the trial trained it, when its checkpoint is not
+    at hand."""
+    model = hypermodel.build(hp)
+    x, y = trial_training_data(dataset, config)
+    hypermodel.fit(hp, model, x, y, epochs=epochs, batch_size=config.batch_size, verbose=0)
     return model
 
 
-def _train_again(model: Any, dataset: Dataset, config: SearchConfig, *, epochs: int) -> None:
-    """Train a trial's model once more when its checkpoint is not at hand."""
-    model.fit(
-        dataset.x_train.astype("float32"),
-        dataset.y_train,
-        validation_data=(dataset.x_val.astype("float32"), dataset.y_val),
-        epochs=epochs,
-        batch_size=config.batch_size,
-        verbose=0,
-    )
+def _final_training(
+    tuner: RecordingTuner,
+    best_trial: Any,
+    record: TrialRecord,
+    dataset: Dataset,
+    config: SearchConfig,
+    progress: SearchProgress | None,
+) -> tuple[keras.Model, FinalTraining]:
+    """The best trial's hyperparameters trained from scratch on train+validation, for the epochs
+    the trial took to its best (or as many as the time budget still holds)."""
+    found = record.best_epoch or record.epochs or config.epochs
+    budget = tuner.time_budget
+    epochs = budget.epochs_that_fit(pace(tuner.best_cost()), found) if budget else found
+    x = np.concatenate([dataset.x_train, dataset.x_val])
+    y = np.concatenate([dataset.y_train, dataset.y_val])
+    if progress:
+        progress.final_training_started(epochs, found, len(x))
+    callbacks = [*_epoch_callback(progress, epochs), NonFiniteLoss()]
+    if budget:
+        callbacks.append(StopAtDeadline(lambda: budget.ends_at - budget.overhead))
+    start = time.perf_counter()
+    strategy = tuner.distribution_strategy
+    with strategy.scope() if strategy else contextlib.nullcontext():  # on every GPU, like a trial
+        model = tuner.hypermodel.build(best_trial.hyperparameters)
+    history = tuner.hypermodel.fit(best_trial.hyperparameters, model, x, y, epochs=epochs,
+                                   batch_size=config.batch_size, callbacks=callbacks, verbose=0)  # fmt: skip
+    final = FinalTraining(len(x), len(history.history["loss"]), found, time.perf_counter() - start)
+    if progress:
+        progress.final_training_ended(final.epochs, final.seconds)
+    return model, final
 
 
-def _finish(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset) -> SearchResult:
+def _finish(
+    config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, progress: SearchProgress | None
+) -> SearchResult:
     records = trial_records(tuner.oracle)
     write_trials_csv(records, trials_csv_path(tuner.oracle))
     completed = [r for r in records if r.score is not None and math.isfinite(r.score)]
@@ -466,14 +572,23 @@ def _finish(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset) -> Se
         )
     best_trial = tuner.oracle.get_best_trials(1)[0]
     best = next(r for r in records if r.trial_id == best_trial.trial_id)
-    best_model = _best_model(tuner, best_trial, best, dataset, config)
+    final = None
+    if config.retrain:
+        best_model, final = _final_training(tuner, best_trial, best, dataset, config, progress)
+    else:
+        best_model = _best_model(tuner, best_trial, best, dataset, config)
+    build = tuner.hypermodel.build
+    best_model = training.as_float32(best_model, lambda: build(best_trial.hyperparameters))
     strategy = tuner.distribution_strategy
     with strategy.scope() if strategy else contextlib.nullcontext():
         best_model.optimizer.build(best_model.trainable_variables)  # saved whole, loads cleanly
     best_path = config.run_dir / "best.keras"
     save_model_atomic(best_model, best_path)
-    atomic_write_text(config.run_dir / "search.json", json.dumps(asdict(best), indent=2))
-    return SearchResult(config.run_dir, best_path, best, records, dataset.spec, config.objective)
+    summary = {**asdict(best), "final_training": asdict(final) if final else None}
+    atomic_write_text(config.run_dir / "search.json", json.dumps(summary, indent=2))
+    return SearchResult(
+        config.run_dir, best_path, best, records, dataset.spec, config.objective, final
+    )
 
 
 def trial_model(run_dir: Path | str, trial_id: str, *, dataset: Dataset | None = None) -> Path:
@@ -492,18 +607,17 @@ def trial_model(run_dir: Path | str, trial_id: str, *, dataset: Dataset | None =
     spec = DataSpec(**{**saved["data_spec"], "input_shape": tuple(saved["data_spec"]["input_shape"]),
                        "class_names": tuple(saved["data_spec"]["class_names"])})  # fmt: skip
     trial = keras_tuner.engine.trial.Trial.load(str(trial_dir / "trial.json"))
-    hypermodel = PluginHyperModel(resolve_plugin(config), spec)
-    keras.utils.set_random_seed(config.seed)
-    model = hypermodel.build(trial.hyperparameters)
+    hypermodel = PluginHyperModel(resolve_plugin(config), spec, seed=config.seed)
     checkpoint = trial_dir / "checkpoint.weights.h5"
     if checkpoint.is_file():
+        model = hypermodel.build(trial.hyperparameters)
         model.load_weights(str(checkpoint))
     else:
         dataset = dataset or load_dataset(
             config.data, val_fraction=config.val_fraction, seed=config.seed
         )
         epochs = trial.hyperparameters.values.get("tuner/epochs", config.epochs)
-        _train_again(model, dataset, config, epochs=epochs)
+        model = _train_again(hypermodel, trial.hyperparameters, dataset, config, epochs=epochs)
     model.optimizer.build(model.trainable_variables)  # saved whole, loads cleanly
     path = run_dir / f"trial-{trial_id}.keras"
     save_model_atomic(model, path)

@@ -30,7 +30,7 @@ from typing import Any
 
 import keras
 
-from cnnforge import registry
+from cnnforge import registry, training
 from cnnforge.data import DataSpec
 from cnnforge.errors import CnnforgeError
 from cnnforge.registry import Plugin
@@ -288,11 +288,10 @@ def fine_tune(
         return history
     if not unfreeze_top(model.get_layer(BACKBONE_LAYER), count):
         return history
-    learning_rate = hp.get("learning_rate") * hp.get("fine_tune_lr_factor")
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=model.loss,
-        metrics=["accuracy"],
+    recipe = training.recipe(hp)
+    learning_rate = recipe.learning_rate * hp.get("fine_tune_lr_factor")
+    training.compile_model(
+        model, dataclasses.replace(recipe, learning_rate=learning_rate, lr_schedule="constant")
     )
     done = history.epoch[-1] + 1 if history.epoch else kwargs.get("initial_epoch", 0)
     kwargs = {**kwargs, "initial_epoch": done, "epochs": done + hp.get("fine_tune_epochs")}

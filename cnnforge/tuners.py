@@ -6,7 +6,7 @@
 - Before training, each candidate is exported and timed with onnxruntime (``cnnforge.candidate``);
   one over the budget is not trained: it ends FAILED for KerasTuner (never ranked, never retried,
   not counted among consecutive failures) and OVER_BUDGET in trials.csv, with the reason.
-- ``random`` and ``bayesian`` start with the default build (the baseline).
+- ``random``, ``bayesian`` and ``hyperband`` start with the default build (the baseline).
 - ``grid`` survives a reload (KerasTuner's forgets its walk through the grid).
 - A worker that falls silent for longer than its lease loses its trial to the next worker.
 - KerasTuner's state files are written atomically (below).
@@ -35,6 +35,7 @@ from cnnforge.artifacts import atomic_write_text
 from cnnforge.candidate import Budget, Target, measure_candidate
 from cnnforge.figures import TrialPoint, pareto_front
 from cnnforge.objectives import objective_direction
+from cnnforge.timebudget import TimeBudget, pace
 
 COST_FILE = "cnnforge_cost.json"
 OVER_BUDGET = "OVER_BUDGET"
@@ -67,6 +68,7 @@ class TrialRecord:
     hyperparameters: dict[str, Any]
     params: int | None = None
     epochs: int | None = None
+    best_epoch: int | None = None  # epochs from scratch to the best objective value
     duration_s: float | None = None
     message: str = ""
     latency_ms: float | None = None
@@ -84,6 +86,8 @@ class SearchProgress(Protocol):
     ) -> None: ...
     def epoch_ended(self, epoch: int, epochs: int, logs: dict[str, float]) -> None: ...
     def trial_ended(self, record: TrialRecord) -> None: ...
+    def final_training_started(self, epochs: int, epochs_found: int, examples: int) -> None: ...
+    def final_training_ended(self, epochs: int, seconds: float) -> None: ...
 
 
 # --- trial records ---------------------------------------------------------------------------
@@ -113,8 +117,9 @@ def trial_record(trial: Any, trial_dir: Path) -> TrialRecord:
         hyperparameters=dict(trial.hyperparameters.values),
         params=cost.get("params"),
         epochs=cost.get("epochs"),
+        best_epoch=cost.get("best_epoch"),
         duration_s=cost.get("duration_s"),
-        message=cost.get("error", ""),
+        message=cost.get("error") or cost.get("note", ""),
         latency_ms=cost.get("latency_ms"),
         flops=cost.get("flops"),
         size_mb=cost.get("size_mb"),
@@ -151,15 +156,20 @@ MEASURED = ("latency_ms", "flops", "size_mb", "measure_s")
 def write_trials_csv(records: list[TrialRecord], path: Path) -> None:
     metric_names = sorted({m for r in records for m in r.metrics})
     hp_names = list(dict.fromkeys(h for r in records for h in r.hyperparameters))
-    header = ["trial_id", "status", "score", *metric_names, "params", "epochs", "duration_s"]
-    header += [*MEASURED, "pareto"] + [f"hp_{h}" for h in hp_names] + ["message"]
+    header = ["trial_id", "status", "score", *metric_names, "params", "epochs", "best_epoch"]
+    header += ["duration_s", *MEASURED, "pareto"] + [f"hp_{h}" for h in hp_names] + ["message"]
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(header)
     for r in records:
         writer.writerow(
             [r.trial_id, r.status, r.score, *(r.metrics.get(m) for m in metric_names)]
-            + [r.params, r.epochs, None if r.duration_s is None else round(r.duration_s, 3)]
+            + [
+                r.params,
+                r.epochs,
+                r.best_epoch,
+                None if r.duration_s is None else round(r.duration_s, 3),
+            ]
             + [_rounded(getattr(r, m)) for m in MEASURED]
             + [int(r.pareto)]
             + [r.hyperparameters.get(h) for h in hp_names]
@@ -270,14 +280,28 @@ class _WorkerLeases:
         return silent
 
 
-class _BaselineFirst:
-    """Oracle mixin: the first trial is the default build, so a search never ends below baseline."""
+class _Deadline:
+    """Oracle mixin: no trial starts after ``deadline`` (``time.time()``; None: no limit), which
+    the tuner moves as trials end (``cnnforge.timebudget``)."""
 
-    def populate_space(self, trial_id: str) -> dict[str, Any]:
+    deadline: float | None = None
+
+    @keras_tuner.synchronized
+    def create_trial(self, tuner_id: str) -> Any:
+        if self.deadline is not None and time.time() >= self.deadline:
+            stopped = keras_tuner.engine.trial.TrialStatus.STOPPED
+            return keras_tuner.engine.trial.Trial(self.hyperparameters.copy(), status=stopped)
+        return super().create_trial(tuner_id)
+
+
+class _BaselineFirst:
+    """Oracle mixin: the first trial is the default build, so a search never ends below baseline
+    (Hyperband adds its bracket bookkeeping to it as to any sampled candidate)."""
+
+    def _random_values(self) -> dict[str, Any] | None:
         if not self.trials:
-            defaults = {hp.name: hp.default for hp in self.hyperparameters.space}
-            return {"status": keras_tuner.engine.trial.TrialStatus.RUNNING, "values": defaults}
-        return super().populate_space(trial_id)
+            return {hp.name: hp.default for hp in self.hyperparameters.space}
+        return super()._random_values()
 
 
 class _ResumableGrid:
@@ -309,12 +333,14 @@ _ORACLE_BASES = {
     "random": (_BaselineFirst, keras_tuner.oracles.RandomSearchOracle),
     "bayesian": (_BaselineFirst, keras_tuner.oracles.BayesianOptimizationOracle),
     "grid": (_ResumableGrid, keras_tuner.oracles.GridSearchOracle),  # starts from the defaults
-    "hyperband": (keras_tuner.oracles.HyperbandOracle,),
+    "hyperband": (_BaselineFirst, keras_tuner.oracles.HyperbandOracle),
 }
 TUNERS = tuple(_ORACLE_BASES)
 ORACLES = {
     name: type(
-        bases[-1].__name__, (_RecordsTrials, _OverBudgetIsNoFailure, _WorkerLeases, *bases), {}
+        bases[-1].__name__,
+        (_RecordsTrials, _OverBudgetIsNoFailure, _Deadline, _WorkerLeases, *bases),
+        {},
     )
     for name, bases in _ORACLE_BASES.items()
 }
@@ -332,6 +358,19 @@ class NonFiniteLoss(keras.callbacks.Callback):
             raise FloatingPointError(
                 f"loss became {loss} at epoch {epoch + 1}; lower the learning rate"
             )
+
+
+class StopAtDeadline(keras.callbacks.Callback):
+    """Stop training (after the current batch) once ``deadline()`` has passed."""
+
+    def __init__(self, deadline: Any) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        deadline = self.deadline()
+        if deadline is not None and time.time() >= deadline:
+            self.model.stop_training = True
 
 
 def _failure_reason(exc: BaseException) -> str:
@@ -382,6 +421,7 @@ class RecordingTuner(keras_tuner.Tuner):
         progress: SearchProgress | None,
         budget: Budget | None = None,
         target: Target | None = None,
+        time_budget: TimeBudget | None = None,
         **kwargs: Any,
     ) -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner prints "Reloading Tuner"
@@ -389,6 +429,8 @@ class RecordingTuner(keras_tuner.Tuner):
         self.progress = progress
         self.budget = budget or Budget()
         self.target = target
+        self.time_budget = time_budget
+        self.move_deadline()
         self.trials_run: list[str] = []
         self._measured: dict[str, dict[str, Any]] = {}  # Hyperband runs a candidate again
 
@@ -407,7 +449,14 @@ class RecordingTuner(keras_tuner.Tuner):
             if reasons:
                 cost["over_budget"] = "; ".join(reasons)
                 raise OverBudget(cost["over_budget"])
-            return super().run_trial(trial, *args, **kwargs)
+            # a lambda, not the oracle: KerasTuner deep-copies the callbacks of every trial
+            stop = StopAtDeadline(lambda: getattr(self.oracle, "deadline", None))
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), stop]
+            result = super().run_trial(trial, *args, **kwargs)
+            deadline = getattr(self.oracle, "deadline", None)
+            if deadline is not None and time.time() >= deadline:
+                cost["note"] = "cut short by the time budget"
+            return result
         except OverBudget as exc:
             cost["error"] = f"over budget: {exc}"
             raise keras_tuner.errors.FailedTrialError(cost["error"]) from None
@@ -418,10 +467,33 @@ class RecordingTuner(keras_tuner.Tuner):
             raise keras_tuner.errors.FailedTrialError(cost["error"]) from exc
         finally:
             cost.update(self.hypermodel.last_fit, duration_s=time.perf_counter() - start)
+            cost["best_epoch"] = self._best_epoch(cost)
             atomic_write_text(
                 Path(self.get_trial_dir(trial.trial_id)) / COST_FILE, json.dumps(cost)
             )
             self.hypermodel.last_fit = {}
+
+    def _best_epoch(self, cost: dict[str, Any]) -> int | None:
+        """How many epochs (from scratch, counting a continued trial's earlier rounds) it took
+        to reach the trial's best objective value."""
+        values = cost.get("history", {}).get(self.oracle.objective.name)
+        if not values:
+            return None
+        best = (max if self.oracle.objective.direction == "max" else min)(values)
+        return cost.get("initial_epoch", 0) + values.index(best) + 1
+
+    def best_cost(self) -> dict[str, Any]:
+        """The cost record of the best trial so far (empty before one has ended)."""
+        best = self.oracle.get_best_trials(1)
+        return _cost(Path(self.get_trial_dir(best[0].trial_id))) if best else {}
+
+    def move_deadline(self) -> None:
+        """Let trials run until the time left is what retraining the best one will take."""
+        if self.time_budget is not None:
+            best = self.best_cost()
+            self.oracle.deadline = self.time_budget.search_deadline(
+                pace(best), best.get("best_epoch") or best.get("epochs") or 1
+            )
 
     def measure(self, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
         """The candidate's deployment cost, measured once per candidate. Without a budget, a
@@ -467,6 +539,7 @@ class RecordingTuner(keras_tuner.Tuner):
 
     def on_trial_end(self, trial: Any) -> None:
         super().on_trial_end(trial)
+        self.move_deadline()
         if self.progress:
             ended = self.oracle.get_trial(trial.trial_id)
             self.progress.trial_ended(trial_record(ended, Path(self.get_trial_dir(trial.trial_id))))
@@ -487,6 +560,7 @@ def make_tuner(
     lease_seconds: float | None,
     budget: Budget | None = None,
     target: Target | None = None,
+    time_budget: TimeBudget | None = None,
     **tuner_kwargs: Any,
 ) -> RecordingTuner:
     """The tuner named ``tuner`` over cnnforge's oracle for it."""
@@ -502,4 +576,6 @@ def make_tuner(
         oracle = ORACLES[tuner](max_trials=max_trials, **oracle_kwargs)
     oracle.lease_seconds = lease_seconds
     tuner_class = RecordingHyperband if tuner == "hyperband" else RecordingTuner
-    return tuner_class(oracle=oracle, budget=budget, target=target, **tuner_kwargs)
+    return tuner_class(
+        oracle=oracle, budget=budget, target=target, time_budget=time_budget, **tuner_kwargs
+    )

@@ -57,7 +57,7 @@ def check_contract(model, spec):
 
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (8, *spec.input_shape)).astype("float32")
-    y = rng.integers(0, spec.num_classes, 8)
+    y = np.eye(spec.num_classes)[rng.integers(0, spec.num_classes, 8)]  # one-hot: see training.py
     before = [w.copy() for w in model.get_weights()]
     loss = model.train_on_batch(x, y)
     assert np.isfinite(np.ravel(loss)[0])
@@ -94,8 +94,11 @@ def test_simple_cnn_defaults_are_the_tensorflow_cifar10_tutorial_network():
     assert model.layers[-2].units == 64 and model.layers[-1].units == 10
     # The tutorial's model.summary(): 122,570 trainable parameters.
     assert model.count_params() == 122_570
-    assert isinstance(model.optimizer, keras.optimizers.Adam)
-    assert model.loss == "sparse_categorical_crossentropy"
+    # The seed's training: Adam at a constant 1e-3, plain cross-entropy.
+    assert type(model.optimizer) is keras.optimizers.Adam
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
+    assert isinstance(model.loss, keras.losses.CategoricalCrossentropy)
+    assert model.loss.get_config()["label_smoothing"] == 0
 
 
 def test_plugin_returning_a_feature_map_is_refused_with_a_hint():

@@ -108,6 +108,28 @@ def test_every_tuner_runs(tuner, small_npz, tmp_path):
     result = search(config)
     completed = [t for t in result.trials if t.status == "COMPLETED"]
     assert completed and (tmp_path / tuner / "best.keras").is_file()
+    first = result.trials[0].hyperparameters
+    assert first["filters_0"] == 16 and first["augment"] == "none"  # the defaults (narrowed)
+
+
+def test_hyperband_counts_a_promoted_trials_epochs_from_scratch(small_npz, tmp_path):
+    result = search(
+        SearchConfig(
+            data=str(small_npz),
+            run_dir=tmp_path / "hb",
+            tuner="hyperband",
+            epochs=3,
+            patience=0,
+            retrain=False,
+            fix={"conv_blocks": "2"},
+        )  # fmt: skip
+    )
+    promoted = [t for t in result.trials if t.hyperparameters.get("tuner/initial_epoch")]
+    assert promoted
+    for trial in promoted:
+        start = trial.hyperparameters["tuner/initial_epoch"]
+        assert trial.epochs == trial.hyperparameters["tuner/epochs"] - start
+        assert start < trial.best_epoch <= trial.hyperparameters["tuner/epochs"]
 
 
 def test_mirrored_strategy_trains_a_trial(small_npz, tmp_path):
