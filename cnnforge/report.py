@@ -64,7 +64,9 @@ def _summary(run: dict[str, Any]) -> list[str]:
     lines = [
         f"- data: `{search['data']}`, {_model(search)}, tuner: `{search['tuner']}`, "
         f"seed {search['seed']}",
-        f"- trials: {len(run['trials'])} (asked for {search['max_trials']}), "
+        f"- trials: {len(run['trials'])}"
+        + ("" if search["tuner"] == "hyperband" else f" (asked for {search['max_trials']})")
+        + ", "
         f"up to {search['epochs']} epochs, batch size {search['batch_size']}",
     ]
     if "search" in run:

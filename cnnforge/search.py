@@ -520,6 +520,7 @@ def _train_again(hypermodel: PluginHyperModel, hp: Any, dataset: Dataset, config
                  *, epochs: int) -> keras.Model:  # fmt: skip
     """A trial's model trained once more, as the trial trained it, when its checkpoint is not
     at hand."""
+    keras.backend.clear_session()  # as KerasTuner does before a trial: the same layer names
     model = hypermodel.build(hp)
     x, y = trial_training_data(dataset, config)
     hypermodel.fit(hp, model, x, y, epochs=epochs, batch_size=config.batch_size, verbose=0)
@@ -548,6 +549,7 @@ def _final_training(
         callbacks.append(StopAtDeadline(lambda: budget.ends_at - budget.overhead))
     start = time.perf_counter()
     strategy = tuner.distribution_strategy
+    keras.backend.clear_session()  # as KerasTuner does before a trial: the same layer names
     with strategy.scope() if strategy else contextlib.nullcontext():  # on every GPU, like a trial
         model = tuner.hypermodel.build(best_trial.hyperparameters)
     history = tuner.hypermodel.fit(best_trial.hyperparameters, model, x, y, epochs=epochs,

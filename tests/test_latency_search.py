@@ -16,7 +16,8 @@ PINNED = {
     "conv_blocks": "1", "kernel_size": "3", "pooling": "max", "pool_after_last_block": "false",
     "batch_norm": "false", "head": "flatten", "dense_layers": "1", "dropout": "0.0",
     "learning_rate": "0.001", "filters_1": "16", "filters_2": "16", "filters_3": "16",
-    "dense_units_1": "32",
+    "dense_units_1": "32", "lr_schedule": "constant", "weight_decay": "0.0",
+    "label_smoothing": "0.0", "augment": "none", "flip": "false",
 }  # fmt: skip
 # filters_0=16, units=32: 26·26·16·32 ≈ 346k parameters; every other pair has over 1M.
 MAX_PARAMS = 1_000_000
