@@ -347,7 +347,8 @@ class RichSearchProgress:
 
     def final_training_started(self, epochs: int, epochs_found: int, examples: int) -> None:
         cut = (
-            f" (the search found {epochs_found}; the time budget holds {epochs})"
+            f" of the {epochs_found} the search found, as the time budget holds them now "
+            "(planned again after each epoch)"
             if epochs < epochs_found
             else ""
         )

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,12 +326,15 @@ def _search_context(config: SearchConfig) -> Iterator[None]:
         yield
 
 
-def _epoch_callback(progress: SearchProgress | None, epochs: int) -> list[keras.callbacks.Callback]:
+def _epoch_callback(
+    progress: SearchProgress | None, epochs: Callable[[], int]
+) -> list[keras.callbacks.Callback]:
+    """Report each epoch's end to ``progress``, out of ``epochs()`` (a plan may change)."""
     if progress is None:
         return []
     return [
         keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: progress.epoch_ended(epoch + 1, epochs, logs or {})
+            on_epoch_end=lambda epoch, logs: progress.epoch_ended(epoch + 1, epochs(), logs or {})
         )
     ]
 
@@ -398,7 +401,7 @@ def trial_training_data(dataset: Dataset, config: SearchConfig) -> tuple[np.ndar
 
 
 def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, progress) -> None:
-    callbacks = [*_epoch_callback(progress, config.epochs), NonFiniteLoss()]
+    callbacks = [*_epoch_callback(progress, lambda: config.epochs), NonFiniteLoss()]
     if config.patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -536,23 +539,31 @@ def _final_training(
     progress: SearchProgress | None,
 ) -> tuple[keras.Model, FinalTraining]:
     """The best trial's hyperparameters trained from scratch on train+validation, for the epochs
-    the trial took to its best (or as many as the time budget still holds)."""
+    the trial took to its best, or, under a time budget, as many as fit (planned again after
+    every epoch, the schedule fitted to the plan)."""
     found = record.best_epoch or record.epochs or config.epochs
-    budget = tuner.time_budget
-    epochs = budget.epochs_that_fit(pace(tuner.best_cost()), found) if budget else found
     x = np.concatenate([dataset.x_train, dataset.x_val])
     y = np.concatenate([dataset.y_train, dataset.y_val])
-    if progress:
-        progress.final_training_started(epochs, found, len(x))
-    callbacks = [*_epoch_callback(progress, epochs), NonFiniteLoss()]
+    budget = tuner.time_budget
+    planned = budget.epochs_that_fit(pace(tuner.best_cost()), found) if budget else found
+    callbacks: list[keras.callbacks.Callback] = [NonFiniteLoss()]
+    plan = None
     if budget:
-        callbacks.append(StopAtDeadline(lambda: budget.ends_at - budget.overhead))
+        deadline = budget.ends_at - budget.overhead
+        plan = training.FitToDeadline(
+            lambda: deadline, planned=planned, most=found,
+            steps_per_epoch=training.steps_per_epoch(len(x), config.batch_size),
+        )  # fmt: skip
+        callbacks += [plan, StopAtDeadline(lambda: deadline)]
+    if progress:
+        progress.final_training_started(planned, found, len(x))
+        callbacks += _epoch_callback(progress, lambda: plan.epochs if plan else found)
     start = time.perf_counter()
     strategy = tuner.distribution_strategy
     keras.backend.clear_session()  # as KerasTuner does before a trial: the same layer names
     with strategy.scope() if strategy else contextlib.nullcontext():  # on every GPU, like a trial
         model = tuner.hypermodel.build(best_trial.hyperparameters)
-    history = tuner.hypermodel.fit(best_trial.hyperparameters, model, x, y, epochs=epochs,
+    history = tuner.hypermodel.fit(best_trial.hyperparameters, model, x, y, epochs=found,
                                    batch_size=config.batch_size, callbacks=callbacks, verbose=0)  # fmt: skip
     final = FinalTraining(len(x), len(history.history["loss"]), found, time.perf_counter() - start)
     if progress:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
+
+from cnnforge.timebudget import SAFETY
 
 SCHEDULES = ("constant", "cosine")
 AUGMENT_SHIFT = {"none": 0.0, "light": 1 / 14, "medium": 1 / 10, "strong": 1 / 7}
@@ -89,6 +92,69 @@ def compile_model(model: keras.Model, recipe: Recipe, *, steps: int = 1) -> None
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
         )
+
+
+class FitToDeadline(keras.callbacks.Callback):
+    """Fit a training to a deadline without cutting its cosine schedule short.
+
+    After each epoch the run is planned again at the pace measured so far (the first epoch,
+    which traces the step function, counts only until a steady one is measured): as many epochs
+    as still fit before ``deadline()``, at most ``most``, with the cosine re-aimed to reach zero
+    at the last of them. A deadline that merely stopped training would leave the learning rate
+    high, and an estimate made before training (from trials on fewer images) is seldom right
+    to the epoch. The model must be compiled for ``most`` epochs and fit for ``most``;
+    ``epochs`` is the plan, and after training the epochs run.
+    """
+
+    def __init__(self, deadline: Callable[[], float], *, planned: int, most: int,
+                 steps_per_epoch: int, margin: float = SAFETY) -> None:  # fmt: skip
+        super().__init__()
+        self.deadline = deadline
+        self.epochs = planned
+        self.most = most
+        self.steps_per_epoch = steps_per_epoch
+        self.margin = margin
+        self._durations: list[float] = []
+        self._schedule: Any = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._planning = not self._durations  # a second stage (fine-tuning) runs as compiled
+        # Keras keeps the schedule object only on this attribute; its decay length becomes a
+        # variable for the run (the compiled step reads it each time) and a number again after.
+        schedule = getattr(self.model.optimizer, "_learning_rate", None)
+        self._schedule = None
+        if self._planning and isinstance(schedule, keras.optimizers.schedules.CosineDecay):
+            self._schedule = schedule
+            with self.model.distribute_strategy.scope():
+                schedule.decay_steps = keras.Variable(
+                    self._decay_steps(), dtype="float32", trainable=False, name="decay_steps"
+                )
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._began = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._durations.append(time.perf_counter() - self._began)
+        if not self._planning:
+            return
+        done = len(self._durations)
+        steady = self._durations[1:] or self._durations
+        per_epoch = sum(steady) / len(steady) * self.margin
+        still_fit = math.floor((self.deadline() - time.time()) / per_epoch)
+        self.epochs = max(done, min(self.most, done + still_fit))
+        if self._schedule is not None:
+            self._schedule.decay_steps.assign(self._decay_steps())
+        if self.epochs <= done:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self.epochs = len(self._durations)
+        if self._schedule is not None:
+            self._schedule.decay_steps = int(self._schedule.decay_steps.numpy())
+
+    def _decay_steps(self) -> float:
+        warmup = self._schedule.warmup_steps if self._schedule.warmup_target is not None else 0
+        return float(max(1, self.epochs * self.steps_per_epoch - warmup))
 
 
 def steps_per_epoch(examples: int, batch_size: int) -> int:

@@ -101,6 +101,17 @@ def test_simple_cnn_defaults_are_the_tensorflow_cifar10_tutorial_network():
     assert model.loss.get_config()["label_smoothing"] == 0
 
 
+def test_a_same_first_block_keeps_the_border_and_later_blocks_stay_valid():
+    hp = keras_tuner.HyperParameters()
+    hp.Fixed("first_block_padding", "same")
+    model = build_model(cnnforge.get("architecture", "simple_cnn"), SPECS["grayscale 28"], hp)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [c.padding for c in convs] == ["same", "valid", "valid"]
+    # 28 -> 28, pool 14 -> 12, pool 6 -> 4 (valid from the start: 26, 13 -> 11, 5 -> 3)
+    assert [tuple(c.output.shape[1:3]) for c in convs] == [(28, 28), (12, 12), (4, 4)]
+    keras.backend.clear_session()
+
+
 def test_plugin_returning_a_feature_map_is_refused_with_a_hint():
     @cnnforge.architecture("returns_4d_for_test")
     def returns_4d(hp, inputs, spec):

@@ -14,6 +14,7 @@ from cnnforge.search import SearchConfig, search, trial_model
 # One conv block and a flatten head: the dense layer's parameters grow with filters_0 × units.
 PINNED = {
     "conv_blocks": "1", "kernel_size": "3", "pooling": "max", "pool_after_last_block": "false",
+    "first_block_padding": "valid",
     "batch_norm": "false", "head": "flatten", "dense_layers": "1", "dropout": "0.0",
     "learning_rate": "0.001", "filters_1": "16", "filters_2": "16", "filters_3": "16",
     "dense_units_1": "32", "lr_schedule": "constant", "weight_decay": "0.0",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import keras
 import keras_tuner
 import numpy as np
@@ -137,3 +140,37 @@ def test_a_trial_learns_through_the_pipeline_and_reports_its_pace(small_npz):
     assert 0 < cost["steady_seconds"] < cost["train_seconds"] < cost["fit_seconds"]
     steps = -(-len(dataset.x_train) // 32)  # per epoch; each epoch's first is its start
     assert cost["steady_examples"] == 4 * (steps - 1) * 32
+
+
+def _fit_to_deadline(deadline: float, *, planned: int, most: int) -> tuple[keras.Model, Any]:
+    """A small dense model trained with a cosine recipe for ``most`` epochs under a deadline."""
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).random((64, 8)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(64) % 2, 2)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, activation="softmax")])
+    steps = training.steps_per_epoch(len(x), 16)
+    training.compile_model(model, Recipe(learning_rate=0.01, lr_schedule="cosine"),
+                           steps=steps * most)  # fmt: skip
+    plan = training.FitToDeadline(lambda: deadline, planned=planned, most=most,
+                                  steps_per_epoch=steps)  # fmt: skip
+    model.fit(x, y, batch_size=16, epochs=most, callbacks=[plan], verbose=0)
+    return model, plan
+
+
+def _learning_rate_now(model: keras.Model) -> float:
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
+def test_a_final_training_with_room_runs_every_epoch_and_ends_its_schedule():
+    model, plan = _fit_to_deadline(time.time() + 3600, planned=1, most=3)
+    assert plan.epochs == 3 and int(model.optimizer.iterations.numpy()) == 3 * 4
+    assert _learning_rate_now(model) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_deadline_shortens_the_run_and_its_schedule_still_reaches_zero(tmp_path):
+    model, plan = _fit_to_deadline(time.time(), planned=3, most=3)
+    assert plan.epochs == 1 and int(model.optimizer.iterations.numpy()) == 4
+    assert _learning_rate_now(model) == pytest.approx(0.0, abs=1e-9)  # not cut mid-way
+    model.save(tmp_path / "m.keras")  # the schedule is a plain Keras one again
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.optimizer.get_config()["learning_rate"]["config"]["decay_steps"] == 4 - 1
