@@ -23,7 +23,7 @@ from cnnforge.runtime import open_session, predict
 
 @pytest.fixture(scope="module")
 def test_images(small_npz, tmp_path_factory):
-    """Six test images as files: native 28×28 grayscale PNGs, an upscaled one, an RGB JPEG."""
+    """Six test images as files: native 28×28 grayscale PNGs, an upscaled one, an RGB PNG."""
     dataset = load_dataset(str(small_npz))
     folder = tmp_path_factory.mktemp("images")
     paths = []
@@ -44,11 +44,15 @@ def test_top_k_labels_match_onnxruntime_on_the_raw_pixels(variants, test_images)
     expected = predict(open_session(model), pixels.astype(np.float32))
     predictions = Classifier(model).predict(paths, top_k=3)
     assert [p.image for p in predictions] == [str(p) for p in paths]
-    for prediction, row in zip(predictions, expected, strict=True):
+    for index, (prediction, row) in enumerate(zip(predictions, expected, strict=True)):
         best = np.argsort(-row)[:3]
-        assert prediction.labels == tuple(dataset.spec.class_names[i] for i in best)
+        labels = tuple(dataset.spec.class_names[i] for i in best)
+        # the upscaled copy (NEAREST ×3, then bilinear back) has other pixels: its near-tied
+        # runners-up may trade places, so only its first label is compared exactly
+        compared = 1 if paths[index].name == "big.png" else 3
+        assert prediction.labels[:compared] == labels[:compared]
         assert list(prediction.probabilities) == sorted(prediction.probabilities, reverse=True)
-        # the upscaled copy (NEAREST ×3, then bilinear back) stays close to the original
+        # ... and its probabilities stay close to the original's
         np.testing.assert_allclose(prediction.probabilities, row[best], atol=0.05)
     np.testing.assert_allclose(
         [p.probabilities[0] for p in predictions[:4]], expected[:4].max(axis=1), rtol=1e-5
