@@ -339,6 +339,11 @@ def _epoch_callback(
     ]
 
 
+def _dataset(config: SearchConfig, dataset: Dataset | None) -> Dataset:
+    """``dataset``, or the one ``config`` names, split as the search splits it."""
+    return dataset or load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed)
+
+
 def _prepare(
     config: SearchConfig,
     dataset: Dataset | None,
@@ -348,9 +353,7 @@ def _prepare(
     """Check everything, write config.json, build the tuner: what chief, worker and a local
     search share."""
     plugin = resolve_plugin(config)
-    dataset = dataset or load_dataset(
-        config.data, val_fraction=config.val_fraction, seed=config.seed
-    )
+    dataset = _dataset(config, dataset)
     _check_run_dir(config)
     keras.utils.set_random_seed(config.seed)
     hps = constrained_hyperparameters(config, default_space(plugin, dataset.spec))
@@ -468,9 +471,7 @@ def search(
     config.validate()
     started = time.time()
     with _search_context(config):
-        dataset = dataset or load_dataset(
-            config.data, val_fraction=config.val_fraction, seed=config.seed
-        )
+        dataset = _dataset(config, dataset)
         budget = _time_budget(config, dataset, started, keep_after)
         dataset, tuner = _prepare(config, dataset, progress, budget)
         stop = _watch_as_chief(tuner, progress) if config.distributed == "chief" else None
@@ -626,9 +627,7 @@ def trial_model(run_dir: Path | str, trial_id: str, *, dataset: Dataset | None =
         model = hypermodel.build(trial.hyperparameters)
         model.load_weights(str(checkpoint))
     else:
-        dataset = dataset or load_dataset(
-            config.data, val_fraction=config.val_fraction, seed=config.seed
-        )
+        dataset = _dataset(config, dataset)
         epochs = trial.hyperparameters.values.get("tuner/epochs", config.epochs)
         model = _train_again(hypermodel, trial.hyperparameters, dataset, config, epochs=epochs)
     model.optimizer.build(model.trainable_variables)  # saved whole, loads cleanly

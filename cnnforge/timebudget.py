@@ -4,9 +4,9 @@ The budget covers the whole search, retraining the winner on train+validation in
 may start (and run) until the *search deadline*: the end of the budget less what retraining the
 best trial so far will take (its measured seconds per example in steady training steps times
 train+validation examples, plus its measured start of an epoch, validation left out, times the
-epochs it took to its best, with a 5% margin). Before any trial has ended, half the budget is kept back. The final training then runs
-the epochs the search found, or as many as still fit.
-"""
+epochs it took to its best, with a 5% margin). Before any trial has ended, half the budget is
+kept back. The final training then plans the epochs the search found, or as many as still fit,
+and plans again after each epoch (``training.FitToDeadline``)."""
 
 from __future__ import annotations
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 from cnnforge import architecture
-
-# Keras' default (0.99) leaves the moving statistics far from the batches' after the few hundred
-# steps of a short trial on a subset, and validation collapses; 0.9 settles in ~50 steps.
-BN_MOMENTUM = 0.9
+from cnnforge.plugins import BN_MOMENTUM
 
 
 def _basic_block(x, filters: int, stride: int):

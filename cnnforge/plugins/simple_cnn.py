@@ -7,13 +7,11 @@ MaxPool 2 → Conv2D 64 → Flatten → Dense 64 relu → (cnnforge's softmax cl
 from __future__ import annotations
 
 from cnnforge import architecture
+from cnnforge.plugins import BN_MOMENTUM
 
 MAX_BLOCKS = 4
 MAX_DENSE = 2
 DEFAULT_FILTERS = (32, 64, 64, 128)
-# Keras' default (0.99) leaves the moving statistics far from the batches' after the few hundred
-# steps of a short trial on a subset, and validation collapses; 0.9 settles in ~50 steps.
-BN_MOMENTUM = 0.9
 
 
 @architecture("simple_cnn")
