@@ -3,7 +3,7 @@
 Each backbone is built the way a search builds it with its default hyperparameters (native
 image size, average pooling, dropout head, 10 classes) on colour images of its native size, so
 the model does no resizing; the weights do not change the latency, so none are loaded. The
-classifier is exported with ``cnnforge.export.to_onnx``, checked against Keras on 8 images,
+classifier is exported with ``cnnforge.conversion.export.to_onnx``, checked against Keras on 8 images,
 then timed by ``cnnforge bench`` in its own process:
 
     python benchmarks/backbone_latency.py [--out runs/backbone_latency] [--only NAME,...]
@@ -33,11 +33,11 @@ def export_classifier(name: str, out: Path) -> dict:
     import keras
     import keras_tuner
 
-    from cnnforge.artifacts import atomic_write_bytes
-    from cnnforge.data import DataSpec
-    from cnnforge.export import to_onnx
-    from cnnforge.hypermodel import build_model
-    from cnnforge.parity import check_parity
+    from cnnforge.conversion.export import to_onnx
+    from cnnforge.conversion.parity import check_parity
+    from cnnforge.core.atomic import atomic_write_bytes
+    from cnnforge.data.dataset import DataSpec
+    from cnnforge.modeling.hypermodel import build_model
 
     plugin = cnnforge.get("backbone", name)
     size = plugin.info["native_size"]
@@ -61,8 +61,21 @@ def export_classifier(name: str, out: Path) -> dict:
 def bench(path: Path, iterations: int) -> dict[int, dict]:
     """``cnnforge bench`` as a user types it; batch size → its result."""
     json_path = path.with_suffix(".bench.json")
-    command = ["cnnforge", "bench", str(path), "--batch-sizes", "1,32", "--threads", "2",
-               "--warmup", str(WARMUP), "--iterations", str(iterations), "--json", str(json_path)]  # fmt: skip
+    command = [
+        "cnnforge",
+        "bench",
+        str(path),
+        "--batch-sizes",
+        "1,32",
+        "--threads",
+        "2",
+        "--warmup",
+        str(WARMUP),
+        "--iterations",
+        str(iterations),
+        "--json",
+        str(json_path),
+    ]
     print("$", shlex.join(command), flush=True)
     executable = str(Path(sys.executable).with_name("cnnforge"))
     subprocess.run([executable, *command[1:]], check=True, stdout=subprocess.DEVNULL)
@@ -75,9 +88,11 @@ def main() -> None:
     parser.add_argument("--only", help="Comma-separated backbone names (default: all).")
     args = parser.parse_args()
     cnnforge.load_plugins()
-    names = args.only.split(",") if args.only else [
-        p.name for p in cnnforge.list_plugins(kind="backbone")
-    ]  # fmt: skip
+    names = (
+        args.only.split(",")
+        if args.only
+        else [p.name for p in cnnforge.list_plugins(kind="backbone")]
+    )
     rows = []
     for name in names:
         exported = export_classifier(name, args.out)
@@ -88,15 +103,19 @@ def main() -> None:
 
     env = next(iter(rows[0][3].values()))["environment"]
     print(f"\n{env['cpu']}, {env['cores']} cores, onnxruntime {env['onnxruntime']}, 2 threads")
-    print("| backbone | input | parameters | ONNX MB | batch 1 p50 ms | batch 32 p50 ms | "
-          "batch 32 images/s | iterations |")  # fmt: skip
+    print(
+        "| backbone | input | parameters | ONNX MB | batch 1 p50 ms | batch 32 p50 ms | "
+        "batch 32 images/s | iterations |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, exported, iterations, timed in rows:
         one, many = timed[1], timed[32]
-        print(f"| {name} | {exported['size']}x{exported['size']}x3 | "
-              f"{exported['params'] / 1e6:.1f}M | {exported['onnx_mb']:.1f} | "
-              f"{one['latency_ms']['p50']:.1f} | {many['latency_ms']['p50']:.0f} | "
-              f"{many['throughput']:.0f} | {iterations} |")  # fmt: skip
+        print(
+            f"| {name} | {exported['size']}x{exported['size']}x3 | "
+            f"{exported['params'] / 1e6:.1f}M | {exported['onnx_mb']:.1f} | "
+            f"{one['latency_ms']['p50']:.1f} | {many['latency_ms']['p50']:.0f} | "
+            f"{many['throughput']:.0f} | {iterations} |"
+        )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def _seed_network(spec):
     import keras_tuner
 
     import cnnforge
-    from cnnforge.hypermodel import build_model
+    from cnnforge.modeling.hypermodel import build_model
 
     return build_model(
         cnnforge.get("architecture", "simple_cnn"), spec, keras_tuner.HyperParameters()
@@ -63,8 +63,11 @@ def seed_way(dataset) -> dict:
     import keras
 
     model = _seed_network(dataset.spec)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # fmt: skip
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     x, y = _all_training(dataset)
     start = time.perf_counter()
     model.fit(x.astype("float32"), y, epochs=SEED_EPOCHS, batch_size=SEED_BATCH, verbose=0)
@@ -79,7 +82,7 @@ def pipeline_way(dataset) -> dict:
     import keras_tuner
 
     import cnnforge
-    from cnnforge.hypermodel import PluginHyperModel
+    from cnnforge.modeling.hypermodel import PluginHyperModel
 
     hypermodel = PluginHyperModel(cnnforge.get("architecture", "simple_cnn"), dataset.spec)
     hp = keras_tuner.HyperParameters()
@@ -97,16 +100,26 @@ def xla_ratio(dataset) -> dict:
     """Images/s of one training epoch with XLA over without (whole batches: no recompiling)."""
     import keras
 
-    from cnnforge import training
+    from cnnforge.modeling import training
 
     x, y = _all_training(dataset)
-    data = training.training_data(x[:12800], y[:12800], training.Recipe(),
-                                  num_classes=dataset.spec.num_classes, batch_size=128, seed=0)  # fmt: skip
+    data = training.training_data(
+        x[:12800],
+        y[:12800],
+        training.Recipe(),
+        num_classes=dataset.spec.num_classes,
+        batch_size=128,
+        seed=0,
+    )
     speeds = {}
     for jit in (False, True):
         model = _seed_network(dataset.spec)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=jit,
-                      loss=keras.losses.CategoricalCrossentropy(), metrics=["accuracy"])  # fmt: skip
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            jit_compile=jit,
+            loss=keras.losses.CategoricalCrossentropy(),
+            metrics=["accuracy"],
+        )
         model.fit(data, epochs=1, verbose=0)
         start = time.perf_counter()
         model.fit(data, epochs=1, verbose=0)
@@ -115,13 +128,18 @@ def xla_ratio(dataset) -> dict:
 
 
 def _all_training(dataset):
-    return (np.concatenate([dataset.x_train, dataset.x_val]),
-            np.concatenate([dataset.y_train, dataset.y_val]))  # fmt: skip
+    return (
+        np.concatenate([dataset.x_train, dataset.x_val]),
+        np.concatenate([dataset.y_train, dataset.y_val]),
+    )
 
 
 def _figures(seconds: float, images: int, accuracy: float) -> dict:
-    return {"seconds": round(seconds, 1), "images_per_s": round(images * SEED_EPOCHS / seconds),
-            "test_accuracy": accuracy}  # fmt: skip
+    return {
+        "seconds": round(seconds, 1),
+        "images_per_s": round(images * SEED_EPOCHS / seconds),
+        "test_accuracy": accuracy,
+    }
 
 
 def budgeted_search(out: Path, data: str) -> dict:
@@ -137,16 +155,26 @@ def budgeted_search(out: Path, data: str) -> dict:
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     summary = json.loads((run_dir / "search.json").read_text())
     trials = (run_dir / "trials.csv").read_text().count("\n") - 1
-    return {"command": command, "wall_seconds": round(seconds, 1),
-            "onnx_test_accuracy": evaluation["accuracy"], "test_images": evaluation["images"],
-            "trials": trials, "best_trial": summary["trial_id"],
-            "best_val_accuracy": summary["score"], "final_training": summary["final_training"],
-            "best_hyperparameters": summary["hyperparameters"]}  # fmt: skip
+    return {
+        "command": command,
+        "wall_seconds": round(seconds, 1),
+        "onnx_test_accuracy": evaluation["accuracy"],
+        "test_images": evaluation["images"],
+        "trials": trials,
+        "best_trial": summary["trial_id"],
+        "best_val_accuracy": summary["score"],
+        "final_training": summary["final_training"],
+        "best_hyperparameters": summary["hyperparameters"],
+    }
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "load_average_at_start": os.getloadavg(), "python": platform.python_version()}  # fmt: skip
+    return {
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "load_average_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+    }
 
 
 def main() -> None:
@@ -173,8 +201,11 @@ def main() -> None:
     print("XLA on this machine (images/s):", results["xla"], flush=True)
     if not args.skip_search:
         results["search"] = budgeted_search(args.out, args.data)
-        print("budgeted search:", {k: v for k, v in results["search"].items()
-                                    if k != "best_hyperparameters"}, flush=True)  # fmt: skip
+        print(
+            "budgeted search:",
+            {k: v for k, v in results["search"].items() if k != "best_hyperparameters"},
+            flush=True,
+        )
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out / 'results.json'}")
 

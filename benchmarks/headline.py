@@ -29,8 +29,8 @@ def seed_cnn():
     import keras_tuner
 
     import cnnforge
-    from cnnforge.data import DataSpec
-    from cnnforge.hypermodel import build_model
+    from cnnforge.data.dataset import DataSpec
+    from cnnforge.modeling.hypermodel import build_model
 
     spec = DataSpec("cifar-like", (32, 32, 3), tuple(str(i) for i in range(10)))
     return build_model(
@@ -51,23 +51,29 @@ def mobilenet_v2():
 
 
 def measure(name, model, folder, args):
-    from cnnforge.artifacts import atomic_write_bytes
-    from cnnforge.bench import benchmark
-    from cnnforge.bench_output import write_outputs
-    from cnnforge.export import to_onnx
+    from cnnforge.bench.output import write_outputs
+    from cnnforge.bench.sweep import benchmark
+    from cnnforge.conversion.export import to_onnx
+    from cnnforge.core.atomic import atomic_write_bytes
 
     path = folder / f"{name}.onnx"
     atomic_write_bytes(path, to_onnx(model, metadata={"precision": "fp32"}).SerializeToString())
-    report = benchmark(path, batch_sizes=(1, 32), threads=args.threads, keras_model=model,
-                       warmup=10, min_iterations=args.min_iterations,
-                       min_duration_s=args.min_duration,
-                       progress=lambda m: print(f"  {name}: {m}", file=sys.stderr))  # fmt: skip
+    report = benchmark(
+        path,
+        batch_sizes=(1, 32),
+        threads=args.threads,
+        keras_model=model,
+        warmup=10,
+        min_iterations=args.min_iterations,
+        min_duration_s=args.min_duration,
+        progress=lambda m: print(f"  {name}: {m}", file=sys.stderr),
+    )
     write_outputs(report, args.out / name)
     return report
 
 
 def summary_lines(name, report):
-    from cnnforge.bench_output import number
+    from cnnforge.bench.output import number
 
     flops = report.models[0].flops_per_image
     keras = {k.batch_size: k for k in report.keras}
@@ -86,13 +92,21 @@ def summary_lines(name, report):
             f"[{number(k.p50_ci_ms[0])}–{number(k.p50_ci_ms[1])}] | "
             f"{r.speedup_vs_keras:.1f}× | {number(r.gflops)} | {r.peak_share:.1%} |"
         )
-    peaks = ", ".join(f"{p.gflops:.1f} GFLOP/s at {p.threads} thread(s) (N = {p.matrix_size})"
-                      for p in report.peaks)  # fmt: skip
-    lines += ["", f"Peak measured in this model's run (fp32 onnxruntime MatMul N x N by N x N, "
-              f"N in 256, 512, 1024, best call): {peaks}."]  # fmt: skip
-    lines += ["", "Keras at its own threads (TensorFlow's default) achieves "
-              + ", ".join(f"{number(k.gflops)} GFLOP/s at batch {k.batch_size}"
-                          for k in report.keras) + "."]  # fmt: skip
+    peaks = ", ".join(
+        f"{p.gflops:.1f} GFLOP/s at {p.threads} thread(s) (N = {p.matrix_size})"
+        for p in report.peaks
+    )
+    lines += [
+        "",
+        f"Peak measured in this model's run (fp32 onnxruntime MatMul N x N by N x N, "
+        f"N in 256, 512, 1024, best call): {peaks}.",
+    ]
+    lines += [
+        "",
+        "Keras at its own threads (TensorFlow's default) achieves "
+        + ", ".join(f"{number(k.gflops)} GFLOP/s at batch {k.batch_size}" for k in report.keras)
+        + ".",
+    ]
     return lines
 
 
@@ -101,8 +115,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-headline"))
     parser.add_argument("--min-duration", type=float, default=2.0)
     parser.add_argument("--min-iterations", type=int, default=50)
-    parser.add_argument("--threads", type=lambda s: tuple(int(t) for t in s.split(",")),
-                        default=(1, 2))  # fmt: skip
+    parser.add_argument(
+        "--threads", type=lambda s: tuple(int(t) for t in s.split(",")), default=(1, 2)
+    )
     args = parser.parse_args()
     import cnnforge
 
@@ -110,16 +125,22 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         reports = {
-            "seed CNN (simple_cnn defaults, 32x32x3)": measure("seed_cnn", seed_cnn(), Path(tmp), args),
-            "MobileNetV2 (96x96x3, 10 classes)": measure("mobilenet_v2", mobilenet_v2(), Path(tmp), args),
-        }  # fmt: skip
+            "seed CNN (simple_cnn defaults, 32x32x3)": measure(
+                "seed_cnn", seed_cnn(), Path(tmp), args
+            ),
+            "MobileNetV2 (96x96x3, 10 classes)": measure(
+                "mobilenet_v2", mobilenet_v2(), Path(tmp), args
+            ),
+        }
     first = next(iter(reports.values()))
     env = first.environment
-    print(f"Measured {env['measured_at']} on {env['cpu']}, {env['cores']} cores, onnxruntime "
-          f"{env['onnxruntime']}, TensorFlow {env['tensorflow']}, Keras {env['keras']}; "
-          f"load average {env['load_average_before'][0]} at the start and "
-          f"{list(reports.values())[-1].environment['load_average_after'][0]} at the end "
-          f"(a shared machine); {time.perf_counter() - started:.0f} s in all.")  # fmt: skip
+    print(
+        f"Measured {env['measured_at']} on {env['cpu']}, {env['cores']} cores, onnxruntime "
+        f"{env['onnxruntime']}, TensorFlow {env['tensorflow']}, Keras {env['keras']}; "
+        f"load average {env['load_average_before'][0]} at the start and "
+        f"{list(reports.values())[-1].environment['load_average_after'][0]} at the end "
+        f"(a shared machine); {time.perf_counter() - started:.0f} s in all."
+    )
     for name, report in reports.items():
         print("")
         print("\n".join(summary_lines(name, report)))

@@ -1,6 +1,6 @@
 """fp32, fp16 and int8 (and fp32 channels-first) variants of one run's model, side by side.
 
-Exports each variant with `cnnforge.export` (parity and the accuracy gate included), then, in
+Exports each variant with `cnnforge.conversion.export` (parity and the accuracy gate included), then, in
 this one process, measures file size, onnxruntime test accuracy, and latency at batch 1 and 32.
 The variants are timed in interleaved rounds (fp32, fp16, int8, nchw, fp32, ...), so a slow
 spell of a shared machine hits them all alike. Prints a Markdown table for docs/deployment.md.
@@ -20,12 +20,13 @@ import numpy as np
 import onnxruntime
 
 import cnnforge
-from cnnforge.bench import cpu_name, latency_stats, time_calls
-from cnnforge.data import load_dataset
-from cnnforge.errors import CnnforgeWarning
-from cnnforge.export import export
-from cnnforge.report import markdown_table
-from cnnforge.runtime import open_session, to_layout
+from cnnforge.bench.sweep import cpu_name
+from cnnforge.conversion.export import export
+from cnnforge.core.errors import CnnforgeWarning
+from cnnforge.core.markdown import markdown_table
+from cnnforge.data.dataset import load_dataset
+from cnnforge.deploy.runtime import open_session, to_layout
+from cnnforge.deploy.timing import latency_stats, time_calls
 
 VARIANTS = {  # name: (precision, layout)
     "fp32": ("fp32", "NHWC"),
@@ -88,11 +89,21 @@ def main() -> None:
                 *(f"{base[b] / p50[b]:.2f}×" for b in BATCH_SIZES),
             ]
         )
-    headers = ["variant", "file", "test accuracy (onnxruntime)", "points lost vs Keras",
-               "p50 ms, batch 1", "p50 ms, batch 32", "images/s, batch 32",
-               "speed-up batch 1", "speed-up batch 32"]  # fmt: skip
-    print(f"\nKeras test accuracy: {exported['fp32'].accuracy.keras:.2%} on "
-          f"{exported['fp32'].accuracy.images} test images of {data}")  # fmt: skip
+    headers = [
+        "variant",
+        "file",
+        "test accuracy (onnxruntime)",
+        "points lost vs Keras",
+        "p50 ms, batch 1",
+        "p50 ms, batch 32",
+        "images/s, batch 32",
+        "speed-up batch 1",
+        "speed-up batch 32",
+    ]
+    print(
+        f"\nKeras test accuracy: {exported['fp32'].accuracy.keras:.2%} on "
+        f"{exported['fp32'].accuracy.images} test images of {data}"
+    )
     print(
         f"{time.strftime('%Y-%m-%d')}, {cpu_name()}, {os.cpu_count()} cores, onnxruntime "
         f"{onnxruntime.__version__}, threads {args.threads or 'default'}; {args.rounds} rounds × "

@@ -68,8 +68,17 @@ def subset(raw: cnnforge.RawData, classes, path: Path, labelled: int | None, see
 
 def cnnforge_run(run_dir: Path, *args: str) -> dict:
     """``cnnforge run ...`` as a user types it; the test accuracy it measured, and its time."""
-    command = ["cnnforge", "run", "--run-dir", str(run_dir), "--max-trials", "1", "--patience", "0",
-               *args]  # fmt: skip
+    command = [
+        "cnnforge",
+        "run",
+        "--run-dir",
+        str(run_dir),
+        "--max-trials",
+        "1",
+        "--patience",
+        "0",
+        *args,
+    ]
     print("$", shlex.join(command), flush=True)
     start = time.perf_counter()
     executable = str(Path(sys.executable).with_name("cnnforge"))
@@ -84,8 +93,9 @@ def cnnforge_run(run_dir: Path, *args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(FULL_FASHION_MNIST),
-                        help="Fashion-MNIST idx folder, or 'bundled'.")  # fmt: skip
+    parser.add_argument(
+        "--data", default=str(FULL_FASHION_MNIST), help="Fashion-MNIST idx folder, or 'bundled'."
+    )
     parser.add_argument("--labelled", default="50,300", help="Labelled images of 5-9, per run.")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--pretrain-epochs", type=int, default=5)
@@ -97,8 +107,15 @@ def main() -> None:
 
     pretrain_data = subset(raw, PRETRAIN_CLASSES, args.out / "pretrain.npz", None, 0)
     pretrain_dir = args.out / "pretrain"
-    pretrained = cnnforge_run(pretrain_dir, "--data", str(pretrain_data), "--arch", "simple_cnn",
-                              "--epochs", str(args.pretrain_epochs))  # fmt: skip
+    pretrained = cnnforge_run(
+        pretrain_dir,
+        "--data",
+        str(pretrain_data),
+        "--arch",
+        "simple_cnn",
+        "--epochs",
+        str(args.pretrain_epochs),
+    )
     print(f"pretrained on classes 0-4: test accuracy {pretrained['accuracy']:.2%}", flush=True)
 
     head_epochs = args.epochs - args.epochs // 3
@@ -106,13 +123,25 @@ def main() -> None:
     methods = {
         "scratch": ["--arch", "simple_cnn", "--epochs", str(args.epochs)],
         "transfer": [*backbone, "--epochs", str(args.epochs)],
-        "transfer below flatten": [*backbone, "--fix", "backbone_layer=flatten",
-                                   "--epochs", str(args.epochs)],
-        "transfer below flatten + fine-tuning": [
-            *backbone, "--fix", "backbone_layer=flatten", "--epochs", str(head_epochs),
-            "--fix", "fine_tune_layers=100", "--fix", f"fine_tune_epochs={args.epochs - head_epochs}",
+        "transfer below flatten": [
+            *backbone,
+            "--fix",
+            "backbone_layer=flatten",
+            "--epochs",
+            str(args.epochs),
         ],
-    }  # fmt: skip
+        "transfer below flatten + fine-tuning": [
+            *backbone,
+            "--fix",
+            "backbone_layer=flatten",
+            "--epochs",
+            str(head_epochs),
+            "--fix",
+            "fine_tune_layers=100",
+            "--fix",
+            f"fine_tune_epochs={args.epochs - head_epochs}",
+        ],
+    }
     results: dict[str, dict[str, list[dict]]] = {}
     for labelled in (int(n) for n in args.labelled.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -130,8 +159,10 @@ def main() -> None:
     for labelled, by_method in results.items():
         for method, rows in by_method.items():
             accuracies = [r["accuracy"] for r in rows]
-            print(f"| {labelled} | {method} | {', '.join(f'{a:.2%}' for a in accuracies)} | "
-                  f"{np.mean(accuracies):.2%} |")  # fmt: skip
+            print(
+                f"| {labelled} | {method} | {', '.join(f'{a:.2%}' for a in accuracies)} | "
+                f"{np.mean(accuracies):.2%} |"
+            )
     summary = {"pretrained": pretrained, "epochs": args.epochs, "results": results}
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
+from cnnforge.core.version import __version__
 from cnnforge.data import (
     Dataset,
     DataSpec,
@@ -21,7 +23,6 @@ from cnnforge.data import (
     read_image_folder,
     read_npz,
 )
-from cnnforge.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.registry import (
     architecture,
     backbone,
@@ -32,23 +33,21 @@ from cnnforge.registry import (
     register,
 )
 
-__version__ = "0.1.0"
-
 _LAZY = {
-    "SearchConfig": "cnnforge.search",
-    "SearchResult": "cnnforge.search",
-    "search": "cnnforge.search",
-    "export": "cnnforge.export",
-    "check_parity": "cnnforge.parity",
-    "benchmark": "cnnforge.bench",
-    "evaluate": "cnnforge.evaluate",
+    "SearchConfig": "cnnforge.tuning.search",
+    "SearchResult": "cnnforge.tuning.search",
+    "search": "cnnforge.tuning.search",
+    "export": "cnnforge.conversion.export",
+    "check_parity": "cnnforge.conversion.parity",
+    "benchmark": "cnnforge.bench.sweep",
+    "evaluate": "cnnforge.evaluation.evaluate",
     "run": "cnnforge.pipeline",
-    "explain": "cnnforge.explain",
-    "write_html_report": "cnnforge.report_html",
-    "Classifier": "cnnforge.predict",
-    "Prediction": "cnnforge.predict",
-    "classify": "cnnforge.predict",
-    "inspect_model": "cnnforge.inspect",
+    "explain": "cnnforge.report.explain",
+    "write_html_report": "cnnforge.report.html",
+    "Classifier": "cnnforge.deploy.predict",
+    "Prediction": "cnnforge.deploy.predict",
+    "classify": "cnnforge.deploy.predict",
+    "inspect_model": "cnnforge.deploy.inspect",
 }
 
 __all__ = [

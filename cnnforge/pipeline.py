@@ -7,13 +7,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cnnforge.artifacts import atomic_write_text
-from cnnforge.bench import BenchReport, benchmark, results_as_json
-from cnnforge.evaluate import Evaluation, evaluate
-from cnnforge.export import ExportResult, export
-from cnnforge.report import write_report
-from cnnforge.report_html import write_html_report
-from cnnforge.search import SearchConfig, SearchProgress, SearchResult, search
+from cnnforge.bench.sweep import BenchReport, benchmark, results_as_json
+from cnnforge.conversion.export import ExportResult, export
+from cnnforge.core.atomic import atomic_write_text
+from cnnforge.evaluation.evaluate import Evaluation, evaluate
+from cnnforge.report.html import write_html_report
+from cnnforge.report.markdown import write_report
+from cnnforge.tuning.search import SearchConfig, SearchProgress, SearchResult, search
 
 RUN_BATCH_SIZES = (1, 32)
 # Of a time budget, what is kept for export, parity, benchmark, evaluation and the reports.
@@ -33,8 +33,17 @@ class RunResult:
         return self.search.run_dir
 
     def artifacts(self) -> dict[str, Path]:
-        names = ["config.json", "trials.csv", "best.keras", "model.onnx", "parity.json",
-                 "bench.json", "evaluation.json", "report.md", "report.html"]  # fmt: skip
+        names = [
+            "config.json",
+            "trials.csv",
+            "best.keras",
+            "model.onnx",
+            "parity.json",
+            "bench.json",
+            "evaluation.json",
+            "report.md",
+            "report.html",
+        ]
         return {name: self.run_dir / name for name in names}
 
 

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cnnforge.errors import CnnforgeError
+from cnnforge.core.contract import PLUGIN_ENTRY_POINT_GROUP, PLUGIN_KINDS
+from cnnforge.core.errors import CnnforgeError
 
-KINDS = ("architecture", "backbone", "dataset")
-ENTRY_POINT_GROUP = "cnnforge.plugins"
+KINDS = PLUGIN_KINDS
+ENTRY_POINT_GROUP = PLUGIN_ENTRY_POINT_GROUP
 ENV_VAR = "CNNFORGE_PLUGINS"
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -1,7 +1,7 @@
-"""Build cnnforge/_data/fashion_mnist_small.npz from the real Fashion-MNIST files.
+"""Build plugins/cnnforge_plugins/_data/fashion_mnist_small.npz from the real Fashion-MNIST files.
 
 The bundled dataset is a stratified, seeded subset of Fashion-MNIST (Zalando SE, MIT licence;
-see cnnforge/_data/LICENSE-fashion-mnist.txt). Debian's package ``dataset-fashion-mnist``
+see plugins/cnnforge_plugins/_data/LICENSE-fashion-mnist.txt). Debian's package ``dataset-fashion-mnist``
 installs the idx files in /usr/share/datasets/fashion-mnist:
 
     python scripts/make_bundled_dataset.py [--source DIR] [--train-per-class 800] [--test-per-class 200]
@@ -13,11 +13,17 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from cnnforge_plugins.datasets import FASHION_MNIST_CLASSES
 
-from cnnforge.data import read_idx_folder
-from cnnforge.plugins.datasets import FASHION_MNIST_CLASSES
+from cnnforge.data.readers import read_idx_folder
 
-OUTPUT = Path(__file__).resolve().parent.parent / "cnnforge" / "_data" / "fashion_mnist_small.npz"
+OUTPUT = (
+    Path(__file__).resolve().parent.parent
+    / "plugins"
+    / "cnnforge_plugins"
+    / "_data"
+    / "fashion_mnist_small.npz"
+)
 
 
 def stratified_subset(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:

@@ -25,11 +25,21 @@ def pytest_configure(config: pytest.Config) -> None:
     target = Path(tempfile.mkdtemp(prefix="cnnforge-example-plugin-"))
     config.add_cleanup(lambda: shutil.rmtree(target, ignore_errors=True))
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(EXAMPLE_PACKAGE)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(EXAMPLE_PACKAGE),
+        ],
         check=True,
         env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"},
-    )  # fmt: skip
+    )
     sys.path.insert(0, str(target))
     import importlib
 
@@ -60,8 +70,8 @@ def small_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, small_npz: Path):
     """A real two-trial search on small data, exported: the run directory many tests read."""
-    from cnnforge.export import export
-    from cnnforge.search import SearchConfig, search
+    from cnnforge.conversion.export import export
+    from cnnforge.tuning.search import SearchConfig, search
 
     run_dir = tmp_path_factory.mktemp("runs") / "run"
     config = SearchConfig(data=str(small_npz), run_dir=run_dir, max_trials=2, epochs=2, patience=0)
@@ -90,8 +100,8 @@ def variants(deploy_run: Path) -> dict:
     """int8, fp16 and NCHW float32 exports of the test model, at their default paths."""
     import warnings
 
-    from cnnforge.errors import CnnforgeWarning
-    from cnnforge.export import export
+    from cnnforge.conversion.export import export
+    from cnnforge.core.errors import CnnforgeWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CnnforgeWarning)  # fp16 on CPU: checked in a test

@@ -1,0 +1,369 @@
+"""Keras → ONNX with the cnnforge contract, metadata, and a parity check before anything is kept.
+
+The exported model has one input ``images`` (float32, NHWC or NCHW, raw pixels 0–255, dynamic
+batch) and one output ``probabilities`` (batch × classes). It is converted with
+``tf2onnx.convert.from_keras`` on a functional model: ``from_function`` turns the constants of a
+``Normalization`` layer into graph inputs, and ``from_keras`` fails on Keras 3 ``Sequential``
+models, which are therefore re-wrapped as functional models first.
+
+Precision variants (``quantize.py``) are made from the float32 graph, then checked like it: parity
+with the precision's tolerance, and accuracy on the test split next to the Keras model's (the
+gate). The figures go into the variant's ``NAME.parity.json`` and its ``cnnforge.*`` metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnforge.conversion import handlers as onnx_handlers
+from cnnforge.conversion.parity import AccuracyCheck, ParityReport, check_parity, measure_accuracy
+from cnnforge.core.atomic import atomic_write_bytes, atomic_write_text
+from cnnforge.core.contract import INPUT_NAME, LAYOUTS, META_PREFIX, OUTPUT_NAME
+from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
+from cnnforge.core.version import __version__
+from cnnforge.data.dataset import load_dataset
+from cnnforge.deploy.quantize import calibration_sample, check_precision, convert, warn_if_slow
+from cnnforge.deploy.runtime import provider_name, to_layout
+from cnnforge.modeling.keras_io import ExportSource, as_functional, load_keras_model, resolve_source
+
+DEFAULT_OPSET = 17
+DEFAULT_MAX_ACCURACY_DROP = 1.0  # percentage points of test accuracy
+# The parity check's (atol, min top-1 agreement) per precision; parity.py says why these.
+TOLERANCES: dict[str, tuple[float | None, float | None]] = {
+    "fp32": (1e-4, None),
+    "fp16": (1e-2, None),
+    "int8": (None, 0.95),
+}
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    parity_path: Path
+    parity: ParityReport
+    opset: int
+    seconds: float
+    size_bytes: int
+    precision: str = "fp32"
+    layout: str = "NHWC"
+
+    @property
+    def accuracy(self) -> AccuracyCheck | None:
+        return self.parity.accuracy
+
+
+def _rename_value(graph: Any, old: str, new: str) -> None:
+    if old == new:
+        return
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for value in [*graph.input, *graph.output]:
+        if value.name == old:
+            value.name = new
+
+
+def _name_batch_axis(graph: Any) -> None:
+    for value in [*graph.input, *graph.output]:
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_value")
+        dim.dim_param = "batch"
+
+
+def to_onnx(
+    model: Any,
+    *,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, Any] | None = None,
+    inputs_as_nchw: bool = False,
+) -> Any:
+    """Convert ``model`` to an ONNX ModelProto with the cnnforge input/output contract.
+
+    ``inputs_as_nchw``: the graph takes channels-first images (tf2onnx adds the transpose).
+    """
+    import tensorflow as tf
+    import tf2onnx
+
+    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
+    model = as_functional(model)
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise CnnforgeError("cnnforge exports models with one image input and one output")
+    input_shape = tuple(model.inputs[0].shape)
+    if len(input_shape) != 4 or len(model.outputs[0].shape) != 2:
+        raise CnnforgeError(
+            f"model takes {input_shape} and returns {tuple(model.outputs[0].shape)}; cnnforge "
+            "exports image classifiers: (batch, H, W, C) in, (batch, classes) out"
+        )
+    signature = (tf.TensorSpec((None, *input_shape[1:]), tf.float32, name=INPUT_NAME),)
+    try:
+        proto, _ = tf2onnx.convert.from_keras(
+            model,
+            input_signature=signature,
+            opset=opset,
+            inputs_as_nchw=[INPUT_NAME] if inputs_as_nchw else None,
+            custom_op_handlers=onnx_handlers.custom_op_handlers(),
+        )
+    except Exception as exc:
+        raise CnnforgeError(
+            f"tf2onnx could not convert the model at opset {opset} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); try another --opset"
+        ) from exc
+    _rename_value(proto.graph, proto.graph.input[0].name, INPUT_NAME)
+    _rename_value(proto.graph, proto.graph.output[0].name, OUTPUT_NAME)
+    _name_batch_axis(proto.graph)
+    stamp(proto, metadata or {})
+    return proto
+
+
+def stamp(proto: Any, metadata: dict[str, Any]) -> None:
+    """Set ``cnnforge.*`` metadata (strings as they are, anything else as JSON) and the producer.
+
+    Keys already present are replaced; the converters of precision variants may drop or keep
+    the metadata of their input, so every variant is stamped again at the end.
+    """
+    keys = {META_PREFIX + key for key in metadata}
+    kept = [entry for entry in proto.metadata_props if entry.key not in keys]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key = META_PREFIX + key
+        entry.value = value if isinstance(value, str) else json.dumps(value)
+    proto.producer_name = "cnnforge"
+    proto.producer_version = __version__
+
+
+def _metadata(
+    model: Any, source: ExportSource, class_names: tuple[str, ...], layout: str
+) -> dict[str, Any]:
+    import keras
+    import tensorflow as tf
+    import tf2onnx
+
+    height, width, channels = model.inputs[0].shape[1:]
+    return {
+        "class_names": list(class_names),
+        "input_layout": layout,
+        "input_shape": [height, width, channels] if layout == "NHWC" else [channels, height, width],
+        "pixel_range": [0, 255],
+        "precision": "fp32",
+        "source": str(source.keras_path),
+        **({"run": str(source.run_dir)} if source.run_dir else {}),
+        "versions": {
+            "cnnforge": __version__,
+            "keras": keras.__version__,
+            "tensorflow": tf.__version__,
+            "tf2onnx": tf2onnx.__version__,
+        },
+    }
+
+
+def check_layout(layout: str) -> str:
+    """``layout`` in canonical form (NHWC or NCHW), or a one-line error naming the choices."""
+    if layout.upper() not in LAYOUTS:
+        raise CnnforgeError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    return layout.upper()
+
+
+def default_output(source: ExportSource, precision: str, layout: str) -> Path:
+    """``model.onnx`` beside the source; ``model-int8.onnx``, ``model-nchw.onnx``... for variants,
+    so that exporting a variant never replaces the float32 model."""
+    suffixes = [s for s in (precision, layout.lower()) if s not in ("fp32", "nhwc")]
+    name = "-".join(["model", *suffixes]) + ".onnx"
+    return (source.run_dir or source.keras_path.parent) / name
+
+
+def parity_path_for(onnx_path: Path) -> Path:
+    """``parity.json`` for a run's ``model.onnx``, ``NAME.parity.json`` for any other name."""
+    name = "parity.json" if onnx_path.name == "model.onnx" else f"{onnx_path.stem}.parity.json"
+    return onnx_path.with_name(name)
+
+
+def reference_data(source: ExportSource, data: str | None, model: Any) -> tuple[Any, str]:
+    """The dataset whose images the model takes (its run's, or ``data``), or None and why not."""
+    data = data or source.data
+    if not data:
+        return None, f"{source.keras_path} is not in a run directory; give --data"
+    dataset = load_dataset(data)
+    expected = tuple(model.inputs[0].shape[1:])
+    if dataset.x_test.shape[1:] != expected:
+        return None, f"{data} has images of shape {dataset.x_test.shape[1:]}, the model {expected}"
+    classes = int(model.outputs[0].shape[-1])
+    if dataset.spec.num_classes != classes:
+        return None, f"{data} has {dataset.spec.num_classes} classes, the model {classes}"
+    return dataset, ""
+
+
+def _parity_images(dataset: Any, input_shape: tuple, count: int = 256) -> tuple[np.ndarray, str]:
+    """Real test images where the data is known; otherwise seeded random pixels."""
+    if dataset is not None:
+        return dataset.x_test[:count].astype(np.float32), f"test split of {dataset.spec.name}"
+    rng = np.random.default_rng(0)
+    return rng.uniform(0, 255, (count, *input_shape)).astype(np.float32), "random pixels"
+
+
+def _calibration_metadata(images: np.ndarray, data: str) -> dict[str, Any]:
+    return {
+        "images": len(images),
+        "source": f"train split of {data}",
+        "method": "MinMax",
+        "format": "QDQ",
+        "per_channel": True,
+        "activations": "uint8",
+        "weights": "int8",
+    }
+
+
+def export(
+    source: Path | str,
+    output: Path | str | None = None,
+    *,
+    opset: int = DEFAULT_OPSET,
+    data: str | None = None,
+    precision: str = "fp32",
+    layout: str = "NHWC",
+    atol: float | None = None,
+    min_top1_agreement: float | None = None,
+    max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+    force: bool = False,
+    calibration_images: int | None = None,
+    provider: str = "cpu",
+) -> ExportResult:
+    """Export a run directory or ``.keras`` file to ONNX at ``precision`` and ``layout``.
+
+    Parity with Keras is checked with the precision's tolerances (``TOLERANCES``; ``atol`` and
+    ``min_top1_agreement`` override them), and, where the data is known, accuracy on the test
+    split with Keras and with onnxruntime. A variant losing more than ``max_accuracy_drop``
+    percentage points is refused unless ``force``. ``parity.json`` (the evidence) is always
+    written; the model only when it is kept.
+    """
+    precision, layout = check_precision(precision), check_layout(layout)
+    provider_name(provider)
+    resolved = resolve_source(source)
+    output = Path(output) if output else default_output(resolved, precision, layout)
+    if output.suffix != ".onnx":
+        raise CnnforgeError(f"output {output} must end in .onnx")
+    warn_if_slow(precision, provider)
+    model = load_keras_model(resolved.keras_path)
+    dataset, why_not = reference_data(resolved, data, model)
+    if dataset is None and precision != "fp32":
+        raise CnnforgeError(
+            f"{precision} export needs the model's own data to calibrate and measure accuracy "
+            f"on ({why_not})"
+        )
+    calibration = None
+    if precision == "int8":  # drawn before converting: a bad count fails at once
+        sample = calibration_sample(dataset.x_train, calibration_images, source=dataset.spec.name)
+        calibration = to_layout(sample, layout)
+    classes = int(model.outputs[0].shape[-1])
+    class_names = resolved.class_names or tuple(str(i) for i in range(classes))
+    metadata = _metadata(model, resolved, class_names, layout)
+
+    start = time.perf_counter()
+    proto = to_onnx(model, opset=opset, metadata=metadata, inputs_as_nchw=layout == "NCHW")
+    proto = convert(proto, precision, calibration)
+    seconds = time.perf_counter() - start
+    variant = proto.SerializeToString()
+
+    report = _verify(
+        model,
+        variant,
+        dataset,
+        precision,
+        layout,
+        provider,
+        atol,
+        min_top1_agreement,
+        max_accuracy_drop,
+    )
+    report.opset = opset
+    if report.accuracy is not None:
+        report.accuracy.forced = force and not report.accuracy.passed
+    parity_path = parity_path_for(output)
+    atomic_write_text(parity_path, json.dumps(asdict(report), indent=2))
+    failures = _failures(report, resolved.keras_path, force)
+    if failures:
+        raise CnnforgeError("; ".join(failures))
+    if report.accuracy is not None and report.accuracy.forced:
+        warnings.warn(
+            f"kept the {precision} variant although it fails the accuracy gate (--force): "
+            f"{report.accuracy.summary()}",
+            CnnforgeWarning,
+            stacklevel=2,
+        )
+    stamp(proto, {**metadata, "precision": precision, **_measured(report, calibration, dataset)})
+    onnx_bytes = proto.SerializeToString()
+    atomic_write_bytes(output, onnx_bytes)
+    return ExportResult(
+        output, parity_path, report, opset, seconds, len(onnx_bytes), precision, layout
+    )
+
+
+def _verify(
+    model: Any,
+    variant: bytes,
+    dataset: Any,
+    precision: str,
+    layout: str,
+    provider: str,
+    atol: float | None,
+    min_top1_agreement: float | None,
+    max_accuracy_drop: float,
+) -> ParityReport:
+    """Parity with the precision's tolerances, then (data known) the test-split accuracy of both."""
+    default_atol, default_agreement = TOLERANCES[precision]
+    images, described = _parity_images(dataset, tuple(model.inputs[0].shape[1:]))
+    report = check_parity(
+        model,
+        variant,
+        images,
+        inputs=described,
+        atol=default_atol if atol is None else atol,
+        min_top1_agreement=default_agreement if min_top1_agreement is None else min_top1_agreement,
+        layout=layout,
+        provider=provider,
+    )
+    report.precision = precision
+    if dataset is not None:
+        report.accuracy = measure_accuracy(
+            model,
+            variant,
+            dataset.x_test,
+            dataset.y_test,
+            data=dataset.spec.name,
+            max_drop_points=max_accuracy_drop,
+            layout=layout,
+            provider=provider,
+        )
+    return report
+
+
+def _failures(report: ParityReport, keras_path: Path, force: bool) -> list[str]:
+    """Every reason to refuse the export, gathered: parity, then the accuracy gate."""
+    failures = []
+    if not report.passed:
+        failures.append(f"export of {keras_path} failed parity: {report.summary()}")
+    if report.accuracy is not None and not report.accuracy.passed and not force:
+        failures.append(
+            f"{report.precision} variant refused: {report.accuracy.summary()}; raise "
+            "--max-accuracy-drop, choose another --precision, or --force to keep it"
+        )
+    return failures
+
+
+def _measured(report: ParityReport, calibration: np.ndarray | None, dataset: Any) -> dict:
+    """The figures an exported model carries about itself: accuracy, calibration."""
+    measured: dict[str, Any] = {}
+    if report.accuracy is not None:
+        measured["accuracy"] = asdict(report.accuracy)
+    if calibration is not None:
+        measured["calibration"] = _calibration_metadata(calibration, dataset.spec.name)
+    return measured

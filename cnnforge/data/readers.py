@@ -1,0 +1,179 @@
+"""Readers for common on-disk image formats (idx, CIFAR python pickles, image folders, npz).
+
+Public so that dataset plugins, the built-in ones included, can use them; each returns arrays
+with raw 0-255 pixels and integer labels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from cnnforge.core.errors import CnnforgeError
+from cnnforge.data.dataset import RawData, stratified_split
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _open_maybe_gzip(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one idx file (the MNIST format), gzipped or not."""
+    with _open_maybe_gzip(path) as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise CnnforgeError(f"{path} is not an unsigned-byte idx file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if payload.size != int(np.prod(shape)):
+        raise CnnforgeError(f"{path} is truncated: expected {np.prod(shape)} values")
+    return payload.reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    raise CnnforgeError(f"{folder} has no {stem}[.gz]; point to a folder with the four idx files")
+
+
+def read_idx_folder(
+    folder: Path,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Read the four MNIST-style idx files (``train-images-idx3-ubyte[.gz]`` …) of ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CnnforgeError(f"{folder} is not a folder; point to the folder with the idx files")
+    return tuple(  # type: ignore[return-value]
+        (
+            read_idx(_find_idx(folder, f"{prefix}-images-idx3-ubyte")),
+            read_idx(_find_idx(folder, f"{prefix}-labels-idx1-ubyte")),
+        )
+        for prefix in ("train", "t10k")
+    )
+
+
+def read_cifar(path: Path, *, fine: bool = True) -> tuple[tuple, tuple, list[str]]:
+    """Read a CIFAR-10/100 python version: the ``.tar.gz`` as downloaded or its extracted folder.
+
+    Returns ((x_train, y_train), (x_test, y_test), class_names), images NHWC uint8.
+    """
+    path = Path(path)
+    if path.is_file() and tarfile.is_tarfile(path):
+        with tarfile.open(path) as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            blobs = {name: tar.extractfile(m).read() for name, m in members.items()}  # type: ignore[union-attr]
+    elif path.is_dir():
+        blobs = {p.name: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+    else:
+        raise CnnforgeError(f"{path} is neither a CIFAR tarball nor its extracted folder")
+    load = lambda name: pickle.loads(blobs[name], encoding="latin1")  # noqa: E731
+    if "data_batch_1" in blobs:  # CIFAR-10
+        train = [load(f"data_batch_{i}") for i in range(1, 6)]
+        test, meta, key = load("test_batch"), load("batches.meta"), "labels"
+        names = meta["label_names"]
+        x_train = np.concatenate([b["data"] for b in train])
+        y_train = np.concatenate([b[key] for b in train])
+    elif "train" in blobs:  # CIFAR-100
+        key = "fine_labels" if fine else "coarse_labels"
+        train, test, meta = load("train"), load("test"), load("meta")
+        names = meta["fine_label_names" if fine else "coarse_label_names"]
+        x_train, y_train = train["data"], np.asarray(train[key])
+    else:
+        raise CnnforgeError(f"{path} does not hold CIFAR python batches (data_batch_1 or train)")
+    to_nhwc = lambda x: np.asarray(x, np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # noqa: E731
+    return (
+        (to_nhwc(x_train), np.asarray(y_train)),
+        (to_nhwc(test["data"]), np.asarray(test[key])),
+        list(names),
+    )
+
+
+def read_npz(path: Path) -> RawData:
+    """Read ``x_train, y_train, x_test, y_test`` (and optional ``class_names``) from an .npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise CnnforgeError(f"{path} does not exist; give the path of an .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as exc:
+        raise CnnforgeError(f"{path} is not a readable .npz file ({exc})") from None
+    missing = {"x_train", "y_train", "x_test", "y_test"} - arrays.keys()
+    if missing:
+        raise CnnforgeError(f"{path} lacks {', '.join(sorted(missing))}; save all four arrays")
+    if "class_names" in arrays:
+        names = tuple(str(n) for n in arrays["class_names"])
+    else:
+        top = max(int(arrays["y_train"].max(initial=0)), int(arrays["y_test"].max(initial=0)))
+        names = tuple(str(i) for i in range(top + 1))
+    return RawData(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], names)
+
+
+def read_image_folder(folder: Path, *, test_fraction: float = 0.2, seed: int = 0) -> RawData:
+    """Read ``folder/CLASS/*.png`` (or ``folder/train/CLASS`` and ``folder/test/CLASS``).
+
+    Every image must have the same size; grayscale stays one channel unless some are in colour.
+    Without ``train``/``test`` subfolders, a stratified seeded ``test_fraction`` is held out.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CnnforgeError(f"image folder {folder} does not exist; give a folder of class folders")
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        names = _class_folders(folder / "train")
+        x_train, y_train = _read_classes(folder / "train", names)
+        x_test, y_test = _read_classes(folder / "test", names)
+        return RawData(x_train, y_train, x_test, y_test, tuple(names))
+    names = _class_folders(folder)
+    x, y = _read_classes(folder, names)
+    train_idx, test_idx = stratified_split(y, test_fraction, seed)
+    return RawData(x[train_idx], y[train_idx], x[test_idx], y[test_idx], tuple(names))
+
+
+def _class_folders(folder: Path) -> list[str]:
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(names) < 2:
+        raise CnnforgeError(
+            f"image folder {folder} has {len(names)} class folder(s); put each class's images "
+            "in its own subfolder, at least two classes"
+        )
+    return names
+
+
+def _read_classes(folder: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    files = [
+        (path, label)
+        for label, name in enumerate(names)
+        for path in sorted((folder / name).iterdir())
+        if path.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not files:
+        raise CnnforgeError(
+            f"image folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    images, first = [], None
+    for path, _ in files:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                images.append(img.copy())
+        except (UnidentifiedImageError, OSError) as exc:
+            raise CnnforgeError(f"cannot read image {path} ({exc}); remove or replace it") from None
+        first = first or (path, images[-1].size)
+        if images[-1].size != first[1]:
+            raise CnnforgeError(
+                f"images of mixed sizes: {first[0]} is {first[1][0]}x{first[1][1]} but {path} is "
+                f"{images[-1].size[0]}x{images[-1].size[1]}; resize them to one size"
+            )
+    mode = "L" if all(img.mode in ("L", "1", "I;16") for img in images) else "RGB"
+    x = np.stack([np.asarray(img.convert(mode), dtype=np.uint8) for img in images])
+    return x, np.array([label for _, label in files], dtype=np.int64)

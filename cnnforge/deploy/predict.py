@@ -1,0 +1,184 @@
+"""Label images with an exported model: the deployment API.
+
+It needs onnxruntime, numpy and Pillow, nothing else: no TensorFlow, no Keras, not even the
+``onnx`` package, so it runs wherever the model is deployed. Everything it must know comes from
+the model's ``cnnforge.*`` metadata (class names, input layout, pixel range); a model without
+it is used as its graph says (layout guessed from the shape, pixels 0–255, class indices as
+labels), with a warning.
+
+    from cnnforge.deploy.predict import Classifier
+
+    classifier = Classifier("model.onnx")
+    for prediction in classifier.predict(["boot.png", "shirt.jpg"], top_k=3):
+        print(prediction.image, prediction.top)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
+from cnnforge.deploy.onnxinfo import layout_from_shape
+from cnnforge.deploy.quantize import warn_if_slow
+from cnnforge.deploy.runtime import metadata, open_session, predict, to_layout
+
+IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels → Pillow mode
+ImageLike = Any  # a path (str or Path), a uint8 array (H, W[, C]) or a PIL image
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The ``top_k`` labels of one image, most probable first."""
+
+    image: str
+    labels: tuple[str, ...]
+    probabilities: tuple[float, ...]
+
+    @property
+    def top(self) -> list[tuple[str, float]]:
+        return list(zip(self.labels, self.probabilities, strict=True))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "top": [{"label": label, "probability": p} for label, p in self.top],
+        }
+
+
+def load_image(path: Path | str) -> Any:
+    """A decoded Pillow image (EXIF rotation applied); an unreadable file is one clear line."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise CnnforgeError(f"image {path} is a folder; give image files")
+    if not path.is_file():
+        raise CnnforgeError(f"image {path} does not exist; check the path")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CnnforgeError(
+            f"cannot decode image {path} ({reason}); give a PNG, JPEG, BMP, GIF, TIFF or WebP file"
+        ) from None
+
+
+class Classifier:
+    """An exported cnnforge model, ready to label images."""
+
+    def __init__(
+        self, model: Path | str, *, provider: str = "cpu", threads: int | None = None
+    ) -> None:
+        self.model = str(model)
+        self.session = open_session(model, provider=provider, threads=threads)
+        self.metadata = metadata(self.session)
+        graph_input = self.session.get_inputs()[0]
+        per_image = graph_input.shape[1:]
+        if len(graph_input.shape) != 4 or not all(isinstance(d, int) for d in per_image):
+            raise CnnforgeError(
+                f"{model} takes {graph_input.name!r} of shape {graph_input.shape}; cnnforge "
+                "predict needs a 4-D image input with fixed height, width and channels"
+            )
+        self.layout: str = self.metadata.get("input_layout") or layout_from_shape(per_image)
+        self.height, self.width, self.channels = (
+            per_image if self.layout == "NHWC" else (*per_image[1:], per_image[0])
+        )
+        if self.channels not in IMAGE_MODES:
+            raise CnnforgeError(
+                f"{model} takes {self.channels}-channel images; cnnforge predict reads 1 "
+                "(grayscale), 3 (RGB) or 4 (RGBA)"
+            )
+        self.pixel_range = tuple(self.metadata.get("pixel_range") or (0, 255))
+        self.precision = self.metadata.get("precision")
+        names = self.metadata.get("class_names")
+        classes = self.session.get_outputs()[0].shape[-1]
+        if names is None and isinstance(classes, int):
+            names = [str(i) for i in range(classes)]
+        self.class_names: tuple[str, ...] | None = tuple(names) if names else None
+        self._warn_if_metadata_missing()
+        if self.precision:
+            warn_if_slow(self.precision, provider)
+
+    def _warn_if_metadata_missing(self) -> None:
+        missing = [
+            k for k in ("class_names", "input_layout", "pixel_range") if k not in self.metadata
+        ]
+        if missing:
+            warnings.warn(
+                f"{self.model} has no cnnforge metadata ({', '.join(missing)}); using what the "
+                f"graph says: {self.layout} input {self.height}×{self.width}×{self.channels}, "
+                f"pixels {self.pixel_range[0]}–{self.pixel_range[1]}"
+                + (", class indices as labels" if "class_names" in missing else ""),
+                CnnforgeWarning,
+                stacklevel=3,
+            )
+
+    def pixels(self, image: ImageLike) -> np.ndarray:
+        """One image as the model's (H, W, C) float32 pixels: decoded, converted to the model's
+        channels, resized (bilinear) to its input size and scaled to its pixel range."""
+        from PIL import Image
+
+        if isinstance(image, (str, Path)):
+            image = load_image(image)
+        elif isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (2, 3):
+                raise CnnforgeError(
+                    f"an image array must be uint8 (H, W) or (H, W, C), got {image.dtype} "
+                    f"{image.shape}"
+                )
+            image = Image.fromarray(
+                image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+            )
+        image = image.convert(IMAGE_MODES[self.channels])
+        if image.size != (self.width, self.height):
+            image = image.resize((self.width, self.height), Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.float32).reshape(self.height, self.width, self.channels)
+        low, high = self.pixel_range
+        return low + array * ((high - low) / 255.0)
+
+    def probabilities(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """(images × classes) probabilities; every image is decoded before any is run."""
+        if not len(images):
+            raise CnnforgeError("no images given; pass one or more image files")
+        batch = np.stack([self.pixels(image) for image in images])
+        return predict(self.session, to_layout(batch, self.layout))
+
+    def predict(self, images: Sequence[ImageLike], top_k: int = 5) -> list[Prediction]:
+        """The ``top_k`` most probable labels of each image."""
+        if top_k < 1:
+            raise CnnforgeError(f"top_k must be at least 1, got {top_k}")
+        probabilities = self.probabilities(images)
+        names = self.class_names or tuple(str(i) for i in range(probabilities.shape[1]))
+        k = min(top_k, probabilities.shape[1])
+        results = []
+        for image, row in zip(images, probabilities, strict=True):
+            best = np.argsort(-row, kind="stable")[:k]
+            results.append(
+                Prediction(
+                    _describe(image),
+                    tuple(names[i] for i in best),
+                    tuple(float(row[i]) for i in best),
+                )
+            )
+        return results
+
+
+def _describe(image: ImageLike) -> str:
+    if isinstance(image, (str, Path)):
+        return str(image)
+    return getattr(image, "filename", "") or f"<{type(image).__name__}>"
+
+
+def classify(
+    model: Path | str, images: Sequence[ImageLike], *, top_k: int = 5, provider: str = "cpu"
+) -> list[Prediction]:
+    """``Classifier(model).predict(images, top_k)`` in one call."""
+    return Classifier(model, provider=provider).predict(images, top_k)

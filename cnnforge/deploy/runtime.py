@@ -1,0 +1,142 @@
+"""onnxruntime sessions and the cnnforge metadata of an ONNX model, shared by every stage that
+runs the exported model (parity, evaluate, bench). Imports no TensorFlow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnforge.core.contract import LAYOUTS, META_PREFIX, PROVIDERS
+from cnnforge.core.errors import CnnforgeError
+
+
+def provider_name(provider: str) -> str:
+    """The onnxruntime name of ``provider`` (cpu, cuda, tensorrt), if this install has it."""
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise CnnforgeError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    available = ort.get_available_providers()
+    if PROVIDERS[provider] not in available:
+        raise CnnforgeError(
+            f"provider {provider!r} is not available in this onnxruntime "
+            f"({', '.join(installed_onnxruntime()) or ort.__version__} installed, with "
+            f"{', '.join(available)}); install onnxruntime-gpu for cuda/tensorrt"
+        )
+    return PROVIDERS[provider]
+
+
+def installed_onnxruntime() -> list[str]:
+    """The onnxruntime distributions installed, with versions (e.g. ``onnxruntime-gpu 1.20.1``)."""
+    from importlib import metadata
+
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def open_session(
+    model: Path | str | bytes,
+    *,
+    provider: str = "cpu",
+    threads: int | None = None,
+    spinning: bool | None = None,
+) -> Any:
+    """An InferenceSession on ``model`` (a path or serialized bytes); a bad file is one line.
+
+    ``threads`` sets onnxruntime's intra-op pool (inter-op stays 1); ``spinning`` sets
+    ``session.intra_op.allow_spinning`` (None keeps onnxruntime's default, which spins).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if not path.is_file():
+            raise CnnforgeError(f"ONNX model {path} does not exist; check the path")
+        check_external_data(path)
+        model = str(path)
+    try:
+        providers = [provider_name(provider)]
+        if provider == "tensorrt":  # what TensorRT cannot take runs on CUDA, not the CPU
+            providers.append(PROVIDERS["cuda"])
+        return ort.InferenceSession(model, options, providers=providers)
+    except CnnforgeError:
+        raise
+    except Exception as exc:
+        label = model if isinstance(model, str) else "the ONNX model"
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise CnnforgeError(
+            f"onnxruntime cannot load {label} ({reason}); is it a complete .onnx file?"
+        ) from None
+
+
+def check_external_data(path: Path) -> None:
+    """Refuse a model whose external weights live outside its own folder (``../../etc/passwd``):
+    a downloaded model must not make the runtime read arbitrary files."""
+    import onnx
+
+    from cnnforge.deploy.onnxinfo import load
+
+    folder = path.resolve().parent
+    graph = load(path).graph
+    tensors = [
+        *graph.initializer,
+        *(t for node in graph.node for a in node.attribute for t in [a.t] if a.HasField("t")),
+    ]
+    for tensor in tensors:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not target.is_relative_to(folder):
+            raise CnnforgeError(
+                f"ONNX model {path} points its weights at {location!r}, outside its folder; "
+                "refusing to load it (keep external data files beside the model)"
+            )
+
+
+def metadata(session: Any) -> dict[str, Any]:
+    """The cnnforge.* metadata of a session's model, JSON values decoded."""
+    props = session.get_modelmeta().custom_metadata_map
+    decoded = {}
+    for key, value in props.items():
+        if key.startswith(META_PREFIX):
+            try:
+                decoded[key[len(META_PREFIX) :]] = json.loads(value)
+            except json.JSONDecodeError:
+                decoded[key[len(META_PREFIX) :]] = value
+    return decoded
+
+
+def predict(session: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Probabilities for ``images`` (raw pixels, the model's layout), in batches."""
+    name = session.get_inputs()[0].name
+    out = [
+        session.run(None, {name: images[i : i + batch_size].astype(np.float32)})[0]
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(out)
+
+
+def to_layout(images: np.ndarray, layout: str) -> np.ndarray:
+    """NHWC images (how datasets and Pillow hold them) in ``layout``, the order the model takes."""
+    if layout == "NHWC":
+        return images
+    if layout == "NCHW":
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    raise CnnforgeError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")

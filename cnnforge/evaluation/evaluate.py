@@ -1,0 +1,79 @@
+"""Accuracy of the deployed model: onnxruntime on the test split, per-class precision/recall."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnforge.core.errors import CnnforgeError
+from cnnforge.data.dataset import load_dataset
+from cnnforge.deploy.onnxinfo import image_input
+from cnnforge.deploy.runtime import metadata, open_session, predict, to_layout
+
+
+@dataclass
+class ClassScore:
+    name: str
+    precision: float
+    recall: float
+    support: int
+
+
+@dataclass
+class Evaluation:
+    model: str
+    data: str
+    images: int
+    accuracy: float
+    per_class: list[ClassScore]
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> np.ndarray:
+    matrix = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(matrix, (y_true, y_pred), 1)
+    return matrix
+
+
+def class_scores(matrix: np.ndarray, names: tuple[str, ...]) -> list[ClassScore]:
+    """Precision and recall per class from a confusion matrix (0 where undefined)."""
+    true_pos = np.diag(matrix).astype(np.float64)
+    predicted, actual = matrix.sum(axis=0), matrix.sum(axis=1)
+    precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
+    recall = np.divide(true_pos, actual, out=np.zeros_like(true_pos), where=actual > 0)
+    return [
+        ClassScore(names[i], float(precision[i]), float(recall[i]), int(actual[i]))
+        for i in range(len(names))
+    ]
+
+
+def evaluate(model_path: Path | str, data: str) -> Evaluation:
+    """Score the ONNX model on the test split of ``data`` with onnxruntime, in the model's own
+    input layout (NHWC or NCHW, from its metadata or its graph)."""
+    session = open_session(model_path)
+    image = image_input(model_path)
+    dataset = load_dataset(data)
+    if image.nhwc_shape != dataset.x_test.shape[1:]:
+        raise CnnforgeError(
+            f"model {model_path} takes images of shape {image.shape} ({image.layout}) but {data} "
+            f"has {dataset.x_test.shape[1:]}; evaluate it on the data it was trained for"
+        )
+    probabilities = predict(session, to_layout(dataset.x_test, image.layout))
+    outputs = probabilities.shape[1]
+    if outputs != dataset.spec.num_classes:
+        raise CnnforgeError(
+            f"model {model_path} predicts {outputs} classes but {data} has {dataset.spec.num_classes}"
+        )
+    predicted = probabilities.argmax(axis=1)
+    matrix = confusion_matrix(dataset.y_test, predicted, outputs)
+    names = tuple(metadata(session).get("class_names") or dataset.spec.class_names)
+    return Evaluation(
+        str(model_path),
+        data,
+        len(predicted),
+        float(np.mean(predicted == dataset.y_test)),
+        class_scores(matrix, names),
+        matrix.tolist(),
+    )

@@ -1,0 +1,186 @@
+"""Plugin + DataSpec → a KerasTuner HyperModel.
+
+cnnforge owns both ends of every model so that every export has the same contract: the input
+``images`` takes raw pixels (float32, NHWC, 0–255) and scales them inside the model; the output
+``probabilities`` is a softmax over the classes. An architecture plugin builds what lies between:
+``build(hp, inputs, spec) -> features``, a 2-D tensor (batch, features). A backbone plugin gets
+the transfer treatment of ``transfer.py`` in between instead: resize, frozen pretrained features,
+a searched head, and a second training stage that fine-tunes its top layers.
+
+Every hyperparameter has a default, so ``build(HyperParameters())`` is the baseline model and the
+search space can be read by building once (``default_space``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import zlib
+from typing import Any
+
+import keras
+import keras_tuner
+
+from cnnforge.core.contract import INPUT_NAME, OUTPUT_NAME
+from cnnforge.core.errors import CnnforgeError
+from cnnforge.data.dataset import DataSpec
+from cnnforge.modeling import training, transfer
+from cnnforge.registry import Plugin
+
+
+def _architecture_features(plugin: Plugin, hp: Any, inputs: Any, spec: DataSpec) -> Any:
+    scaled = keras.layers.Rescaling(1.0 / 255, name="pixel_scaling")(inputs)
+    try:
+        features = plugin.fn(hp, scaled, spec)
+    except CnnforgeError:
+        raise
+    except Exception as exc:
+        raise CnnforgeError(
+            f"architecture plugin {plugin.name!r} (from {plugin.source}) failed to build: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(features, keras.KerasTensor) or len(features.shape) != 2:
+        shape = getattr(features, "shape", type(features).__name__)
+        raise CnnforgeError(
+            f"architecture plugin {plugin.name!r} returned {shape}; it must return a 2-D "
+            "(batch, features) tensor: flatten or pool its last feature map"
+        )
+    return features
+
+
+def build_model(plugin: Plugin, spec: DataSpec, hp: keras_tuner.HyperParameters) -> keras.Model:
+    """The compiled classifier that ``plugin`` builds for ``spec`` with hyperparameters ``hp``.
+
+    A backbone plugin is built with the weights bound by ``resolve_plugin`` (none if unbound).
+    """
+    inputs = keras.Input(spec.input_shape, name=INPUT_NAME, dtype="float32")
+    if plugin.kind == "backbone":
+        features = transfer.backbone_features(plugin, hp, inputs, spec)
+    else:
+        features = _architecture_features(plugin, hp, inputs, spec)
+    # float32 even under mixed precision: the softmax and the exported output stay full precision
+    outputs = keras.layers.Dense(
+        spec.num_classes, activation="softmax", name=OUTPUT_NAME, dtype="float32"
+    )(features)
+    model = keras.Model(inputs, outputs, name=transfer.model_name(plugin))
+    training.compile_model(model, training.recipe(hp))
+    return model
+
+
+def default_space(
+    plugin: Plugin, spec: DataSpec
+) -> list[keras_tuner.engine.hyperparameters.HyperParameter]:
+    """The plugin's search space, read from its own ``hp`` calls by building the default model.
+
+    A backbone is built without pretrained weights here: the space does not depend on them.
+    """
+    hp = keras_tuner.HyperParameters()
+    if plugin.kind == "backbone" and "weights" in plugin.info:
+        plugin = dataclasses.replace(plugin, info={**plugin.info, "weights": None})
+    build_model(plugin, spec, hp)
+    keras.backend.clear_session()
+    return list(hp.space)
+
+
+def trial_seed(seed: int, hp: keras_tuner.HyperParameters) -> int:
+    """The seed of one candidate: the search's seed and the candidate's own values, so a trial
+    draws the same weights and batches whatever ran before it (resumed, or on another worker)."""
+    values = json.dumps(hp.values, sort_keys=True, default=str)
+    return zlib.crc32(f"{seed}:{values}".encode()) % 2**31
+
+
+class TrainingClock(keras.callbacks.Callback):
+    """Where training time goes, validation left out, so that retraining on more data can be
+    costed: each epoch's start (up to its first batch: iterator, shuffle buffer, first step) and
+    the steady steps after it, which scale with the number of examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = self.start_seconds = self.steady_seconds = 0.0
+        self.epochs = self.steady_steps = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._begin = self._first = self._last = time.perf_counter()
+        self._steps = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._last = time.perf_counter()
+        self._steps += 1
+        if self._steps == 1:
+            self._first = self._last
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.epochs += 1
+        self.seconds += self._last - self._begin
+        self.start_seconds += self._first - self._begin
+        self.steady_seconds += self._last - self._first
+        self.steady_steps += max(0, self._steps - 1)
+
+
+class PluginHyperModel(keras_tuner.HyperModel):
+    """The HyperModel a tuner searches: numpy arrays in, trained through cnnforge's tf.data
+    pipeline with the trial's recipe (``training.py``); it remembers what the last ``fit`` cost."""
+
+    def __init__(self, plugin: Plugin, spec: DataSpec, seed: int = 0) -> None:
+        super().__init__(name=plugin.name, tunable=True)
+        self.plugin = plugin
+        self.spec = spec
+        self.seed = seed
+        self.last_fit: dict[str, Any] = {}
+
+    def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
+        keras.utils.set_random_seed(trial_seed(self.seed, hp))
+        return build_model(self.plugin, self.spec, hp)
+
+    def fit(
+        self,
+        hp: keras_tuner.HyperParameters,
+        model: keras.Model,
+        x: Any,
+        y: Any,
+        *,
+        validation_data: tuple[Any, Any] | None = None,
+        batch_size: int = 32,
+        epochs: int = 1,
+        initial_epoch: int = 0,
+        **kwargs: Any,
+    ):
+        """Train ``model`` on ``x``, ``y`` (numpy: uint8 or float pixels, integer labels); a
+        schedule spans the epochs of this call (a continued Hyperband trial restarts it)."""
+        start = time.perf_counter()
+        recipe = training.recipe(hp)
+        train = training.training_data(
+            x,
+            y,
+            recipe,
+            num_classes=self.spec.num_classes,
+            batch_size=batch_size,
+            seed=trial_seed(self.seed, hp),
+        )
+        if validation_data is not None:
+            kwargs["validation_data"] = training.evaluation_data(
+                *validation_data, num_classes=self.spec.num_classes, batch_size=batch_size
+            )
+        steps = training.steps_per_epoch(len(x), batch_size) * max(1, epochs - initial_epoch)
+        training.compile_model(model, recipe, steps=steps)
+        clock = TrainingClock()
+        kwargs.update(epochs=epochs, initial_epoch=initial_epoch, shuffle=False)  # shuffled above
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), clock]
+        history = model.fit(train, **kwargs)
+        if self.plugin.kind == "backbone":
+            history = transfer.fine_tune(hp, model, history, train, **kwargs)
+        self.last_fit = {
+            "params": model.count_params(),
+            "epochs": len(history.history.get("loss", [])),
+            "initial_epoch": initial_epoch,
+            "examples": len(x),
+            "fit_seconds": time.perf_counter() - start,
+            "train_seconds": clock.seconds,  # the training passes alone, not validation
+            "epoch_start_seconds": clock.start_seconds / max(1, clock.epochs),
+            "steady_seconds": clock.steady_seconds,
+            "steady_examples": clock.steady_steps * batch_size,
+            # KerasTuner keeps only each metric's best epoch; the report plots every epoch.
+            "history": {k: [float(v) for v in values] for k, values in history.history.items()},
+        }
+        return history

@@ -1,0 +1,137 @@
+"""The data behind the run report's figures, as plain values: trial scores, the Pareto front,
+the winner's training history, test-split predictions and mistakes, and what a run still lacks.
+
+Nothing here draws (``cnnforge.report.plots`` does) and nothing formats text for a page
+(``cnnforge.report.html`` does). Predictions come from the exported model, with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnforge.core.objectives import TrialPoint, as_number, higher_is_better, run_order
+from cnnforge.evaluation.evaluate import class_scores, confusion_matrix
+
+
+def latency_column(trials: list[dict[str, str]]) -> str | None:
+    """The first trials.csv column that holds a latency, if the search measured one."""
+    return next((c for c in (trials[0] if trials else {}) if c.startswith("latency")), None)
+
+
+def trial_points(trials: list[dict[str, str]]) -> list[TrialPoint]:
+    """One point per trials.csv row, in the order the trials ran."""
+    column = latency_column(trials)
+    rows = sorted(trials, key=lambda t: run_order(t["trial_id"]))
+    return [
+        TrialPoint(
+            t["trial_id"], t["status"], as_number(t["score"]), as_number(t.get(column or ""))
+        )
+        for t in rows
+    ]
+
+
+def best_trial(run: dict[str, Any]) -> tuple[str | None, bool]:
+    """The winner's trial id, and whether the search finished (else: the best trial so far)."""
+    if "search" in run:
+        return str(run["search"]["trial_id"]), True
+    objective = run["config"]["search"]["objective"]
+    scored = [p for p in trial_points(run["trials"]) if p.score is not None]
+    if not scored:
+        return None, False
+    pick = max if higher_is_better(objective) else min
+    return pick(scored, key=lambda p: p.score).trial_id, False
+
+
+def training_history(run_dir: Path, trial_id: str) -> dict[str, list[float]]:
+    """Per-epoch metrics of a trial (``loss``, ``val_accuracy``, …); empty if not recorded."""
+    cost = Path(run_dir) / "tuner" / f"trial_{trial_id}" / "cnnforge_cost.json"
+    if not cost.is_file():
+        return {}
+    return json.loads(cost.read_text()).get("history", {})
+
+
+@dataclass
+class Predictions:
+    images: np.ndarray  # (N, H, W, C) raw pixels
+    labels: np.ndarray  # (N,) true class
+    predicted: np.ndarray  # (N,) predicted class
+    confidence: np.ndarray  # (N,) probability of the predicted class
+
+
+def predict_test_split(model_path: Path, data: str) -> Predictions:
+    """The ONNX model's predictions on the test split of ``data`` (onnxruntime)."""
+    from cnnforge.data.dataset import load_dataset
+    from cnnforge.deploy.runtime import open_session, predict
+
+    dataset = load_dataset(data)
+    probabilities = predict(open_session(model_path), dataset.x_test)
+    return Predictions(
+        dataset.x_test,
+        dataset.y_test,
+        probabilities.argmax(axis=1),
+        probabilities.max(axis=1),
+    )
+
+
+def misclassified(predictions: Predictions, count: int = 12) -> list[int]:
+    """Indices of the wrong predictions, the most confident mistakes first (ties: index)."""
+    wrong = np.flatnonzero(predictions.predicted != predictions.labels)
+    order = np.argsort(-predictions.confidence[wrong], kind="stable")
+    return [int(i) for i in wrong[order][:count]]
+
+
+def class_table(predictions: Predictions, class_names: tuple[str, ...]) -> dict[str, Any]:
+    """Confusion matrix and per-class scores in evaluation.json's layout, from predictions."""
+    matrix = confusion_matrix(predictions.labels, predictions.predicted, len(class_names))
+    return {
+        "confusion": matrix.tolist(),
+        "per_class": [vars(score) for score in class_scores(matrix, class_names)],
+    }
+
+
+@dataclass(frozen=True)
+class Missing:
+    file: str
+    consequence: str
+    remedy: str
+
+
+def missing_artifacts(run_dir: Path, run: dict[str, Any]) -> list[Missing]:
+    """What a run directory lacks for a full report, what that leaves out, how to make it."""
+    run_dir = Path(run_dir)
+    config = run["config"]["search"]
+    trials, asked = len(run["trials"]), config["max_trials"]
+    onnx = run_dir / "model.onnx"
+    wanted = [
+        (
+            "search.json",
+            f"the search has not finished ({trials} of {asked} trials recorded)",
+            f"run the same `cnnforge search` command with `--run-dir {run_dir}` again to resume it",
+        ),
+        (
+            "best.keras",
+            "no best model yet: no feature maps, nothing to export",
+            "finish the search (above)",
+        ),
+        (
+            "model.onnx",
+            "no exported model: no parity, latency or test-split results",
+            f"`cnnforge export {run_dir}`",
+        ),
+        (
+            "bench.json",
+            "no latency measurements",
+            f"`cnnforge bench {onnx} --keras {run_dir / 'best.keras'} --json {run_dir / 'bench.json'}`",
+        ),
+        (
+            "evaluation.json",
+            "no test-split accuracy, confusion matrix or per-class scores",
+            f"`cnnforge evaluate {onnx} --data {config['data']} --json {run_dir / 'evaluation.json'}`",
+        ),
+    ]
+    return [Missing(*item) for item in wanted if not (run_dir / item[0]).is_file()]

@@ -1,0 +1,221 @@
+"""report.md from what a run directory holds. Measurement never formats; this only reads and formats.
+
+Every section comes from a file of the run directory (config.json, trials.csv, search.json,
+parity.json, bench.json, evaluation.json), so ``cnnforge report RUN`` can rebuild the report at
+any time, and a section whose file is missing says so instead of failing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from cnnforge.core.atomic import atomic_write_text
+from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.markdown import markdown_table
+from cnnforge.core.objectives import sorted_trials
+
+RUN_FILES = {
+    "config": "config.json",
+    "search": "search.json",
+    "parity": "parity.json",
+    "bench": "bench.json",
+    "evaluation": "evaluation.json",
+}
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """The JSON files of a run directory that exist, and its trials as dict rows."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise CnnforgeError(f"{run_dir} is not a cnnforge run directory (no config.json)")
+    found: dict[str, Any] = {
+        key: json.loads((run_dir / name).read_text())
+        for key, name in RUN_FILES.items()
+        if (run_dir / name).is_file()
+    }
+    trials_csv = run_dir / "trials.csv"
+    found["trials"] = list(csv.DictReader(trials_csv.open())) if trials_csv.is_file() else []
+    return found
+
+
+def _model(search: dict[str, Any]) -> str:
+    if not search.get("backbone"):
+        return f"architecture: `{search['arch']}`"
+    default = "trained" if search["backbone"].startswith("run:") else "imagenet"
+    return f"backbone: `{search['backbone']}` (weights: {search.get('weights') or default})"
+
+
+def _summary(run: dict[str, Any]) -> list[str]:
+    search = run["config"]["search"]
+    lines = [
+        f"- data: `{search['data']}`, {_model(search)}, tuner: `{search['tuner']}`, "
+        f"seed {search['seed']}",
+        f"- trials: {len(run['trials'])}"
+        + ("" if search["tuner"] == "hyperband" else f" (asked for {search['max_trials']})")
+        + ", "
+        f"up to {search['epochs']} epochs, batch size {search['batch_size']}",
+    ]
+    if "search" in run:
+        best = run["search"]
+        lines.append(
+            f"- best trial: {best['trial_id']}, {search['objective']} {best['score']:.4f}, "
+            f"{best['params']} parameters"
+        )
+        final = best.get("final_training")
+        if final:
+            found = final["epochs_found"]
+            cut = f" (the search found {found})" if final["epochs"] < found else ""
+            lines.append(
+                f"- final training: the best trial again on train+validation "
+                f"({final['examples']} images), {final['epochs']} epochs{cut}, "
+                f"{final['seconds']:.0f} s"
+            )
+    if search.get("time_budget"):
+        lines.append(f"- time budget: {search['time_budget']:.0f} s for the whole run")
+    if "evaluation" in run:
+        ev = run["evaluation"]
+        lines.append(
+            f"- **test accuracy of the exported ONNX model (onnxruntime): {ev['accuracy']:.2%}** "
+            f"on {ev['images']} images"
+        )
+    return lines
+
+
+def _trials_section(trials: list[dict[str, str]], objective: str) -> list[str]:
+    if not trials:
+        return ["_No trials recorded yet._"]
+    ranked = sorted_trials(trials, objective)
+    hp_columns = [c for c in trials[0] if c.startswith("hp_")]
+    rows = [
+        [
+            t["trial_id"],
+            t["status"],
+            float(t["score"]) if t["score"] else None,
+            t["params"],
+            t["duration_s"],
+            ", ".join(f"{c[3:]}={t[c]}" for c in hp_columns if t[c] != ""),
+        ]
+        for t in ranked
+    ]
+    return [
+        markdown_table(["trial", "status", objective, "params", "seconds", "hyperparameters"], rows)
+    ]
+
+
+def _parity_section(parity: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            c["batch_size"],
+            c["images"],
+            c["max_abs_diff"],
+            c["max_rel_diff"],
+            f"{c['top1_agreement']:.2%}",
+        ]
+        for c in parity["cases"]
+    ]
+    verdict = "passed" if parity["passed"] else "FAILED: " + "; ".join(parity["mismatches"])
+    return [
+        f"Keras vs onnxruntime on {parity['inputs']}, opset {parity['opset']}, atol {parity['atol']}: "
+        f"{verdict}; batch axis dynamic: {parity['batch_axis_dynamic']}.",
+        "",
+        markdown_table(
+            ["batch", "images", "max abs diff", "max rel diff", "top-1 agreement"], rows
+        ),
+    ]
+
+
+def bench_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
+    """One row per bench result: runtime, batch, p50 (and its interval)/p90/p99/p99.9 in ms,
+    images/s, speed-up. Reads files from before p99.9 and the interval were recorded too."""
+    rows = []
+    for r in results:
+        lat, ci = r["latency_ms"], r.get("p50_ci_ms")
+        rows.append(
+            [
+                r["runtime"],
+                r["batch_size"],
+                r["threads"] or "default",
+                lat["p50"],
+                f"{ci[0]:.4g}–{ci[1]:.4g}" if ci else None,
+                lat["p90"],
+                lat["p99"],
+                lat.get("p99.9"),
+                lat["mean"],
+                round(r["throughput"]),
+                r.get("speedup_vs_keras"),
+            ]
+        )
+    return rows
+
+
+BENCH_HEADERS = [
+    "runtime",
+    "batch",
+    "threads",
+    "p50 ms",
+    "p50 95% CI",
+    "p90 ms",
+    "p99 ms",
+    "p99.9 ms",
+    "mean ms",
+    "images/s",
+    "× Keras",
+]
+
+
+def _bench_section(results: list[dict[str, Any]]) -> list[str]:
+    env, first = results[0]["environment"], results[0]
+    provider = env.get("provider", first.get("provider"))
+    timed = (
+        f"at least {first['sweep']['min_iterations']} timed runs and "
+        f"{first['sweep']['min_duration_s']:g} s"
+        if "sweep" in first
+        else f"{first['iterations']} timed runs"
+    )
+    return [
+        f"{env['cpu']}, {env['cores']} cores, onnxruntime {env['onnxruntime']}, provider "
+        f"{provider}; {timed} after {first['warmup']} warm-up runs per row. Keras is timed as a "
+        "`tf.function` call in the same process; × Keras is the ratio of medians.",
+        "",
+        markdown_table(BENCH_HEADERS, bench_rows(results)),
+    ]
+
+
+def _evaluation_section(ev: dict[str, Any]) -> list[str]:
+    rows = [[c["name"], c["precision"], c["recall"], c["support"]] for c in ev["per_class"]]
+    return [
+        f"Accuracy {ev['accuracy']:.2%} on {ev['images']} test images of `{ev['data']}`.",
+        "",
+        markdown_table(["class", "precision", "recall", "images"], rows),
+    ]
+
+
+def report_sections(run: dict[str, Any]) -> list[tuple[str, list[str] | None]]:
+    """(title, Markdown lines) per section; None where the run has not measured it yet."""
+    objective = run["config"]["search"]["objective"]
+    return [
+        ("Summary", _summary(run)),
+        ("Trials", _trials_section(run["trials"], objective)),
+        ("Export parity", _parity_section(run["parity"]) if "parity" in run else None),
+        ("Latency", _bench_section(run["bench"]) if run.get("bench") else None),
+        ("Test split", _evaluation_section(run["evaluation"]) if "evaluation" in run else None),
+    ]
+
+
+def render_markdown(run_dir: Path) -> str:
+    run = read_run(run_dir)
+    out = [f"# cnnforge run `{Path(run_dir).name}`", ""]
+    for title, lines in report_sections(run):
+        out += [f"## {title}", "", *(lines or [f"_Not measured yet ({title.lower()})._"]), ""]
+    versions = run["config"].get("versions", {})
+    out.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    return "\n".join(out) + "\n"
+
+
+def write_report(run_dir: Path) -> Path:
+    path = Path(run_dir) / "report.md"
+    atomic_write_text(path, render_markdown(run_dir))
+    return path

@@ -1,0 +1,534 @@
+"""Tuner choice, run directory, resume, distributed roles → SearchResult.
+
+A run directory belongs to one search configuration. Running the same configuration again
+resumes it from KerasTuner's state in ``tuner/``; a different configuration is refused rather
+than mixed. A search runs in one process, or as a chief that serves the oracle over gRPC and
+workers that run trials (KerasTuner's own engine, driven through its ``KERASTUNER_*`` variables).
+The KerasTuner customisations (recording, oracles, atomic state) live in ``tuners.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import math
+import os
+import platform
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_tuner
+import numpy as np
+
+from cnnforge import registry
+from cnnforge.core.atomic import atomic_write_text, save_model_atomic
+from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.objectives import objective_direction
+from cnnforge.core.version import __version__
+from cnnforge.data.dataset import Dataset, DataSpec, load_dataset, stratified_split
+from cnnforge.modeling import training, transfer
+from cnnforge.modeling.hypermodel import PluginHyperModel, default_space
+from cnnforge.registry import Plugin
+from cnnforge.tuning.config import SearchConfig
+from cnnforge.tuning.records import (
+    OVER_BUDGET,
+    SearchProgress,
+    TrialRecord,
+    trial_record,
+    trial_records,
+    trials_csv_path,
+    write_trials_csv,
+)
+from cnnforge.tuning.timebudget import TimeBudget, pace
+from cnnforge.tuning.tuners import NonFiniteLoss, RecordingTuner, StopAtDeadline, make_tuner
+
+
+@dataclass
+class FinalTraining:
+    """How the best trial's model was trained again on train+validation."""
+
+    examples: int
+    epochs: int
+    epochs_found: int  # what the search found; more than ``epochs`` when the budget cut it
+    seconds: float
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    best_model: Path
+    best_trial: TrialRecord
+    trials: list[TrialRecord]
+    spec: DataSpec
+    objective: str
+    final_training: FinalTraining | None = None
+
+
+def resolve_plugin(config: SearchConfig) -> Plugin:
+    """The plugin a search builds: an architecture, or a backbone with its weights checked."""
+    if not config.backbone:
+        return registry.get("architecture", config.arch or "simple_cnn")
+    sizes = [config.fix.get("image_size"), *config.space.get("image_size", [])]
+    pinned = tuple(int(s) for s in sizes if s is not None and str(s).strip().isdigit())
+    return transfer.resolve_backbone(config.backbone, config.weights, pinned)
+
+
+def library_versions() -> dict[str, str]:
+    import tensorflow as tf
+
+    return {
+        "cnnforge": __version__,
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "keras_tuner": keras_tuner.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _typed(hp: Any, text: str) -> Any:
+    """Parse ``text`` as a value of the hyperparameter ``hp``."""
+    example = hp.default if hp.default is not None else getattr(hp, "values", [text])[0]
+    try:
+        if isinstance(example, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        return type(example)(text)
+    except ValueError:
+        raise CnnforgeError(
+            f"hyperparameter {hp.name!r} takes {type(example).__name__} values, got {text!r}"
+        ) from None
+
+
+def constrained_hyperparameters(config: SearchConfig, space: list) -> keras_tuner.HyperParameters:
+    """KerasTuner HyperParameters with ``--fix`` and ``--space`` applied, names checked."""
+    by_name = {hp.name: hp for hp in space}
+    for name in [*config.fix, *config.space]:
+        if name not in by_name:
+            close = difflib.get_close_matches(name, list(by_name), n=3)
+            hint = (
+                f"did you mean {', '.join(close)}?"
+                if close
+                else f"choose from {', '.join(by_name)}"
+            )
+            raise CnnforgeError(f"{config.model_name!r} has no hyperparameter {name!r}; {hint}")
+    hps = keras_tuner.HyperParameters()
+    for name, text in config.fix.items():
+        hps.Fixed(name, _typed(by_name[name], text))
+    for name, texts in config.space.items():
+        values = [_typed(by_name[name], t) for t in texts]
+        hps.Choice(name, values, default=values[0])
+    return hps
+
+
+def _check_run_dir(config: SearchConfig) -> None:
+    """Refuse to mix two different searches in one run directory."""
+    config_file = config.run_dir / "config.json"
+    if not config_file.exists():
+        return
+    previous = json.loads(config_file.read_text()).get("search", {})
+    differs = [k for k, v in config.identity().items() if previous.get(k) != v]
+    if differs:
+        raise CnnforgeError(
+            f"run directory {config.run_dir} holds a different search (differs in "
+            f"{', '.join(differs)}); pass another --run-dir, or delete it to start fresh"
+        )
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops a search like Ctrl-C: KerasTuner's state is saved, the trial re-runs later."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set in the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+KERASTUNER_VARIABLES = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
+
+
+@contextlib.contextmanager
+def _kerastuner_role(config: SearchConfig) -> Iterator[None]:
+    """Set KerasTuner's distributed-search variables for this process while the search runs."""
+    if not config.distributed:
+        yield
+        return
+    host, _, port = config.address.rpartition(":")  # type: ignore[union-attr]
+    tuner_id = "chief" if config.distributed == "chief" else config.worker_id
+    saved = {name: os.environ.get(name) for name in KERASTUNER_VARIABLES}
+    os.environ.update(
+        KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port
+    )
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _search_context(config: SearchConfig) -> Iterator[None]:
+    """What a search process sets while it runs: its KerasTuner role, the training precision,
+    deterministic ops if asked for."""
+    with (
+        _kerastuner_role(config),
+        training.precision_policy(config.precision),
+        training.op_determinism(config.deterministic),
+    ):
+        yield
+
+
+def _epoch_callback(
+    progress: SearchProgress | None, epochs: Callable[[], int]
+) -> list[keras.callbacks.Callback]:
+    """Report each epoch's end to ``progress``, out of ``epochs()`` (a plan may change)."""
+    if progress is None:
+        return []
+    return [
+        keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: progress.epoch_ended(epoch + 1, epochs(), logs or {})
+        )
+    ]
+
+
+def _dataset(config: SearchConfig, dataset: Dataset | None) -> Dataset:
+    """``dataset``, or the one ``config`` names, split as the search splits it."""
+    return dataset or load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed)
+
+
+def _prepare(
+    config: SearchConfig,
+    dataset: Dataset | None,
+    progress: SearchProgress | None,
+    time_budget: TimeBudget | None = None,
+):
+    """Check everything, write config.json, build the tuner: what chief, worker and a local
+    search share."""
+    plugin = resolve_plugin(config)
+    dataset = _dataset(config, dataset)
+    _check_run_dir(config)
+    keras.utils.set_random_seed(config.seed)
+    hps = constrained_hyperparameters(config, default_space(plugin, dataset.spec))
+    atomic_write_text(
+        config.run_dir / "config.json",
+        json.dumps(
+            {
+                "search": config.to_json(),
+                "data_spec": asdict(dataset.spec),
+                "versions": library_versions(),
+            },
+            indent=2,
+        ),
+    )
+    tuner = make_tuner(
+        config.tuner,
+        objective=config.objective,
+        max_trials=config.max_trials,
+        epochs=config.epochs,
+        seed=config.seed,
+        hyperparameters=hps,
+        lease_seconds=config.worker_timeout if config.distributed == "chief" else None,
+        budget=config.budget(),
+        target=config.target(),
+        time_budget=time_budget,
+        hypermodel=PluginHyperModel(plugin, dataset.spec, seed=config.seed),
+        directory=str(config.run_dir),
+        project_name="tuner",
+        overwrite=False,
+        progress=progress,
+        distribution_strategy=_strategy(config.strategy),
+    )
+    return dataset, tuner
+
+
+def _strategy(name: str | None) -> Any:
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy() if name == "mirrored" else None
+
+
+def trial_training_data(dataset: Dataset, config: SearchConfig) -> tuple[np.ndarray, np.ndarray]:
+    """What each trial trains on: the training split, or its stratified ``search_fraction``."""
+    if config.search_fraction >= 1:
+        return dataset.x_train, dataset.y_train
+    _, subset = stratified_split(dataset.y_train, config.search_fraction, config.seed)
+    return dataset.x_train[subset], dataset.y_train[subset]
+
+
+def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, progress) -> None:
+    callbacks = [*_epoch_callback(progress, lambda: config.epochs), NonFiniteLoss()]
+    if config.patience:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                config.objective,
+                patience=config.patience,
+                mode=objective_direction(config.objective),
+            )
+        )
+    try:
+        with _sigterm_as_interrupt():
+            tuner.search(
+                *trial_training_data(dataset, config),
+                validation_data=(dataset.x_val, dataset.y_val),
+                epochs=config.epochs,
+                batch_size=config.batch_size,
+                callbacks=callbacks,
+                verbose=0,
+            )
+    except RuntimeError as exc:  # KerasTuner gives up after too many failed trials in a row
+        if "consecutive failures" not in str(exc):
+            raise
+        records = trial_records(tuner.oracle)
+        write_trials_csv(records, config.run_dir / "trials.csv")
+        failed = [r for r in records if r.status == "FAILED"]
+        raise CnnforgeError(
+            f"search stopped: {len(failed)} trial(s) failed, the last "
+            f"{tuner.oracle.max_consecutive_failed_trials} in a row (last: {failed[-1].message}); "
+            f"see {config.run_dir / 'trials.csv'}"
+        ) from exc
+
+
+def _watch_as_chief(tuner: RecordingTuner, progress: SearchProgress | None) -> threading.Event:
+    """While the chief serves: let silent workers go, and report trials as they end."""
+    stop, oracle = threading.Event(), tuner.oracle
+    reported = set(oracle.end_order)
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            oracle.expire_silent_tuners()
+            for trial_id in [t for t in oracle.end_order if t not in reported]:
+                reported.add(trial_id)
+                if progress:
+                    trial_dir = Path(oracle._project_dir) / f"trial_{trial_id}"
+                    progress.trial_ended(trial_record(oracle.trials[trial_id], trial_dir))
+
+    threading.Thread(target=watch, name="cnnforge-chief-watch", daemon=True).start()
+    return stop
+
+
+def search(
+    config: SearchConfig,
+    *,
+    dataset: Dataset | None = None,
+    progress: SearchProgress | None = None,
+    keep_after: float = 0.0,
+) -> SearchResult:
+    """Run (or resume) the search ``config`` describes, in this process or as the chief of a
+    distributed search; write the run directory; return the best trial and model.
+
+    With a time budget, the clock starts here; ``keep_after`` seconds of it are kept for what
+    the caller does after the search (``cnnforge run``: export, benchmark, evaluation)."""
+    if config.distributed == "worker":
+        raise CnnforgeError("a worker runs trials for a chief: use cnnforge.tuning.search.work()")
+    config.validate()
+    started = time.time()
+    with _search_context(config):
+        dataset = _dataset(config, dataset)
+        budget = _time_budget(config, dataset, started, keep_after)
+        dataset, tuner = _prepare(config, dataset, progress, budget)
+        stop = _watch_as_chief(tuner, progress) if config.distributed == "chief" else None
+        try:
+            _run_trials(config, tuner, dataset, progress)
+        finally:
+            if stop:
+                stop.set()
+        return _finish(config, tuner, dataset, progress)
+
+
+def _time_budget(
+    config: SearchConfig, dataset: Dataset, started: float, keep_after: float
+) -> TimeBudget | None:
+    if config.time_budget is None:
+        return None
+    final_examples = len(dataset.x_train) + len(dataset.x_val) if config.retrain else 0
+    return TimeBudget(started + config.time_budget, config.time_budget, final_examples, keep_after)
+
+
+def work(
+    config: SearchConfig,
+    *,
+    dataset: Dataset | None = None,
+    progress: SearchProgress | None = None,
+) -> list[str]:
+    """Run trials for the chief at ``config.address`` until it has none left; the trial ids run."""
+    if config.distributed != "worker":
+        raise CnnforgeError("work() is for a distributed worker: set distributed='worker'")
+    config.validate()
+    with _search_context(config):
+        dataset, tuner = _prepare(config, dataset, progress)
+        _run_trials(config, tuner, dataset, progress)
+    return tuner.trials_run
+
+
+def _best_model(
+    tuner: RecordingTuner,
+    best_trial: Any,
+    record: TrialRecord,
+    dataset: Dataset,
+    config: SearchConfig,
+) -> keras.Model:
+    """The best trial's checkpoint, or, when it stayed with a worker that did not share the run
+    directory, the same hyperparameters trained again for the epochs that trial ran."""
+    if Path(tuner._get_checkpoint_fname(best_trial.trial_id)).exists():
+        with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            return tuner.load_model(best_trial)
+    return _train_again(
+        tuner.hypermodel,
+        best_trial.hyperparameters,
+        dataset,
+        config,
+        epochs=record.epochs or config.epochs,
+    )
+
+
+def _train_again(
+    hypermodel: PluginHyperModel, hp: Any, dataset: Dataset, config: SearchConfig, *, epochs: int
+) -> keras.Model:
+    """A trial's model trained once more, as the trial trained it, when its checkpoint is not
+    at hand."""
+    keras.backend.clear_session()  # as KerasTuner does before a trial: the same layer names
+    model = hypermodel.build(hp)
+    x, y = trial_training_data(dataset, config)
+    hypermodel.fit(hp, model, x, y, epochs=epochs, batch_size=config.batch_size, verbose=0)
+    return model
+
+
+def _final_training(
+    tuner: RecordingTuner,
+    best_trial: Any,
+    record: TrialRecord,
+    dataset: Dataset,
+    config: SearchConfig,
+    progress: SearchProgress | None,
+) -> tuple[keras.Model, FinalTraining]:
+    """The best trial's hyperparameters trained from scratch on train+validation, for the epochs
+    the trial took to its best, or, under a time budget, as many as fit (planned again after
+    every epoch, the schedule fitted to the plan)."""
+    found = record.best_epoch or record.epochs or config.epochs
+    x = np.concatenate([dataset.x_train, dataset.x_val])
+    y = np.concatenate([dataset.y_train, dataset.y_val])
+    budget = tuner.time_budget
+    planned = budget.epochs_that_fit(pace(tuner.best_cost()), found) if budget else found
+    callbacks: list[keras.callbacks.Callback] = [NonFiniteLoss()]
+    plan = None
+    if budget:
+        deadline = budget.ends_at - budget.overhead
+        plan = training.FitToDeadline(
+            lambda: deadline,
+            planned=planned,
+            most=found,
+            steps_per_epoch=training.steps_per_epoch(len(x), config.batch_size),
+        )
+        callbacks += [plan, StopAtDeadline(lambda: deadline)]
+    if progress:
+        progress.final_training_started(planned, found, len(x))
+        callbacks += _epoch_callback(progress, lambda: plan.epochs if plan else found)
+    start = time.perf_counter()
+    strategy = tuner.distribution_strategy
+    keras.backend.clear_session()  # as KerasTuner does before a trial: the same layer names
+    with strategy.scope() if strategy else contextlib.nullcontext():  # on every GPU, like a trial
+        model = tuner.hypermodel.build(best_trial.hyperparameters)
+    history = tuner.hypermodel.fit(
+        best_trial.hyperparameters,
+        model,
+        x,
+        y,
+        epochs=found,
+        batch_size=config.batch_size,
+        callbacks=callbacks,
+        verbose=0,
+    )
+    final = FinalTraining(len(x), len(history.history["loss"]), found, time.perf_counter() - start)
+    if progress:
+        progress.final_training_ended(final.epochs, final.seconds)
+    return model, final
+
+
+def _finish(
+    config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, progress: SearchProgress | None
+) -> SearchResult:
+    records = trial_records(tuner.oracle)
+    write_trials_csv(records, trials_csv_path(tuner.oracle))
+    completed = [r for r in records if r.score is not None and math.isfinite(r.score)]
+    if not completed:
+        refused = sum(r.status == OVER_BUDGET for r in records)
+        why = f" ({refused} over budget: loosen the --max-* limits)" if refused else ""
+        raise CnnforgeError(
+            f"no trial completed in {config.run_dir}{why}; see the message column of trials.csv"
+        )
+    best_trial = tuner.oracle.get_best_trials(1)[0]
+    best = next(r for r in records if r.trial_id == best_trial.trial_id)
+    final = None
+    if config.retrain:
+        best_model, final = _final_training(tuner, best_trial, best, dataset, config, progress)
+    else:
+        best_model = _best_model(tuner, best_trial, best, dataset, config)
+    build = tuner.hypermodel.build
+    best_model = training.as_float32(best_model, lambda: build(best_trial.hyperparameters))
+    strategy = tuner.distribution_strategy
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        best_model.optimizer.build(best_model.trainable_variables)  # saved whole, loads cleanly
+    best_path = config.run_dir / "best.keras"
+    save_model_atomic(best_model, best_path)
+    summary = {**asdict(best), "final_training": asdict(final) if final else None}
+    atomic_write_text(config.run_dir / "search.json", json.dumps(summary, indent=2))
+    return SearchResult(
+        config.run_dir, best_path, best, records, dataset.spec, config.objective, final
+    )
+
+
+def trial_model(run_dir: Path | str, trial_id: str, *, dataset: Dataset | None = None) -> Path:
+    """Any trial of a run as ``trial-ID.keras`` in the run directory: its checkpoint loaded into
+    the model its hyperparameters build or, without one (a trial refused for its budget, or run
+    by a worker elsewhere), the model trained again for the run's epochs."""
+    run_dir = Path(run_dir)
+    trial_dir = run_dir / "tuner" / f"trial_{trial_id}"
+    if not (trial_dir / "trial.json").is_file() or not (run_dir / "config.json").is_file():
+        known = sorted(p.name.removeprefix("trial_") for p in (run_dir / "tuner").glob("trial_*"))
+        raise CnnforgeError(
+            f"{run_dir} has no trial {trial_id!r}; its trials: {', '.join(known) or 'none'}"
+        )
+    saved = json.loads((run_dir / "config.json").read_text())
+    config = SearchConfig.from_json(saved["search"], run_dir=run_dir)
+    spec = DataSpec(
+        **{
+            **saved["data_spec"],
+            "input_shape": tuple(saved["data_spec"]["input_shape"]),
+            "class_names": tuple(saved["data_spec"]["class_names"]),
+        }
+    )
+    trial = keras_tuner.engine.trial.Trial.load(str(trial_dir / "trial.json"))
+    hypermodel = PluginHyperModel(resolve_plugin(config), spec, seed=config.seed)
+    checkpoint = trial_dir / "checkpoint.weights.h5"
+    if checkpoint.is_file():
+        model = hypermodel.build(trial.hyperparameters)
+        model.load_weights(str(checkpoint))
+    else:
+        dataset = _dataset(config, dataset)
+        epochs = trial.hyperparameters.values.get("tuner/epochs", config.epochs)
+        model = _train_again(hypermodel, trial.hyperparameters, dataset, config, epochs=epochs)
+    model.optimizer.build(model.trainable_variables)  # saved whole, loads cleanly
+    path = run_dir / f"trial-{trial_id}.keras"
+    save_model_atomic(model, path)
+    return path

@@ -1,0 +1,93 @@
+"""A search's time budget: when trials must stop so the final training still fits.
+
+The budget covers the whole search, retraining the winner on train+validation included. Trials
+may start (and run) until the *search deadline*: the end of the budget less what retraining the
+best trial so far will take (its measured seconds per example in steady training steps times
+train+validation examples, plus its measured start of an epoch, validation left out, times the
+epochs it took to its best, with a 5% margin). Before any trial has ended, half the budget is
+kept back. The final training then plans the epochs the search found, or as many as still fit,
+and plans again after each epoch (``training.FitToDeadline``)."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cnnforge.core.errors import CnnforgeError
+from cnnforge.modeling.training import SAFETY
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+PRIOR_SHARE = 0.5  # of the budget kept back before any trial has been measured
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: ``90``, ``90s``, ``30m``, ``1.5h``, ``1h30m``."""
+    cleaned = text.strip().lower().replace(" ", "")
+    parts = re.fullmatch(r"((\d+(\.\d+)?)[hms]?)+", cleaned) and re.findall(
+        r"(\d+(?:\.\d+)?)([hms]?)", cleaned
+    )
+    if not parts:
+        raise CnnforgeError(f"time budget {text!r} is not a duration; write e.g. 30m, 1h, 90s")
+    seconds = sum(float(number) * _UNITS[unit or "s"] for number, unit in parts)
+    if seconds <= 0:
+        raise CnnforgeError(f"time budget {text!r} must be more than zero")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Pace:
+    """A trial's training speed: seconds per example in steady steps, and each epoch's start."""
+
+    per_example: float
+    epoch_start: float = 0.0
+
+    def epoch_seconds(self, examples: int) -> float:
+        return examples * self.per_example + self.epoch_start
+
+
+def pace(cost: dict[str, Any]) -> Pace | None:
+    """How fast a trial trained, from its cost record (None if it trained no whole epoch)."""
+    if cost.get("steady_examples"):
+        return Pace(cost["steady_seconds"] / cost["steady_examples"], cost["epoch_start_seconds"])
+    examples, epochs, seconds = cost.get("examples"), cost.get("epochs"), cost.get("train_seconds")
+    if not examples or not epochs or seconds is None:
+        return None
+    return Pace(seconds / (examples * epochs))
+
+
+@dataclass
+class TimeBudget:
+    """``ends_at`` (``time.time()``) is when the search, final training included, must be done;
+    ``final_examples`` is what the final training trains on (0: no final training);
+    ``overhead`` seconds are kept for what follows the final training."""
+
+    ends_at: float
+    total: float
+    final_examples: int
+    overhead: float = 0.0
+
+    def left(self) -> float:
+        return self.ends_at - time.time()
+
+    def final_training_seconds(self, best_pace: Pace | None, epochs: int) -> float:
+        """What the final training of ``epochs`` is expected to take at ``best_pace`` (before
+        any trial has been measured: a share of the budget)."""
+        if not self.final_examples:
+            return self.overhead
+        if best_pace is None:
+            return PRIOR_SHARE * self.total
+        return epochs * best_pace.epoch_seconds(self.final_examples) * SAFETY + self.overhead
+
+    def search_deadline(self, best_pace: Pace | None, best_epochs: int) -> float:
+        return self.ends_at - self.final_training_seconds(best_pace, best_epochs)
+
+    def epochs_that_fit(self, best_pace: Pace | None, wanted: int) -> int:
+        """``wanted``, or fewer when the time left cannot hold that many (at least one)."""
+        if best_pace is None:
+            return wanted
+        per_epoch = best_pace.epoch_seconds(self.final_examples) * SAFETY
+        room = (self.left() - self.overhead) / per_epoch
+        return max(1, min(wanted, math.floor(room)))

@@ -1,0 +1,456 @@
+"""cnnforge's additions to KerasTuner's engine: what is recorded per trial, and the oracles.
+
+- Every oracle rewrites ``trials.csv`` when a trial ends, from KerasTuner's state plus the cost
+  file each trial leaves beside it (``tuner/trial_N/cnnforge_cost.json``): parameters, epochs,
+  seconds, and the failure reason. Local searches and a distributed chief work the same way.
+- Before training, each candidate is exported and timed with onnxruntime (``cnnforge.tuning.candidate``);
+  one over the budget is not trained: it ends FAILED for KerasTuner (never ranked, never retried,
+  not counted among consecutive failures) and OVER_BUDGET in trials.csv, with the reason.
+- ``random``, ``bayesian`` and ``hyperband`` start with the default build (the baseline).
+- ``grid`` survives a reload (KerasTuner's forgets its walk through the grid).
+- A worker that falls silent for longer than its lease loses its trial to the next worker.
+- KerasTuner's state files are written atomically (below).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import keras
+import keras_tuner
+
+from cnnforge.core.atomic import atomic_write_text
+from cnnforge.core.contract import TUNERS
+from cnnforge.core.objectives import objective_direction
+from cnnforge.tuning.candidate import Budget, Target, measure_candidate
+from cnnforge.tuning.records import (
+    COST_FILE,
+    SearchProgress,
+    read_cost,
+    trial_record,
+    trial_records,
+    trials_csv_path,
+    write_trials_csv,
+)
+from cnnforge.tuning.timebudget import TimeBudget, pace
+
+
+def _save_json_atomically(path: str, obj: Any) -> str:
+    """KerasTuner's ``utils.save_json``, but written to a temporary name and renamed."""
+    text = json.dumps(obj)
+    atomic_write_text(Path(path), text)
+    return text
+
+
+# KerasTuner writes its oracle, tuner and trial state in place: a job killed mid-write would
+# leave a truncated JSON file that cannot be resumed. Every KerasTuner module calls
+# ``utils.save_json`` through the module, so replacing it there makes all those writes atomic.
+keras_tuner.src.utils.save_json = _save_json_atomically
+# KerasTuner prints the traceback of every failed trial; cnnforge records the reason in
+# trials.csv instead, and shows tracebacks only under --debug.
+keras_tuner.src.config.DEBUG = bool(os.environ.get("CNNFORGE_DEBUG"))
+
+
+# --- oracles ---------------------------------------------------------------------------------
+
+
+class _RecordsTrials:
+    """Oracle mixin: trials.csv is rewritten whenever a trial ends, wherever it ran."""
+
+    @keras_tuner.synchronized
+    def end_trial(self, trial: Any) -> None:
+        super().end_trial(trial)
+        write_trials_csv(trial_records(self), trials_csv_path(self))
+
+
+class _OverBudgetIsNoFailure:
+    """Oracle mixin: KerasTuner stops a search after N FAILED trials in a row; a candidate
+    refused for its budget is FAILED (so never ranked nor retried) but is no failure: it
+    neither counts towards that limit nor breaks a run of real failures."""
+
+    def _check_consecutive_failures(self) -> None:
+        in_a_row = 0
+        for trial_id in self.end_order:
+            trial = self.trials[trial_id]
+            if trial.status != keras_tuner.engine.trial.TrialStatus.FAILED:
+                in_a_row = 0
+            elif not read_cost(Path(self._project_dir) / f"trial_{trial_id}").get("over_budget"):
+                in_a_row += 1
+            if in_a_row == self.max_consecutive_failed_trials:
+                raise RuntimeError(
+                    "Number of consecutive failures exceeded the limit "
+                    f"of {self.max_consecutive_failed_trials}.\n{trial.message or ''}"
+                )
+
+
+class _WorkerLeases:
+    """Oracle mixin: a tuner that has neither asked for a trial nor finished an epoch for
+    ``lease_seconds`` is taken for dead; its trial goes back in the queue for the next tuner,
+    and it no longer keeps a distributed chief waiting."""
+
+    lease_seconds: float | None = None
+
+    def _last_seen(self) -> dict[str, float]:
+        if not hasattr(self, "_seen"):
+            self._seen: dict[str, float] = {}
+        return self._seen
+
+    @keras_tuner.synchronized
+    def create_trial(self, tuner_id: str) -> Any:
+        self._last_seen()[tuner_id] = time.monotonic()
+        self.expire_silent_tuners()
+        if self._others_may_give_back(tuner_id):
+            # Every trial is handed out, but another tuner may still die and give one back:
+            # wait (IDLE) instead of stopping, so a trial is never left without a tuner.
+            idle = keras_tuner.engine.trial.TrialStatus.IDLE
+            return keras_tuner.engine.trial.Trial(self.hyperparameters.copy(), "idle", status=idle)
+        return super().create_trial(tuner_id)
+
+    def _others_may_give_back(self, tuner_id: str) -> bool:
+        return bool(
+            self.lease_seconds
+            and self.max_trials
+            and len(self.trials) >= self.max_trials
+            and not self._retry_queue
+            and tuner_id not in self.ongoing_trials
+            and self.ongoing_trials
+        )
+
+    @keras_tuner.synchronized
+    def update_trial(self, trial_id: str, metrics: dict, step: int = 0) -> Any:
+        for tuner_id, trial in self.ongoing_trials.items():
+            if trial.trial_id == trial_id:
+                self._last_seen()[tuner_id] = time.monotonic()
+        return super().update_trial(trial_id, metrics, step=step)
+
+    @keras_tuner.synchronized
+    def expire_silent_tuners(self) -> list[str]:
+        """Re-queue the trials of silent tuners; return the ids of the tuners let go."""
+        if not self.lease_seconds:
+            return []
+        now, seen = time.monotonic(), self._last_seen()
+        silent = [
+            tuner_id
+            for tuner_id in {*self.tuner_ids, *self.ongoing_trials}
+            if now - seen.setdefault(tuner_id, now) > self.lease_seconds
+        ]
+        for tuner_id in silent:
+            trial = self.ongoing_trials.pop(tuner_id, None)
+            if trial is not None:
+                self._retry_queue.append(trial.trial_id)
+            self.tuner_ids.discard(tuner_id)
+            del seen[tuner_id]
+        if silent:
+            self.save()
+        return silent
+
+
+class _Deadline:
+    """Oracle mixin: no trial starts after ``deadline`` (``time.time()``; None: no limit), which
+    the tuner moves as trials end (``cnnforge.tuning.timebudget``)."""
+
+    deadline: float | None = None
+
+    @keras_tuner.synchronized
+    def create_trial(self, tuner_id: str) -> Any:
+        if self.deadline is not None and time.time() >= self.deadline:
+            stopped = keras_tuner.engine.trial.TrialStatus.STOPPED
+            return keras_tuner.engine.trial.Trial(self.hyperparameters.copy(), status=stopped)
+        return super().create_trial(tuner_id)
+
+
+class _BaselineFirst:
+    """Oracle mixin: the first trial is the default build, so a search never ends below baseline
+    (Hyperband adds its bracket bookkeeping to it as to any sampled candidate)."""
+
+    def _random_values(self) -> dict[str, Any] | None:
+        if not self.trials:
+            return {hp.name: hp.default for hp in self.hyperparameters.space}
+        return super()._random_values()
+
+
+class _ResumableGrid:
+    """Oracle mixin for the grid: KerasTuner keeps its walk through the grid (the order of the
+    tried trials and the queue of trials to expand) outside its saved state, so a reloaded grid
+    search fails with a KeyError. This saves both and rebuilds them on reload."""
+
+    def get_state(self) -> dict[str, Any]:
+        order, ids = [], self._ordered_ids
+        index = ids._next_index[None]
+        while index is not None:
+            order.append(ids._memory[index])
+            index = ids._next_index[index]
+        return {
+            **super().get_state(),
+            "grid_order": order,
+            "populate_next": list(self._populate_next),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self._ordered_ids = keras_tuner.src.tuners.gridsearch.LinkedList()
+        for trial_id in state.get("grid_order", []):
+            self._ordered_ids.insert(trial_id)
+        self._populate_next = list(state.get("populate_next", []))
+
+
+_ORACLE_BASES = {
+    "random": (_BaselineFirst, keras_tuner.oracles.RandomSearchOracle),
+    "bayesian": (_BaselineFirst, keras_tuner.oracles.BayesianOptimizationOracle),
+    "grid": (_ResumableGrid, keras_tuner.oracles.GridSearchOracle),  # starts from the defaults
+    "hyperband": (_BaselineFirst, keras_tuner.oracles.HyperbandOracle),
+}
+assert tuple(_ORACLE_BASES) == TUNERS, "core.contract.TUNERS names every oracle"
+ORACLES = {
+    name: type(
+        bases[-1].__name__,
+        (_RecordsTrials, _OverBudgetIsNoFailure, _Deadline, _WorkerLeases, *bases),
+        {},
+    )
+    for name, bases in _ORACLE_BASES.items()
+}
+
+
+# --- tuners ----------------------------------------------------------------------------------
+
+
+class NonFiniteLoss(keras.callbacks.Callback):
+    """Fail the trial as soon as the loss is NaN or infinite, saying at which epoch."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss} at epoch {epoch + 1}; lower the learning rate"
+            )
+
+
+class StopAtDeadline(keras.callbacks.Callback):
+    """Stop training (after the current batch) once ``deadline()`` has passed."""
+
+    def __init__(self, deadline: Any) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        deadline = self.deadline()
+        if deadline is not None and time.time() >= deadline:
+            self.model.stop_training = True
+
+
+def _failure_reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+
+
+class _HyperbandWithOracle(keras_tuner.Hyperband):
+    """Hyperband's way of running trials (epochs set per bracket) with an oracle cnnforge built."""
+
+    def __init__(self, oracle: Any, **kwargs: Any) -> None:
+        keras_tuner.Tuner.__init__(self, oracle=oracle, **kwargs)
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it. tf2onnx and clearing a Keras
+    session run many weakref callbacks, and a KeyboardInterrupt raised inside one is printed
+    and ignored by Python: the search would go on."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+class OverBudget(Exception):
+    """A candidate costs more than the search's budget allows; it is not trained."""
+
+
+class RecordingTuner(keras_tuner.Tuner):
+    """Runs trials, leaving each one's cost (or failure reason) beside it, with progress events
+    and a heartbeat to the oracle after every epoch (which also keeps a worker's lease).
+
+    Before training, each candidate is measured on ``target`` (None: not measured) and refused
+    when over ``budget``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        progress: SearchProgress | None,
+        budget: Budget | None = None,
+        target: Target | None = None,
+        time_budget: TimeBudget | None = None,
+        **kwargs: Any,
+    ) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner prints "Reloading Tuner"
+            super().__init__(*args, **kwargs)
+        self.progress = progress
+        self.budget = budget or Budget()
+        self.target = target
+        self.time_budget = time_budget
+        self.move_deadline()
+        self.trials_run: list[str] = []
+        self._measured: dict[str, dict[str, Any]] = {}  # Hyperband runs a candidate again
+
+    def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
+        self.trials_run.append(trial.trial_id)
+        if self.progress:
+            total = getattr(self.oracle, "max_trials", None)
+            self.progress.trial_started(
+                int(trial.trial_id) + 1, total, trial.hyperparameters.values
+            )
+        start = time.perf_counter()
+        cost: dict[str, Any] = {}
+        try:
+            cost.update(self.measure(trial.hyperparameters))
+            reasons = self.budget.violations(cost)
+            if reasons:
+                cost["over_budget"] = "; ".join(reasons)
+                raise OverBudget(cost["over_budget"])
+            # a lambda, not the oracle: KerasTuner deep-copies the callbacks of every trial
+            stop = StopAtDeadline(lambda: getattr(self.oracle, "deadline", None))
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), stop]
+            result = super().run_trial(trial, *args, **kwargs)
+            deadline = getattr(self.oracle, "deadline", None)
+            if deadline is not None and time.time() >= deadline:
+                cost["note"] = "cut short by the time budget"
+            return result
+        except OverBudget as exc:
+            cost["error"] = f"over budget: {exc}"
+            raise keras_tuner.errors.FailedTrialError(cost["error"]) from None
+        except Exception as exc:
+            # Any failure of one trial (a plugin that raises, out of memory, NaN loss) is
+            # recorded with its reason; KerasTuner counts FAILED trials in a row.
+            cost["error"] = _failure_reason(exc)
+            raise keras_tuner.errors.FailedTrialError(cost["error"]) from exc
+        finally:
+            cost.update(self.hypermodel.last_fit, duration_s=time.perf_counter() - start)
+            cost["best_epoch"] = self._best_epoch(cost)
+            atomic_write_text(
+                Path(self.get_trial_dir(trial.trial_id)) / COST_FILE, json.dumps(cost)
+            )
+            self.hypermodel.last_fit = {}
+
+    def _best_epoch(self, cost: dict[str, Any]) -> int | None:
+        """How many epochs (from scratch, counting a continued trial's earlier rounds) it took
+        to reach the trial's best objective value."""
+        values = cost.get("history", {}).get(self.oracle.objective.name)
+        if not values:
+            return None
+        best = (max if self.oracle.objective.direction == "max" else min)(values)
+        return cost.get("initial_epoch", 0) + values.index(best) + 1
+
+    def best_cost(self) -> dict[str, Any]:
+        """The cost record of the best trial so far (empty before one has ended)."""
+        best = self.oracle.get_best_trials(1)
+        return read_cost(Path(self.get_trial_dir(best[0].trial_id))) if best else {}
+
+    def move_deadline(self) -> None:
+        """Let trials run until the time left is what retraining the best one will take."""
+        if self.time_budget is not None:
+            best = self.best_cost()
+            self.oracle.deadline = self.time_budget.search_deadline(
+                pace(best), best.get("best_epoch") or best.get("epochs") or 1
+            )
+
+    def measure(self, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
+        """The candidate's deployment cost, measured once per candidate. Without a budget, a
+        candidate that cannot be measured (say, tf2onnx cannot convert it) is still trained."""
+        if self.target is None:
+            return {}
+        key = json.dumps(
+            {k: v for k, v in sorted(hp.values.items()) if not k.startswith("tuner/")},
+            default=str,
+        )
+        if key not in self._measured:
+            with _interrupt_after():
+                self._measured[key] = self._measure_once(hp)
+        return self._measured[key]
+
+    def _measure_once(self, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
+        try:
+            return measure_candidate(self.hypermodel.build(hp), self.target)  # type: ignore[arg-type]
+        except Exception as exc:
+            if self.budget.limits():
+                raise
+            return {"measure_error": _failure_reason(exc)}
+        finally:
+            keras.backend.clear_session()
+
+    def pre_create_trial(self) -> None:
+        # KerasTuner asks again at once when the oracle answers IDLE; ask once a second instead.
+        if getattr(self, "_asked_in_vain", False):
+            time.sleep(1.0)
+        self._asked_in_vain = True
+
+    def on_trial_begin(self, trial: Any) -> None:
+        self._asked_in_vain = False
+        super().on_trial_begin(trial)
+
+    def on_epoch_end(self, trial: Any, model: Any, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_end(trial, model, epoch, logs)
+        objective = self.oracle.objective.name
+        if logs and objective in logs:
+            self.oracle.update_trial(
+                trial.trial_id, {objective: float(logs[objective])}, step=epoch
+            )
+
+    def on_trial_end(self, trial: Any) -> None:
+        super().on_trial_end(trial)
+        self.move_deadline()
+        if self.progress:
+            ended = self.oracle.get_trial(trial.trial_id)
+            self.progress.trial_ended(trial_record(ended, Path(self.get_trial_dir(trial.trial_id))))
+
+
+class RecordingHyperband(RecordingTuner, _HyperbandWithOracle):
+    pass
+
+
+def make_tuner(
+    tuner: str,
+    *,
+    objective: str,
+    max_trials: int,
+    epochs: int,
+    seed: int,
+    hyperparameters: keras_tuner.HyperParameters,
+    lease_seconds: float | None,
+    budget: Budget | None = None,
+    target: Target | None = None,
+    time_budget: TimeBudget | None = None,
+    **tuner_kwargs: Any,
+) -> RecordingTuner:
+    """The tuner named ``tuner`` over cnnforge's oracle for it."""
+    oracle_kwargs = dict(
+        objective=keras_tuner.Objective(objective, objective_direction(objective)),
+        hyperparameters=hyperparameters,
+        tune_new_entries=True,
+        seed=seed,
+    )
+    if tuner == "hyperband":
+        oracle = ORACLES[tuner](max_epochs=epochs, **oracle_kwargs)
+    else:
+        oracle = ORACLES[tuner](max_trials=max_trials, **oracle_kwargs)
+    oracle.lease_seconds = lease_seconds
+    tuner_class = RecordingHyperband if tuner == "hyperband" else RecordingTuner
+    return tuner_class(
+        oracle=oracle, budget=budget, target=target, time_budget=time_budget, **tuner_kwargs
+    )

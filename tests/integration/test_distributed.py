@@ -1,0 +1,120 @@
+"""Distributed search on KerasTuner's chief/worker engine: a chief and two workers as separate
+processes on loopback, sharing one run directory."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(data: Path, run_dir: Path, *role: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "cnnforge.cli",
+        "search",
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        "--max-trials",
+        "4",
+        "--epochs",
+        "3",
+        "--patience",
+        "0",
+        "--fix",
+        "conv_blocks=2",
+        "--space",
+        "filters_0=16,32",
+        "--space",
+        "dense_units_0=32,64",
+        *role,
+    ]
+
+
+def worker(data: Path, run_dir: Path, address: str, worker_id: str) -> list[str]:
+    return command(
+        data, run_dir, "--distributed", "worker", "--chief", address, "--worker-id", worker_id
+    )
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rows(run_dir: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((run_dir / "trials.csv").open()))
+
+
+def test_chief_and_two_workers_complete_every_trial_once(small_npz, tmp_path):
+    run_dir, address = tmp_path / "run", f"127.0.0.1:{free_port()}"
+    chief = start(command(small_npz, run_dir, "--distributed", "chief", "--listen", address))
+    workers = [start(worker(small_npz, run_dir, address, w)) for w in ("worker1", "worker2")]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err for _, err in outputs]
+    out, err = chief.communicate(timeout=120)
+    assert chief.returncode == 0, err
+
+    trials = rows(run_dir)
+    assert sorted(t["trial_id"] for t in trials) == ["0", "1", "2", "3"]
+    assert {t["status"] for t in trials} == {"COMPLETED"}
+    ran = [int(o.split("ran ")[1].split(" trial")[0]) for o, _ in outputs]
+    assert sum(ran) == 4, outputs
+    assert (run_dir / "best.keras").is_file()
+    assert "best model:" in out
+
+
+def test_a_worker_killed_mid_trial_does_not_stall_the_search(small_npz, tmp_path):
+    run_dir, address = tmp_path / "run", f"127.0.0.1:{free_port()}"
+    chief_cmd = command(
+        small_npz, run_dir, "--distributed", "chief", "--listen", address, "--worker-timeout", "5"
+    )
+    chief = start(chief_cmd)
+    doomed = start(worker(small_npz, run_dir, address, "doomed"))
+    deadline = time.monotonic() + 300
+    while not list((run_dir / "tuner").glob("trial_*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    doomed.send_signal(signal.SIGKILL)
+    doomed.communicate()
+    survivor = start(worker(small_npz, run_dir, address, "survivor"))
+    out, err = survivor.communicate(timeout=600)
+    assert survivor.returncode == 0, err
+    assert "ran 4 trial(s)" in out
+    chief_out, chief_err = chief.communicate(timeout=120)
+    assert chief.returncode == 0, chief_err
+    assert sorted(t["status"] for t in rows(run_dir)) == ["COMPLETED"] * 4
+
+
+def test_distributed_flags_are_checked():
+    from click.testing import CliRunner
+
+    from cnnforge.cli import cli
+
+    for args, message in [
+        (["--distributed", "chief"], "needs --listen HOST:PORT"),
+        (["--distributed", "worker", "--chief", "localhost:8000"], "needs --worker-id"),
+        (
+            ["--distributed", "worker", "--chief", "localhost:http", "--worker-id", "w"],
+            "needs --chief HOST:PORT",
+        ),
+    ]:
+        result = CliRunner().invoke(cli, ["search", *args])
+        assert result.exit_code == 1 and message in result.stderr, result.stderr

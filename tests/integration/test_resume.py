@@ -1,0 +1,123 @@
+"""Crash-safe resume: a search killed at any moment ends, when run again, with exactly the
+requested trials, none lost, none duplicated, the interrupted one re-run once."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cnnforge.core.errors import CnnforgeError
+from cnnforge.tuning.tuners import _save_json_atomically
+
+
+def search_command(data: Path, run_dir: Path, tuner: str, trials: int = 3) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "cnnforge.cli",
+        "search",
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run_dir),
+        "--tuner",
+        tuner,
+        "--max-trials",
+        str(trials),
+        "--epochs",
+        "4",
+        "--patience",
+        "0",
+        "--fix",
+        "conv_blocks=2",
+        "--space",
+        "filters_0=16,32",
+        "--space",
+        "dense_units_0=32,64",
+        "--fix",
+        "learning_rate=0.001",
+        "--fix",
+        "dropout=0.0",
+    ]
+
+
+def finished_trials(run_dir: Path) -> int:
+    path = run_dir / "trials.csv"
+    return len(list(csv.DictReader(path.open()))) if path.exists() else 0
+
+
+def start_and_interrupt(command: list[str], run_dir: Path, sig: int) -> subprocess.CompletedProcess:
+    """Start ``command``; once one trial has finished and the next is under way, send ``sig``."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while finished_trials(run_dir) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # well inside the next trial
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def trial_states(run_dir: Path) -> dict[str, str]:
+    return {
+        path.parent.name: json.loads(path.read_text())["status"]
+        for path in (run_dir / "tuner").glob("trial_*/trial.json")
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tuner", ["random", "bayesian", "grid", "hyperband"])
+def test_sigkill_mid_trial_then_rerun_completes_every_trial_once(tuner, small_npz, tmp_path):
+    run_dir = tmp_path / "run"
+    command = search_command(small_npz, run_dir, tuner)
+    killed = start_and_interrupt(command, run_dir, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    interrupted = {t for t, status in trial_states(run_dir).items() if status == "RUNNING"}
+    assert len(interrupted) == 1, trial_states(run_dir)
+
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    states = trial_states(run_dir)
+    assert set(states.values()) == {"COMPLETED"}, states
+    rows = list(csv.DictReader((run_dir / "trials.csv").open()))
+    ids = [r["trial_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == len(states)
+    if tuner != "hyperband":  # Hyperband's trial count comes from its brackets, not max-trials
+        assert len(ids) == 3
+    assert interrupted <= {f"trial_{i}" for i in ids}
+    assert (run_dir / "best.keras").is_file()
+
+
+def test_sigint_saves_state_says_how_to_resume_and_exits_non_zero(small_npz, tmp_path):
+    run_dir = tmp_path / "run"
+    command = search_command(small_npz, run_dir, "random", trials=2)
+    stopped = start_and_interrupt(command, run_dir, signal.SIGINT)
+    assert stopped.returncode == 130
+    assert "run the same command again to resume" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert finished_trials(run_dir) == 2
+
+
+def test_kerastuner_state_writes_are_atomic(tmp_path, monkeypatch):
+    state = tmp_path / "oracle.json"
+    _save_json_atomically(str(state), {"trials": 1})
+    monkeypatch.setattr(
+        os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left"))
+    )
+    with pytest.raises(CnnforgeError, match="cannot write"):
+        _save_json_atomically(str(state), {"trials": 2})
+    assert json.loads(state.read_text()) == {"trials": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["oracle.json"]

@@ -1,0 +1,114 @@
+"""Real tf2onnx conversions checked with real onnxruntime sessions."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import onnx
+import pytest
+
+from cnnforge.conversion.export import export, to_onnx
+from cnnforge.conversion.parity import check_parity
+from cnnforge.core.errors import CnnforgeError
+from cnnforge.deploy.runtime import metadata, open_session, predict
+
+RNG = np.random.default_rng(0)
+IMAGES = RNG.uniform(0, 255, (40, 16, 16, 3)).astype("float32")
+
+
+def test_exported_run_has_the_contract_metadata_and_parity(finished_run):
+    run_dir = finished_run.run_dir
+    session = open_session(run_dir / "model.onnx")
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert (inp.name, inp.shape, inp.type) == ("images", ["batch", 28, 28, 1], "tensor(float)")
+    assert (out.name, out.shape) == ("probabilities", ["batch", 10])
+    meta = metadata(session)
+    assert meta["class_names"][0] == "T-shirt/top" and len(meta["class_names"]) == 10
+    assert meta["input_layout"] == "NHWC" and meta["pixel_range"] == [0, 255]
+    assert meta["source"].endswith("best.keras")
+    assert {"cnnforge", "keras", "tf2onnx", "tensorflow"} <= set(meta["versions"])
+
+    parity = json.loads((run_dir / "parity.json").read_text())
+    assert parity["passed"] and parity["batch_axis_dynamic"] and parity["opset"] == 17
+    assert parity["inputs"].startswith("test split of")
+    assert [c["batch_size"] for c in parity["cases"]] == [1, 32]
+    assert all(c["max_abs_diff"] < 1e-4 and c["top1_agreement"] == 1.0 for c in parity["cases"])
+
+
+def _save(model: keras.Model, tmp_path, name: str = "m.keras"):
+    path = tmp_path / name
+    model.save(path)
+    return path
+
+
+def test_sequential_with_batchnorm_dropout_rescaling_exports(tmp_path):
+    model = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            keras.layers.Rescaling(1 / 255),
+            keras.layers.Conv2D(4, 3),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.3),
+            keras.layers.GlobalMaxPooling2D(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.layers[2].moving_mean.assign(np.full(4, 0.2, "float32"))  # non-trivial BN statistics
+    result = export(_save(model, tmp_path), tmp_path / "seq.onnx")
+    assert result.parity.passed and result.parity.inputs == "random pixels"
+    got = predict(open_session(result.onnx_path), IMAGES)
+    np.testing.assert_allclose(got, model(IMAGES, training=False).numpy(), atol=1e-5)
+
+
+def test_normalization_layer_constants_stay_inside_the_graph(tmp_path):
+    """tf2onnx's from_function turns Normalization constants into graph inputs (EfficientNet)."""
+    inputs = keras.Input((16, 16, 3), name="images")
+    norm = keras.layers.Normalization(mean=[100.0, 110.0, 120.0], variance=[900.0, 1000.0, 1100.0])
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(5, 3)(norm(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    proto = to_onnx(model)
+    assert [i.name for i in proto.graph.input] == ["images"]
+    report = check_parity(model, proto.SerializeToString(), IMAGES, inputs="random")
+    assert report.passed, report.mismatches
+
+
+def test_parity_gathers_every_mismatch_before_failing():
+    def classifier(seed: int) -> keras.Model:
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((16, 16, 3))
+        x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+        return keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(x))
+
+    other = to_onnx(classifier(1)).SerializeToString()
+    report = check_parity(classifier(2), other, IMAGES, inputs="random", batch_sizes=(1, 8))
+    assert not report.passed
+    assert [c.batch_size for c in report.cases] == [1, 8]
+    assert len(report.mismatches) == 2
+    assert report.mismatches[0].startswith("batch 1, probabilities: max abs diff")
+    assert "batch 8" in report.summary()
+
+
+def test_exported_onnx_is_a_valid_model_with_named_batch_axis(finished_run):
+    model = onnx.load(finished_run.run_dir / "model.onnx")
+    onnx.checker.check_model(model)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert model.producer_name == "cnnforge"
+
+
+def test_corrupt_keras_file_is_one_clear_error_and_nothing_is_written(tmp_path):
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CnnforgeError, match=r"cannot load Keras model .*bad.keras"):
+        export(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.keras"]
+
+
+def test_missing_source_and_bad_output_name(tmp_path, finished_run):
+    with pytest.raises(CnnforgeError, match="does not exist"):
+        export(tmp_path / "nope.keras")
+    with pytest.raises(CnnforgeError, match="has no best.keras"):
+        export(tmp_path)
+    with pytest.raises(CnnforgeError, match=r"must end in \.onnx"):
+        export(finished_run.run_dir, tmp_path / "model.txt")

@@ -1,0 +1,49 @@
+"""Deployed-model accuracy with onnxruntime, and the per-class scores behind it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnnforge.core.errors import CnnforgeError
+from cnnforge.evaluation.evaluate import class_scores, confusion_matrix, evaluate
+
+
+def test_confusion_matrix_and_class_scores_on_a_known_table():
+    y_true = np.array([0, 0, 0, 1, 1, 2])
+    y_pred = np.array([0, 0, 1, 1, 2, 2])
+    matrix = confusion_matrix(y_true, y_pred, 3)
+    assert matrix.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    scores = class_scores(matrix, ("a", "b", "c"))
+    assert [s.support for s in scores] == [3, 2, 1]
+    assert scores[0].precision == 1.0 and scores[0].recall == pytest.approx(2 / 3)
+    assert scores[1].precision == 0.5 and scores[1].recall == 0.5
+    assert scores[2].precision == 0.5 and scores[2].recall == 1.0
+
+
+def test_class_never_predicted_has_zero_precision_not_nan():
+    scores = class_scores(confusion_matrix(np.array([0, 1]), np.array([0, 0]), 2), ("a", "b"))
+    assert scores[1].precision == 0.0 and scores[1].recall == 0.0
+
+
+def test_evaluate_the_exported_model(finished_run, small_npz):
+    result = evaluate(finished_run.run_dir / "model.onnx", str(small_npz))
+    assert result.images == 200
+    matrix = np.array(result.confusion)
+    assert matrix.sum() == 200
+    assert result.accuracy == pytest.approx(np.trace(matrix) / 200)
+    assert result.accuracy > 0.3  # ten classes: chance is 0.1
+    assert result.per_class[0].name == "T-shirt/top"
+
+
+def test_evaluate_on_data_of_another_shape_is_refused(finished_run, tmp_path):
+    x = np.zeros((4, 8, 8, 3), np.uint8)
+    np.savez(
+        tmp_path / "other.npz",
+        x_train=x,
+        y_train=np.array([0, 1, 0, 1]),
+        x_test=x,
+        y_test=np.array([0, 1, 0, 1]),
+    )
+    with pytest.raises(CnnforgeError, match=r"takes images of shape \(28, 28, 1\)"):
+        evaluate(finished_run.run_dir / "model.onnx", str(tmp_path / "other.npz"))

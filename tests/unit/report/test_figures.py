@@ -1,0 +1,135 @@
+"""The data behind the report's figures, on small known tables and on a real finished run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cnnforge.core.objectives import TrialPoint, pareto_front
+from cnnforge.report.figures import (
+    Predictions,
+    best_trial,
+    class_table,
+    latency_column,
+    misclassified,
+    missing_artifacts,
+    predict_test_split,
+    training_history,
+    trial_points,
+)
+
+
+def _predictions(labels, predicted, confidence) -> Predictions:
+    n = len(labels)
+    return Predictions(
+        np.zeros((n, 2, 2, 1)),
+        np.array(labels),
+        np.array(predicted),
+        np.array(confidence, dtype=float),
+    )
+
+
+KNOWN = _predictions(
+    labels=[0, 0, 0, 1, 1, 2],
+    predicted=[0, 0, 1, 1, 2, 2],
+    confidence=[0.9, 0.8, 0.7, 0.6, 0.95, 0.5],
+)
+
+
+def test_confusion_and_class_scores_of_a_known_prediction_table():
+    table = class_table(KNOWN, ("cat", "dog", "eel"))
+    assert table["confusion"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    scores = {c["name"]: c for c in table["per_class"]}
+    assert scores["cat"]["precision"] == 1.0 and scores["cat"]["recall"] == pytest.approx(2 / 3)
+    assert scores["dog"]["precision"] == 0.5 and scores["dog"]["recall"] == 0.5
+    assert scores["eel"]["precision"] == 0.5 and scores["eel"]["recall"] == 1.0
+    assert [c["support"] for c in table["per_class"]] == [3, 2, 1]
+
+
+def test_misclassified_most_confident_mistakes_first():
+    assert misclassified(KNOWN) == [4, 2]  # 0.95 (dog→eel) before 0.7 (cat→dog)
+    assert misclassified(KNOWN, count=1) == [4]
+    assert misclassified(_predictions([0, 1], [0, 1], [0.9, 0.9])) == []
+
+
+def _trials(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"trial_id": r[0], "status": r[1], "score": r[2], **r[3]} for r in rows]
+
+
+def test_trial_points_in_run_order_with_failures_and_latency():
+    trials = _trials(
+        [
+            ("10", "COMPLETED", "0.9", {"latency_ms": "2.0"}),
+            ("2", "FAILED", "", {"latency_ms": ""}),
+            ("1", "COMPLETED", "0.8", {"latency_ms": "1.0"}),
+        ]
+    )
+    assert latency_column(trials) == "latency_ms"
+    assert trial_points(trials) == [
+        TrialPoint("1", "COMPLETED", 0.8, 1.0),
+        TrialPoint("2", "FAILED", None, None),
+        TrialPoint("10", "COMPLETED", 0.9, 2.0),
+    ]
+    without = _trials([("0", "COMPLETED", "0.5", {"params": "10"})])
+    assert latency_column(without) is None and trial_points(without)[0].latency is None
+
+
+def test_pareto_front_for_a_maximised_and_a_minimised_objective():
+    points = [
+        TrialPoint("a", "COMPLETED", 0.80, 1.0),
+        TrialPoint("b", "COMPLETED", 0.85, 3.0),
+        TrialPoint("c", "COMPLETED", 0.70, 2.0),  # slower and worse than a: dominated
+        TrialPoint("d", "COMPLETED", 0.90, 5.0),
+        TrialPoint("e", "COMPLETED", 0.85, 4.0),  # as good as b, but slower
+        TrialPoint("f", "FAILED", None, 0.5),
+    ]
+    assert [p.trial_id for p in pareto_front(points, "val_accuracy")] == ["a", "b", "d"]
+    # As a loss, lower is better: a (0.80 at 1 ms) and c (0.70 at 2 ms).
+    assert [p.trial_id for p in pareto_front(points, "val_loss")] == ["a", "c"]
+
+
+def test_best_trial_is_the_winner_or_the_best_so_far():
+    config = {"search": {"objective": "val_accuracy"}}
+    trials = _trials([("0", "COMPLETED", "0.6", {}), ("1", "COMPLETED", "0.7", {})])
+    assert best_trial({"config": config, "trials": trials, "search": {"trial_id": "0"}}) == (
+        "0",
+        True,
+    )
+    assert best_trial({"config": config, "trials": trials}) == ("1", False)
+    assert best_trial({"config": config, "trials": []}) == (None, False)
+
+
+def test_a_run_without_a_finished_search_says_what_is_missing(tmp_path):
+    (tmp_path / "trials.csv").write_text("trial_id,status,score\n0,COMPLETED,0.5\n")
+    run = {
+        "config": {"search": {"max_trials": 5, "data": "fashion_mnist_small"}},
+        "trials": [{"trial_id": "0"}],
+    }
+    missing = {m.file: m for m in missing_artifacts(tmp_path, run)}
+    assert list(missing) == [
+        "search.json",
+        "best.keras",
+        "model.onnx",
+        "bench.json",
+        "evaluation.json",
+    ]
+    assert "1 of 5 trials recorded" in missing["search.json"].consequence
+    assert f"cnnforge export {tmp_path}" in missing["model.onnx"].remedy
+    assert "--data fashion_mnist_small" in missing["evaluation.json"].remedy
+
+
+def test_the_winner_history_and_predictions_of_a_real_run(finished_run, small_npz):
+    run_dir = finished_run.run_dir
+    history = training_history(run_dir, finished_run.best_trial.trial_id)
+    assert set(history) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert len(history["val_accuracy"]) == finished_run.best_trial.epochs
+    assert max(history["val_accuracy"]) == pytest.approx(finished_run.best_trial.score)
+    assert training_history(run_dir, "999") == {}
+
+    predictions = predict_test_split(run_dir / "model.onnx", str(small_npz))
+    assert predictions.images.shape == (200, 28, 28, 1)
+    assert ((predictions.confidence > 0) & (predictions.confidence <= 1)).all()
+    saved = json.loads((run_dir / "search.json").read_text())
+    assert saved["trial_id"] == finished_run.best_trial.trial_id

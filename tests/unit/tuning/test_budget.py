@@ -1,0 +1,161 @@
+"""Budget-aware search: a time budget that holds, the final training on train+validation,
+trials on a share of the data, the same trials for the same seed, mixed precision."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cnnforge.cli import cli
+from cnnforge.core.errors import CnnforgeError
+from cnnforge.tuning import timebudget
+from cnnforge.tuning.search import SearchConfig, search
+from cnnforge.tuning.timebudget import Pace, TimeBudget, pace, parse_duration
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("90", 90), ("90s", 90), ("30m", 1800), ("1.5h", 5400), ("1h30m", 5400), (" 2 m ", 120)],
+)
+def test_durations_read_as_people_write_them(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "m30", "-5m", "0s", ""])
+def test_a_duration_that_is_not_one_is_refused(text):
+    with pytest.raises(CnnforgeError, match="time budget"):
+        parse_duration(text)
+
+
+def test_the_cli_refuses_a_bad_budget_in_one_line():
+    result = CliRunner().invoke(cli, ["search", "--time-budget", "soon"])
+    assert result.exit_code == 2
+    assert "is not a duration; write e.g. 30m" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_reserve_follows_the_best_trials_pace():
+    budget = TimeBudget(time.time() + 100, 100, final_examples=1000, overhead=5)
+    assert budget.search_deadline(None, 10) == pytest.approx(budget.ends_at - 50)  # prior: half
+    # 10 epochs of 1000 examples at 2 ms each plus 0.5 s to start each, the margin, the overhead.
+    quick = Pace(0.002, epoch_start=0.5)
+    expected = 10 * (2 + 0.5) * timebudget.SAFETY + 5
+    assert budget.search_deadline(quick, 10) == pytest.approx(budget.ends_at - expected)
+    without_final = TimeBudget(budget.ends_at, 100, final_examples=0, overhead=5)
+    assert without_final.search_deadline(None, 10) == pytest.approx(budget.ends_at - 5)
+    assert budget.epochs_that_fit(quick, 3) == 3
+    assert budget.epochs_that_fit(Pace(0.02), 10) == 4  # 95 s left / 21 s an epoch
+    assert budget.epochs_that_fit(Pace(1.0), 10) == 1  # never none
+
+
+def test_a_trials_pace_separates_epoch_starts_from_steady_steps():
+    cost = {
+        "steady_seconds": 9.0,
+        "steady_examples": 900,
+        "epoch_start_seconds": 0.4,
+        "train_seconds": 10.2,
+        "examples": 1000,
+        "epochs": 1,
+    }
+    assert pace(cost) == Pace(0.01, 0.4)
+    assert pace(cost).epoch_seconds(60_000) == pytest.approx(600.4)
+    assert pace({"train_seconds": 10.0, "examples": 1000, "epochs": 2}) == Pace(0.005)
+    assert pace({}) is None
+
+
+def test_a_search_stops_in_time_and_still_trains_the_winner_again(small_npz, tmp_path):
+    budget = 25.0
+    start = time.perf_counter()
+    result = search(
+        SearchConfig(
+            data=str(small_npz),
+            run_dir=tmp_path / "r",
+            max_trials=200,
+            epochs=3,
+            patience=0,
+            time_budget=budget,
+        )
+    )
+    elapsed = time.perf_counter() - start
+    assert elapsed < budget + 10  # one batch, one validation pass and saving past the deadline
+    assert 1 <= len(result.trials) < 200
+    assert result.final_training is not None and result.final_training.epochs >= 1
+    summary = json.loads((tmp_path / "r" / "search.json").read_text())
+    assert summary["final_training"]["examples"] == 400  # train + validation
+
+
+def test_the_final_training_uses_train_and_validation_for_the_epochs_found(finished_run):
+    final = finished_run.final_training
+    assert final.examples == 400 and final.epochs == final.epochs_found
+    assert final.epochs_found == finished_run.best_trial.best_epoch
+    rows = list(csv.DictReader((finished_run.run_dir / "trials.csv").open()))
+    assert all(1 <= int(r["best_epoch"]) <= int(r["epochs"]) for r in rows)
+
+
+def _one_trial(small_npz, run_dir, **settings):
+    """A one-trial, one-epoch search on the small data with ``settings``."""
+    config = SearchConfig(
+        data=str(small_npz), run_dir=run_dir, max_trials=1, epochs=1, patience=0, **settings
+    )
+    return search(config)
+
+
+def test_without_retraining_the_best_model_is_the_trials_own(small_npz, tmp_path):
+    result = _one_trial(small_npz, tmp_path / "r", retrain=False)
+    assert result.final_training is None
+    trial_dir = tmp_path / "r" / "tuner" / "trial_0"
+    best = keras.models.load_model(result.best_model)
+    reference = keras.models.clone_model(best)
+    reference.load_weights(str(trial_dir / "checkpoint.weights.h5"))
+    for ours, theirs in zip(best.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_trials_train_on_their_share_of_the_data(small_npz, tmp_path):
+    result = _one_trial(small_npz, tmp_path / "r", search_fraction=0.5)
+    cost = json.loads((tmp_path / "r" / "tuner" / "trial_0" / "cnnforge_cost.json").read_text())
+    assert abs(cost["examples"] - 180) <= 2  # half of the 360 training images, per class
+    assert result.final_training.examples == 400
+
+
+def _trials(small_npz, run_dir, seed):
+    config = SearchConfig(
+        data=str(small_npz),
+        run_dir=run_dir,
+        max_trials=3,
+        epochs=1,
+        patience=0,
+        seed=seed,
+        deterministic=True,
+        retrain=False,
+    )
+    return [(t.hyperparameters, t.score) for t in search(config).trials]
+
+
+def test_the_same_seed_gives_the_same_trials_and_scores(small_npz, tmp_path):
+    from tensorflow.python.framework import config as tf_config
+
+    first = _trials(small_npz, tmp_path / "a", seed=7)
+    assert not tf_config.is_op_determinism_enabled()  # switched off again after the search
+    again = _trials(small_npz, tmp_path / "b", seed=7)
+    other = _trials(small_npz, tmp_path / "c", seed=8)
+    assert first == again
+    assert [hp for hp, _ in first][1:] != [hp for hp, _ in other][1:]  # trial 0 is the baseline
+
+
+def test_mixed_precision_trains_and_exports_a_float32_model(small_npz, tmp_path):
+    from cnnforge.conversion.export import export
+
+    result = _one_trial(small_npz, tmp_path / "r", precision="mixed")
+    assert keras.config.dtype_policy().name == "float32"  # the policy does not leak
+    best = keras.models.load_model(result.best_model)
+    assert {w.dtype for w in best.weights} == {"float32"}
+    assert best.dtype_policy.name == "float32"
+    exported = export(tmp_path / "r")
+    assert exported.parity.passed
