@@ -1,15 +1,17 @@
-"""The one place that wires the stages: search → export → parity → bench → evaluate → report."""
+"""The one place that wires the stages: data → search → export → parity → bench → evaluate →
+report. The dataset is loaded once here and handed to every stage."""
 
 from __future__ import annotations
 
-import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cnnforge.bench.sweep import BenchReport, benchmark, results_as_json
 from cnnforge.conversion.export import ExportResult, export
-from cnnforge.core.atomic import atomic_write_text
+from cnnforge.core.rundir import RunDir
+from cnnforge.data.dataset import Dataset, load_dataset
 from cnnforge.evaluation.evaluate import Evaluation, evaluate
 from cnnforge.report.html import write_html_report
 from cnnforge.report.markdown import write_report
@@ -33,38 +35,36 @@ class RunResult:
         return self.search.run_dir
 
     def artifacts(self) -> dict[str, Path]:
-        names = [
-            "config.json",
-            "trials.csv",
-            "best.keras",
-            "model.onnx",
-            "parity.json",
-            "bench.json",
-            "evaluation.json",
-            "report.md",
-            "report.html",
-        ]
-        return {name: self.run_dir / name for name in names}
+        return RunDir(self.run_dir).artifacts()
 
 
 def run(
     config: SearchConfig,
     *,
+    dataset: Dataset | None = None,
     progress: SearchProgress | None = None,
     stage: Callable[[str], None] = lambda name: None,
     bench_iterations: int = 200,
     bench_min_duration_s: float = 1.0,
 ) -> RunResult:
-    """Search, export the best model, check parity, benchmark it, evaluate it, and report."""
+    """Search, export the best model, check parity, benchmark it, evaluate it, and report.
+
+    A time budget counts from here, the loading of the data included."""
+    started = time.time()
     stage("search")
+    if dataset is None:
+        dataset = load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed)
     keep_after = (
         max(AFTER_SEARCH_MIN_S, AFTER_SEARCH_SHARE * config.time_budget)
         if config.time_budget
         else 0
     )
-    found = search(config, progress=progress, keep_after=keep_after)
+    found = search(
+        config, dataset=dataset, progress=progress, keep_after=keep_after, started=started
+    )
+    run_dir = RunDir(found.run_dir)
     stage("export")
-    exported = export(found.run_dir, data=config.data)
+    exported = export(run_dir.path, data=dataset)
     stage("bench")
     timing = benchmark(
         exported.onnx_path,
@@ -74,11 +74,11 @@ def run(
         warmup=20,
         keras_model=found.best_model,
     )
-    atomic_write_text(found.run_dir / "bench.json", json.dumps(results_as_json(timing), indent=2))
+    run_dir.write_json(run_dir.bench, results_as_json(timing))
     stage("evaluate")
-    scored = evaluate(exported.onnx_path, config.data)
-    atomic_write_text(found.run_dir / "evaluation.json", json.dumps(asdict(scored), indent=2))
+    scored = evaluate(exported.onnx_path, dataset)
+    run_dir.write_json(run_dir.evaluation, asdict(scored))
     stage("report")
-    report = write_report(found.run_dir)
-    write_html_report(found.run_dir)
+    report = write_report(run_dir.path)
+    write_html_report(run_dir.path, dataset)
     return RunResult(found, exported, timing, scored, report)

@@ -28,8 +28,9 @@ from cnnforge.conversion.parity import AccuracyCheck, ParityReport, check_parity
 from cnnforge.core.atomic import atomic_write_bytes, atomic_write_text
 from cnnforge.core.contract import INPUT_NAME, LAYOUTS, META_PREFIX, OUTPUT_NAME
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
+from cnnforge.core.rundir import RunDir
 from cnnforge.core.version import __version__
-from cnnforge.data.dataset import load_dataset
+from cnnforge.data.dataset import Dataset, as_dataset
 from cnnforge.deploy.quantize import calibration_sample, check_precision, convert, warn_if_slow
 from cnnforge.deploy.runtime import provider_name, to_layout
 from cnnforge.modeling.keras_io import ExportSource, as_functional, load_keras_model, resolve_source
@@ -181,18 +182,16 @@ def default_output(source: ExportSource, precision: str, layout: str) -> Path:
     return (source.run_dir or source.keras_path.parent) / name
 
 
-def parity_path_for(onnx_path: Path) -> Path:
-    """``parity.json`` for a run's ``model.onnx``, ``NAME.parity.json`` for any other name."""
-    name = "parity.json" if onnx_path.name == "model.onnx" else f"{onnx_path.stem}.parity.json"
-    return onnx_path.with_name(name)
-
-
-def reference_data(source: ExportSource, data: str | None, model: Any) -> tuple[Any, str]:
-    """The dataset whose images the model takes (its run's, or ``data``), or None and why not."""
+def reference_data(
+    source: ExportSource, data: str | Dataset | None, model: Any
+) -> tuple[Dataset | None, str]:
+    """The dataset whose images the model takes (``data``: a source or one already loaded; by
+    default its run's), or None and why not."""
     data = data or source.data
     if not data:
         return None, f"{source.keras_path} is not in a run directory; give --data"
-    dataset = load_dataset(data)
+    dataset = as_dataset(data)
+    data = dataset.spec.name
     expected = tuple(model.inputs[0].shape[1:])
     if dataset.x_test.shape[1:] != expected:
         return None, f"{data} has images of shape {dataset.x_test.shape[1:]}, the model {expected}"
@@ -227,7 +226,7 @@ def export(
     output: Path | str | None = None,
     *,
     opset: int = DEFAULT_OPSET,
-    data: str | None = None,
+    data: str | Dataset | None = None,
     precision: str = "fp32",
     layout: str = "NHWC",
     atol: float | None = None,
@@ -287,7 +286,7 @@ def export(
     report.opset = opset
     if report.accuracy is not None:
         report.accuracy.forced = force and not report.accuracy.passed
-    parity_path = parity_path_for(output)
+    parity_path = RunDir.parity_for(output)
     atomic_write_text(parity_path, json.dumps(asdict(report), indent=2))
     failures = _failures(report, resolved.keras_path, force)
     if failures:

@@ -11,6 +11,7 @@ __all__ = [
     "DataSpec",
     "Dataset",
     "RawData",
+    "as_dataset",
     "load_dataset",
     "read_cifar",
     "read_idx",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,11 @@ class DataSpec:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> DataSpec:
+        """The spec as ``config.json`` records it (lists where the spec has tuples)."""
+        return cls(saved["name"], tuple(saved["input_shape"]), tuple(saved["class_names"]))
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,14 @@ def load_dataset(source: str, *, val_fraction: float = 0.1, seed: int = 0) -> Da
         x_test,
         y_test,
     )
+
+
+def as_dataset(data: str | Dataset, *, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """``data`` itself when it is loaded already (one ``cnnforge run`` loads its data once and
+    hands it to every stage), else the source it names, loaded."""
+    if isinstance(data, Dataset):
+        return data
+    return load_dataset(data, val_fraction=val_fraction, seed=seed)
 
 
 def _checked_split(source, split, x, y, class_names) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnforge.core.errors import CnnforgeError
-from cnnforge.data.dataset import load_dataset
+from cnnforge.data.dataset import Dataset, as_dataset
 from cnnforge.deploy.onnxinfo import image_input
 from cnnforge.deploy.runtime import metadata, open_session, predict, to_layout
 
@@ -49,12 +49,14 @@ def class_scores(matrix: np.ndarray, names: tuple[str, ...]) -> list[ClassScore]
     ]
 
 
-def evaluate(model_path: Path | str, data: str) -> Evaluation:
-    """Score the ONNX model on the test split of ``data`` with onnxruntime, in the model's own
-    input layout (NHWC or NCHW, from its metadata or its graph)."""
+def evaluate(model_path: Path | str, data: str | Dataset) -> Evaluation:
+    """Score the ONNX model on the test split of ``data`` (a source, or a dataset already
+    loaded) with onnxruntime, in the model's own input layout (NHWC or NCHW, from its metadata
+    or its graph)."""
     session = open_session(model_path)
     image = image_input(model_path)
-    dataset = load_dataset(data)
+    dataset = as_dataset(data)
+    data = dataset.spec.name
     if image.nhwc_shape != dataset.x_test.shape[1:]:
         raise CnnforgeError(
             f"model {model_path} takes images of shape {image.shape} ({image.layout}) but {data} "

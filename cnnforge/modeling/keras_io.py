@@ -3,13 +3,13 @@ loaded in Keras' safe mode, and made functional (what tf2onnx's ``from_keras`` n
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -25,19 +25,21 @@ class ExportSource:
 def resolve_source(source: Path | str) -> ExportSource:
     """A run directory (its ``best.keras``) or a ``.keras`` file, with its run's config if any."""
     path = Path(source)
-    keras_path = path / "best.keras" if path.is_dir() else path
+    keras_path = RunDir(path).best_model if path.is_dir() else path
     if not keras_path.is_file():
         what = (
-            f"run directory {path} has no best.keras" if path.is_dir() else f"{path} does not exist"
+            f"run directory {path} has no {keras_path.name}"
+            if path.is_dir()
+            else f"{path} does not exist"
         )
         raise CnnforgeError(f"{what}; give a finished run directory or a .keras file")
-    config_file = keras_path.parent / "config.json"
-    if not config_file.is_file():
+    run = RunDir(keras_path.parent)
+    if not run.is_run():
         return ExportSource(keras_path, None, None, None)
-    config = json.loads(config_file.read_text())
+    config = run.read_config()
     return ExportSource(
         keras_path,
-        keras_path.parent,
+        run.path,
         config["search"]["data"],
         tuple(config["data_spec"]["class_names"]),
     )

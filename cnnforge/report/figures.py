@@ -7,7 +7,6 @@ Nothing here draws (``cnnforge.report.plots`` does) and nothing formats text for
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from cnnforge.core.objectives import TrialPoint, as_number, higher_is_better, run_order
+from cnnforge.core.rundir import RunDir
+from cnnforge.data.dataset import Dataset, as_dataset
 from cnnforge.evaluation.evaluate import class_scores, confusion_matrix
 
 
@@ -49,10 +50,7 @@ def best_trial(run: dict[str, Any]) -> tuple[str | None, bool]:
 
 def training_history(run_dir: Path, trial_id: str) -> dict[str, list[float]]:
     """Per-epoch metrics of a trial (``loss``, ``val_accuracy``, …); empty if not recorded."""
-    cost = Path(run_dir) / "tuner" / f"trial_{trial_id}" / "cnnforge_cost.json"
-    if not cost.is_file():
-        return {}
-    return json.loads(cost.read_text()).get("history", {})
+    return RunDir(run_dir).read_cost(trial_id).get("history", {})
 
 
 @dataclass
@@ -63,12 +61,11 @@ class Predictions:
     confidence: np.ndarray  # (N,) probability of the predicted class
 
 
-def predict_test_split(model_path: Path, data: str) -> Predictions:
+def predict_test_split(model_path: Path, data: str | Dataset) -> Predictions:
     """The ONNX model's predictions on the test split of ``data`` (onnxruntime)."""
-    from cnnforge.data.dataset import load_dataset
     from cnnforge.deploy.runtime import open_session, predict
 
-    dataset = load_dataset(data)
+    dataset = as_dataset(data)
     probabilities = predict(open_session(model_path), dataset.x_test)
     return Predictions(
         dataset.x_test,
@@ -103,35 +100,35 @@ class Missing:
 
 def missing_artifacts(run_dir: Path, run: dict[str, Any]) -> list[Missing]:
     """What a run directory lacks for a full report, what that leaves out, how to make it."""
-    run_dir = Path(run_dir)
+    rundir = RunDir(run_dir)
     config = run["config"]["search"]
     trials, asked = len(run["trials"]), config["max_trials"]
-    onnx = run_dir / "model.onnx"
+    onnx = rundir.onnx
     wanted = [
         (
-            "search.json",
+            rundir.search,
             f"the search has not finished ({trials} of {asked} trials recorded)",
             f"run the same `cnnforge search` command with `--run-dir {run_dir}` again to resume it",
         ),
         (
-            "best.keras",
+            rundir.best_model,
             "no best model yet: no feature maps, nothing to export",
             "finish the search (above)",
         ),
         (
-            "model.onnx",
+            onnx,
             "no exported model: no parity, latency or test-split results",
             f"`cnnforge export {run_dir}`",
         ),
         (
-            "bench.json",
+            rundir.bench,
             "no latency measurements",
-            f"`cnnforge bench {onnx} --keras {run_dir / 'best.keras'} --json {run_dir / 'bench.json'}`",
+            f"`cnnforge bench {onnx} --keras {rundir.best_model} --json {rundir.bench}`",
         ),
         (
-            "evaluation.json",
+            rundir.evaluation,
             "no test-split accuracy, confusion matrix or per-class scores",
-            f"`cnnforge evaluate {onnx} --data {config['data']} --json {run_dir / 'evaluation.json'}`",
+            f"`cnnforge evaluate {onnx} --data {config['data']} --json {rundir.evaluation}`",
         ),
     ]
-    return [Missing(*item) for item in wanted if not (run_dir / item[0]).is_file()]
+    return [Missing(path.name, *rest) for path, *rest in wanted if not path.is_file()]

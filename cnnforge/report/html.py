@@ -19,8 +19,10 @@ from typing import Any
 from cnnforge.core.atomic import atomic_write_text
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.objectives import as_number, higher_is_better, pareto_front
+from cnnforge.core.rundir import RunDir
+from cnnforge.data.dataset import Dataset, as_dataset
 from cnnforge.report import figures, plots
-from cnnforge.report.markdown import read_run, report_sections
+from cnnforge.report.markdown import report_sections
 
 MISCLASSIFIED_SHOWN = 12
 EXPLAINED_TEST_IMAGE = 0
@@ -233,10 +235,14 @@ def _training_part(run_dir: Path, best_id: str | None, finished: bool) -> str:
     )
 
 
-def _test_split_part(run_dir: Path, run: dict[str, Any], class_names: tuple[str, ...]) -> str:
-    model = run_dir / "model.onnx"
+def _test_split_part(
+    run_dir: Path, run: dict[str, Any], class_names: tuple[str, ...], dataset: Dataset | None
+) -> str:
+    model = RunDir(run_dir).onnx
     evaluation = run.get("evaluation")
     data = evaluation["data"] if evaluation else run["config"]["search"]["data"]
+    if dataset is not None and dataset.spec.name == data:
+        data = dataset
     parts = []
     if model.is_file():
         try:
@@ -292,28 +298,28 @@ def _test_split_part(run_dir: Path, run: dict[str, Any], class_names: tuple[str,
     return "\n".join(parts)
 
 
-def _learned_part(run_dir: Path, run: dict[str, Any], class_names: tuple[str, ...]) -> str:
-    from cnnforge.data.dataset import load_dataset
+def _learned_part(
+    run_dir: Path, run: dict[str, Any], class_names: tuple[str, ...], dataset: Dataset | None
+) -> str:
     from cnnforge.modeling.keras_io import load_keras_model
     from cnnforge.report.explain import explain_array
 
-    if not (run_dir / "best.keras").is_file():
+    best_model = RunDir(run_dir).best_model
+    if not best_model.is_file():
         return _note("No `best.keras` yet: the feature maps need the trained model.")
     try:
-        dataset = load_dataset(run["config"]["search"]["data"])
+        dataset = as_dataset(dataset or run["config"]["search"]["data"])
     except CnnforgeError as exc:
         return _note(f"Test images unavailable: {exc}")
     index = EXPLAINED_TEST_IMAGE
     image, label = dataset.x_test[index], class_names[dataset.y_test[index]]
-    explanation = explain_array(
-        load_keras_model(run_dir / "best.keras"), image, class_names=class_names
-    )
+    explanation = explain_array(load_keras_model(best_model), image, class_names=class_names)
     return _figure(
         plots.render_explanation(explanation, f"test image {index} (a {label})"),
         f"filters and feature maps for test image {index}",
         "Top: the first conv layer's learned filters. Below: what each conv layer outputs for "
         "this image; deeper layers trade resolution for more, more abstract maps. "
-        f"`cnnforge explain {run_dir / 'best.keras'} IMAGE` draws this for any image.",
+        f"`cnnforge explain {best_model} IMAGE` draws this for any image.",
     )
 
 
@@ -333,10 +339,11 @@ def _guarded(part: Callable[[], str]) -> str:
         return _note(f"This part could not be made ({type(exc).__name__}: {exc}).")
 
 
-def render_html(run_dir: Path) -> str:
-    """The whole page for a run directory, from its files."""
+def render_html(run_dir: Path, dataset: Dataset | None = None) -> str:
+    """The whole page for a run directory, from its files (``dataset``: the run's data, when
+    the caller has it loaded already)."""
     run_dir = Path(run_dir)
-    run = read_run(run_dir)
+    run = RunDir(run_dir).read()
     markdown = {title: lines for title, lines in report_sections(run)}
     class_names = tuple(run["config"]["data_spec"]["class_names"])
     best_id, finished = figures.best_trial(run)
@@ -353,9 +360,13 @@ def render_html(run_dir: Path) -> str:
         ("Latency", measured("Latency")),
         (
             "Test split",
-            measured("Test split") + _guarded(lambda: _test_split_part(run_dir, run, class_names)),
+            measured("Test split")
+            + _guarded(lambda: _test_split_part(run_dir, run, class_names, dataset)),
         ),
-        ("What the model learned", _guarded(lambda: _learned_part(run_dir, run, class_names))),
+        (
+            "What the model learned",
+            _guarded(lambda: _learned_part(run_dir, run, class_names, dataset)),
+        ),
     ]
     versions = ", ".join(f"{k} {v}" for k, v in run["config"].get("versions", {}).items())
     title = f"cnnforge run {run_dir.name}"
@@ -370,7 +381,7 @@ def render_html(run_dir: Path) -> str:
     )
 
 
-def write_html_report(run_dir: Path) -> Path:
-    path = Path(run_dir) / "report.html"
-    atomic_write_text(path, render_html(run_dir))
+def write_html_report(run_dir: Path, dataset: Dataset | None = None) -> Path:
+    path = RunDir(run_dir).report_html
+    atomic_write_text(path, render_html(run_dir, dataset))
     return path

@@ -7,38 +7,18 @@ any time, and a section whose file is missing says so instead of failing.
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 from typing import Any
 
 from cnnforge.core.atomic import atomic_write_text
-from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.markdown import markdown_table
 from cnnforge.core.objectives import sorted_trials
-
-RUN_FILES = {
-    "config": "config.json",
-    "search": "search.json",
-    "parity": "parity.json",
-    "bench": "bench.json",
-    "evaluation": "evaluation.json",
-}
+from cnnforge.core.rundir import RunDir
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
     """The JSON files of a run directory that exist, and its trials as dict rows."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise CnnforgeError(f"{run_dir} is not a cnnforge run directory (no config.json)")
-    found: dict[str, Any] = {
-        key: json.loads((run_dir / name).read_text())
-        for key, name in RUN_FILES.items()
-        if (run_dir / name).is_file()
-    }
-    trials_csv = run_dir / "trials.csv"
-    found["trials"] = list(csv.DictReader(trials_csv.open())) if trials_csv.is_file() else []
-    return found
+    return RunDir(run_dir).read()
 
 
 def _model(search: dict[str, Any]) -> str:
@@ -216,6 +196,6 @@ def render_markdown(run_dir: Path) -> str:
 
 
 def write_report(run_dir: Path) -> Path:
-    path = Path(run_dir) / "report.md"
+    path = RunDir(run_dir).report_md
     atomic_write_text(path, render_markdown(run_dir))
     return path

@@ -4,17 +4,12 @@ hears while the search runs (``SearchProgress``)."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
-from cnnforge.core.atomic import atomic_write_text
 from cnnforge.core.objectives import TrialPoint, pareto_front
+from cnnforge.core.rundir import RunDir
 
-COST_FILE = "cnnforge_cost.json"
 OVER_BUDGET = "OVER_BUDGET"
 
 
@@ -51,14 +46,9 @@ class SearchProgress(Protocol):
     def final_training_ended(self, epochs: int, seconds: float) -> None: ...
 
 
-def read_cost(trial_dir: Path) -> dict[str, Any]:
-    cost_file = trial_dir / COST_FILE
-    return json.loads(cost_file.read_text()) if cost_file.exists() else {}
-
-
-def trial_record(trial: Any, trial_dir: Path) -> TrialRecord:
+def trial_record(trial: Any, run: RunDir) -> TrialRecord:
     """A KerasTuner trial plus the cost file cnnforge left in its folder."""
-    cost = read_cost(trial_dir)
+    cost = run.read_cost(trial.trial_id)
     status = str(trial.status)
     if status == "FAILED" and cost.get("over_budget"):
         status = OVER_BUDGET
@@ -99,9 +89,9 @@ def mark_pareto_front(records: list[TrialRecord], objective: str) -> None:
 
 def trial_records(oracle: Any) -> list[TrialRecord]:
     """Every trial an oracle knows, in trial-id order, the Pareto front marked."""
-    project = Path(oracle._project_dir)
+    run = RunDir.of_tuner(oracle._project_dir)
     records = [
-        trial_record(trial, project / f"trial_{trial.trial_id}")
+        trial_record(trial, run)
         for trial in sorted(oracle.trials.values(), key=lambda t: t.trial_id)
     ]
     mark_pareto_front(records, oracle.objective.name)
@@ -111,16 +101,13 @@ def trial_records(oracle: Any) -> list[TrialRecord]:
 MEASURED = ("latency_ms", "flops", "size_mb", "measure_s")
 
 
-def write_trials_csv(records: list[TrialRecord], path: Path) -> None:
+def write_trials_csv(records: list[TrialRecord], run: RunDir) -> None:
     metric_names = sorted({m for r in records for m in r.metrics})
     hp_names = list(dict.fromkeys(h for r in records for h in r.hyperparameters))
     header = ["trial_id", "status", "score", *metric_names, "params", "epochs", "best_epoch"]
     header += ["duration_s", *MEASURED, "pareto"] + [f"hp_{h}" for h in hp_names] + ["message"]
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(header)
-    for r in records:
-        writer.writerow(
+    rows = [
+        (
             [r.trial_id, r.status, r.score, *(r.metrics.get(m) for m in metric_names)]
             + [
                 r.params,
@@ -133,12 +120,10 @@ def write_trials_csv(records: list[TrialRecord], path: Path) -> None:
             + [r.hyperparameters.get(h) for h in hp_names]
             + [r.message]
         )
-    atomic_write_text(path, out.getvalue())
+        for r in records
+    ]
+    run.write_trials(header, rows)
 
 
 def _rounded(value: float | None) -> float | None:
     return value if value is None or isinstance(value, int) else round(value, 4)
-
-
-def trials_csv_path(oracle: Any) -> Path:
-    return Path(oracle._project_dir).parent / "trials.csv"

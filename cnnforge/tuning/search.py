@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import json
 import math
 import os
 import platform
@@ -29,9 +28,10 @@ import keras_tuner
 import numpy as np
 
 from cnnforge import registry
-from cnnforge.core.atomic import atomic_write_text, save_model_atomic
+from cnnforge.core.atomic import save_model_atomic
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.objectives import objective_direction
+from cnnforge.core.rundir import RunDir
 from cnnforge.core.version import __version__
 from cnnforge.data.dataset import Dataset, DataSpec, load_dataset, stratified_split
 from cnnforge.modeling import training, transfer
@@ -44,11 +44,17 @@ from cnnforge.tuning.records import (
     TrialRecord,
     trial_record,
     trial_records,
-    trials_csv_path,
     write_trials_csv,
 )
 from cnnforge.tuning.timebudget import TimeBudget, pace
-from cnnforge.tuning.tuners import NonFiniteLoss, RecordingTuner, StopAtDeadline, make_tuner
+from cnnforge.tuning.tuners import (
+    NonFiniteLoss,
+    RecordingTuner,
+    StopAtDeadline,
+    TooManyFailures,
+    kerastuner_settings,
+    make_tuner,
+)
 
 
 @dataclass
@@ -132,10 +138,10 @@ def constrained_hyperparameters(config: SearchConfig, space: list) -> keras_tune
 
 def _check_run_dir(config: SearchConfig) -> None:
     """Refuse to mix two different searches in one run directory."""
-    config_file = config.run_dir / "config.json"
-    if not config_file.exists():
+    run = RunDir(config.run_dir)
+    if not run.is_run():
         return
-    previous = json.loads(config_file.read_text()).get("search", {})
+    previous = run.read_config().get("search", {})
     differs = [k for k, v in config.identity().items() if previous.get(k) != v]
     if differs:
         raise CnnforgeError(
@@ -161,6 +167,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+DEBUG_ENV = "CNNFORGE_DEBUG"  # set by the CLI's --debug
 KERASTUNER_VARIABLES = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
 
 
@@ -187,10 +194,14 @@ def _kerastuner_role(config: SearchConfig) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _search_context(config: SearchConfig) -> Iterator[None]:
-    """What a search process sets while it runs: its KerasTuner role, the training precision,
-    deterministic ops if asked for."""
+def _search_context(config: SearchConfig, debug: bool | None) -> Iterator[None]:
+    """What a search process sets while it runs, and restores after: KerasTuner's settings
+    (atomic state, tracebacks only when ``debug``; None: the ``CNNFORGE_DEBUG`` variable), its
+    role in a distributed search, the training precision, deterministic ops if asked for."""
+    if debug is None:
+        debug = bool(os.environ.get(DEBUG_ENV))
     with (
+        kerastuner_settings(debug=debug),
         _kerastuner_role(config),
         training.precision_policy(config.precision),
         training.op_determinism(config.deterministic),
@@ -218,29 +229,19 @@ def _dataset(config: SearchConfig, dataset: Dataset | None) -> Dataset:
 
 def _prepare(
     config: SearchConfig,
-    dataset: Dataset | None,
+    dataset: Dataset,
     progress: SearchProgress | None,
     time_budget: TimeBudget | None = None,
-):
+) -> RecordingTuner:
     """Check everything, write config.json, build the tuner: what chief, worker and a local
     search share."""
     plugin = resolve_plugin(config)
-    dataset = _dataset(config, dataset)
     _check_run_dir(config)
     keras.utils.set_random_seed(config.seed)
     hps = constrained_hyperparameters(config, default_space(plugin, dataset.spec))
-    atomic_write_text(
-        config.run_dir / "config.json",
-        json.dumps(
-            {
-                "search": config.to_json(),
-                "data_spec": asdict(dataset.spec),
-                "versions": library_versions(),
-            },
-            indent=2,
-        ),
-    )
-    tuner = make_tuner(
+    run = RunDir(config.run_dir)
+    run.write_config(config.to_json(), asdict(dataset.spec), library_versions())
+    return make_tuner(
         config.tuner,
         objective=config.objective,
         max_trials=config.max_trials,
@@ -252,13 +253,12 @@ def _prepare(
         target=config.target(),
         time_budget=time_budget,
         hypermodel=PluginHyperModel(plugin, dataset.spec, seed=config.seed),
-        directory=str(config.run_dir),
-        project_name="tuner",
+        directory=str(run.path),
+        project_name=run.tuner.name,
         overwrite=False,
         progress=progress,
         distribution_strategy=_strategy(config.strategy),
     )
-    return dataset, tuner
 
 
 def _strategy(name: str | None) -> Any:
@@ -295,22 +295,21 @@ def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, p
                 callbacks=callbacks,
                 verbose=0,
             )
-    except RuntimeError as exc:  # KerasTuner gives up after too many failed trials in a row
-        if "consecutive failures" not in str(exc):
-            raise
+    except TooManyFailures as exc:
+        run = RunDir(config.run_dir)
         records = trial_records(tuner.oracle)
-        write_trials_csv(records, config.run_dir / "trials.csv")
+        write_trials_csv(records, run)
         failed = [r for r in records if r.status == "FAILED"]
         raise CnnforgeError(
             f"search stopped: {len(failed)} trial(s) failed, the last "
             f"{tuner.oracle.max_consecutive_failed_trials} in a row (last: {failed[-1].message}); "
-            f"see {config.run_dir / 'trials.csv'}"
+            f"see {run.trials}"
         ) from exc
 
 
 def _watch_as_chief(tuner: RecordingTuner, progress: SearchProgress | None) -> threading.Event:
     """While the chief serves: let silent workers go, and report trials as they end."""
-    stop, oracle = threading.Event(), tuner.oracle
+    stop, oracle, run = threading.Event(), tuner.oracle, tuner.run
     reported = set(oracle.end_order)
 
     def watch() -> None:
@@ -319,8 +318,7 @@ def _watch_as_chief(tuner: RecordingTuner, progress: SearchProgress | None) -> t
             for trial_id in [t for t in oracle.end_order if t not in reported]:
                 reported.add(trial_id)
                 if progress:
-                    trial_dir = Path(oracle._project_dir) / f"trial_{trial_id}"
-                    progress.trial_ended(trial_record(oracle.trials[trial_id], trial_dir))
+                    progress.trial_ended(trial_record(oracle.trials[trial_id], run))
 
     threading.Thread(target=watch, name="cnnforge-chief-watch", daemon=True).start()
     return stop
@@ -332,20 +330,24 @@ def search(
     dataset: Dataset | None = None,
     progress: SearchProgress | None = None,
     keep_after: float = 0.0,
+    started: float | None = None,
+    debug: bool | None = None,
 ) -> SearchResult:
     """Run (or resume) the search ``config`` describes, in this process or as the chief of a
     distributed search; write the run directory; return the best trial and model.
 
-    With a time budget, the clock starts here; ``keep_after`` seconds of it are kept for what
-    the caller does after the search (``cnnforge run``: export, benchmark, evaluation)."""
+    ``dataset``: the data ``config.data`` names, when the caller has loaded it already (split
+    with the config's ``val_fraction`` and ``seed``). With a time budget, the clock starts at
+    ``started`` (a ``time.time()``; default: now), and ``keep_after`` seconds of it are kept for
+    what the caller does after the search (``cnnforge run``: export, benchmark, evaluation)."""
     if config.distributed == "worker":
         raise CnnforgeError("a worker runs trials for a chief: use cnnforge.tuning.search.work()")
     config.validate()
-    started = time.time()
-    with _search_context(config):
+    started = time.time() if started is None else started
+    with _search_context(config, debug):
         dataset = _dataset(config, dataset)
         budget = _time_budget(config, dataset, started, keep_after)
-        dataset, tuner = _prepare(config, dataset, progress, budget)
+        tuner = _prepare(config, dataset, progress, budget)
         stop = _watch_as_chief(tuner, progress) if config.distributed == "chief" else None
         try:
             _run_trials(config, tuner, dataset, progress)
@@ -369,13 +371,15 @@ def work(
     *,
     dataset: Dataset | None = None,
     progress: SearchProgress | None = None,
+    debug: bool | None = None,
 ) -> list[str]:
     """Run trials for the chief at ``config.address`` until it has none left; the trial ids run."""
     if config.distributed != "worker":
         raise CnnforgeError("work() is for a distributed worker: set distributed='worker'")
     config.validate()
-    with _search_context(config):
-        dataset, tuner = _prepare(config, dataset, progress)
+    with _search_context(config, debug):
+        dataset = _dataset(config, dataset)
+        tuner = _prepare(config, dataset, progress)
         _run_trials(config, tuner, dataset, progress)
     return tuner.trials_run
 
@@ -468,8 +472,9 @@ def _final_training(
 def _finish(
     config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, progress: SearchProgress | None
 ) -> SearchResult:
+    run = tuner.run
     records = trial_records(tuner.oracle)
-    write_trials_csv(records, trials_csv_path(tuner.oracle))
+    write_trials_csv(records, run)
     completed = [r for r in records if r.score is not None and math.isfinite(r.score)]
     if not completed:
         refused = sum(r.status == OVER_BUDGET for r in records)
@@ -489,12 +494,10 @@ def _finish(
     strategy = tuner.distribution_strategy
     with strategy.scope() if strategy else contextlib.nullcontext():
         best_model.optimizer.build(best_model.trainable_variables)  # saved whole, loads cleanly
-    best_path = config.run_dir / "best.keras"
-    save_model_atomic(best_model, best_path)
-    summary = {**asdict(best), "final_training": asdict(final) if final else None}
-    atomic_write_text(config.run_dir / "search.json", json.dumps(summary, indent=2))
+    save_model_atomic(best_model, run.best_model)
+    run.write_json(run.search, {**asdict(best), "final_training": asdict(final) if final else None})
     return SearchResult(
-        config.run_dir, best_path, best, records, dataset.spec, config.objective, final
+        config.run_dir, run.best_model, best, records, dataset.spec, config.objective, final
     )
 
 
@@ -502,22 +505,16 @@ def trial_model(run_dir: Path | str, trial_id: str, *, dataset: Dataset | None =
     """Any trial of a run as ``trial-ID.keras`` in the run directory: its checkpoint loaded into
     the model its hyperparameters build or, without one (a trial refused for its budget, or run
     by a worker elsewhere), the model trained again for the run's epochs."""
-    run_dir = Path(run_dir)
-    trial_dir = run_dir / "tuner" / f"trial_{trial_id}"
-    if not (trial_dir / "trial.json").is_file() or not (run_dir / "config.json").is_file():
-        known = sorted(p.name.removeprefix("trial_") for p in (run_dir / "tuner").glob("trial_*"))
+    run = RunDir(run_dir)
+    trial_dir = run.trial_dir(trial_id)
+    if not (trial_dir / "trial.json").is_file() or not run.is_run():
         raise CnnforgeError(
-            f"{run_dir} has no trial {trial_id!r}; its trials: {', '.join(known) or 'none'}"
+            f"{run.path} has no trial {trial_id!r}; its trials: "
+            f"{', '.join(run.trial_ids()) or 'none'}"
         )
-    saved = json.loads((run_dir / "config.json").read_text())
-    config = SearchConfig.from_json(saved["search"], run_dir=run_dir)
-    spec = DataSpec(
-        **{
-            **saved["data_spec"],
-            "input_shape": tuple(saved["data_spec"]["input_shape"]),
-            "class_names": tuple(saved["data_spec"]["class_names"]),
-        }
-    )
+    saved = run.read_config()
+    config = SearchConfig.from_json(saved["search"], run_dir=run.path)
+    spec = DataSpec.from_json(saved["data_spec"])
     trial = keras_tuner.engine.trial.Trial.load(str(trial_dir / "trial.json"))
     hypermodel = PluginHyperModel(resolve_plugin(config), spec, seed=config.seed)
     checkpoint = trial_dir / "checkpoint.weights.h5"
@@ -529,6 +526,6 @@ def trial_model(run_dir: Path | str, trial_id: str, *, dataset: Dataset | None =
         epochs = trial.hyperparameters.values.get("tuner/epochs", config.epochs)
         model = _train_again(hypermodel, trial.hyperparameters, dataset, config, epochs=epochs)
     model.optimizer.build(model.trainable_variables)  # saved whole, loads cleanly
-    path = run_dir / f"trial-{trial_id}.keras"
+    path = run.model_file(f"trial-{trial_id}.keras")
     save_model_atomic(model, path)
     return path

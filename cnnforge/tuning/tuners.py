@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -32,16 +31,9 @@ import keras_tuner
 from cnnforge.core.atomic import atomic_write_text
 from cnnforge.core.contract import TUNERS
 from cnnforge.core.objectives import objective_direction
+from cnnforge.core.rundir import RunDir
 from cnnforge.tuning.candidate import Budget, Target, measure_candidate
-from cnnforge.tuning.records import (
-    COST_FILE,
-    SearchProgress,
-    read_cost,
-    trial_record,
-    trial_records,
-    trials_csv_path,
-    write_trials_csv,
-)
+from cnnforge.tuning.records import SearchProgress, trial_record, trial_records, write_trials_csv
 from cnnforge.tuning.timebudget import TimeBudget, pace
 
 
@@ -52,13 +44,28 @@ def _save_json_atomically(path: str, obj: Any) -> str:
     return text
 
 
-# KerasTuner writes its oracle, tuner and trial state in place: a job killed mid-write would
-# leave a truncated JSON file that cannot be resumed. Every KerasTuner module calls
-# ``utils.save_json`` through the module, so replacing it there makes all those writes atomic.
-keras_tuner.src.utils.save_json = _save_json_atomically
-# KerasTuner prints the traceback of every failed trial; cnnforge records the reason in
-# trials.csv instead, and shows tracebacks only under --debug.
-keras_tuner.src.config.DEBUG = bool(os.environ.get("CNNFORGE_DEBUG"))
+@contextlib.contextmanager
+def kerastuner_settings(*, debug: bool) -> Iterator[None]:
+    """KerasTuner as a search needs it, for the search only (restored after):
+
+    - KerasTuner writes its oracle, tuner and trial state in place: a job killed mid-write would
+      leave a truncated JSON file that cannot be resumed. Every KerasTuner module calls
+      ``utils.save_json`` through the module, so replacing it there makes all those writes atomic.
+    - KerasTuner prints the traceback of every failed trial; cnnforge records the reason in
+      trials.csv instead, and shows tracebacks only when ``debug``.
+    """
+    utils, config = keras_tuner.src.utils, keras_tuner.src.config
+    saved = utils.save_json, config.DEBUG
+    utils.save_json, config.DEBUG = _save_json_atomically, debug
+    try:
+        yield
+    finally:
+        utils.save_json, config.DEBUG = saved
+
+
+class TooManyFailures(RuntimeError):
+    """KerasTuner's limit of failed trials in a row was reached. A RuntimeError, like the error
+    KerasTuner raises there, so its engine treats it the same; cnnforge catches this type."""
 
 
 # --- oracles ---------------------------------------------------------------------------------
@@ -70,7 +77,7 @@ class _RecordsTrials:
     @keras_tuner.synchronized
     def end_trial(self, trial: Any) -> None:
         super().end_trial(trial)
-        write_trials_csv(trial_records(self), trials_csv_path(self))
+        write_trials_csv(trial_records(self), RunDir.of_tuner(self._project_dir))
 
 
 class _OverBudgetIsNoFailure:
@@ -84,10 +91,10 @@ class _OverBudgetIsNoFailure:
             trial = self.trials[trial_id]
             if trial.status != keras_tuner.engine.trial.TrialStatus.FAILED:
                 in_a_row = 0
-            elif not read_cost(Path(self._project_dir) / f"trial_{trial_id}").get("over_budget"):
+            elif not RunDir.of_tuner(self._project_dir).read_cost(trial_id).get("over_budget"):
                 in_a_row += 1
             if in_a_row == self.max_consecutive_failed_trials:
-                raise RuntimeError(
+                raise TooManyFailures(
                     "Number of consecutive failures exceeded the limit "
                     f"of {self.max_consecutive_failed_trials}.\n{trial.message or ''}"
                 )
@@ -343,10 +350,13 @@ class RecordingTuner(keras_tuner.Tuner):
         finally:
             cost.update(self.hypermodel.last_fit, duration_s=time.perf_counter() - start)
             cost["best_epoch"] = self._best_epoch(cost)
-            atomic_write_text(
-                Path(self.get_trial_dir(trial.trial_id)) / COST_FILE, json.dumps(cost)
-            )
+            self.run.write_cost(trial.trial_id, cost)
             self.hypermodel.last_fit = {}
+
+    @property
+    def run(self) -> RunDir:
+        """The run directory this tuner's trials are recorded in."""
+        return RunDir.of_tuner(self.project_dir)
 
     def _best_epoch(self, cost: dict[str, Any]) -> int | None:
         """How many epochs (from scratch, counting a continued trial's earlier rounds) it took
@@ -360,7 +370,7 @@ class RecordingTuner(keras_tuner.Tuner):
     def best_cost(self) -> dict[str, Any]:
         """The cost record of the best trial so far (empty before one has ended)."""
         best = self.oracle.get_best_trials(1)
-        return read_cost(Path(self.get_trial_dir(best[0].trial_id))) if best else {}
+        return self.run.read_cost(best[0].trial_id) if best else {}
 
     def move_deadline(self) -> None:
         """Let trials run until the time left is what retraining the best one will take."""
@@ -417,7 +427,7 @@ class RecordingTuner(keras_tuner.Tuner):
         self.move_deadline()
         if self.progress:
             ended = self.oracle.get_trial(trial.trial_id)
-            self.progress.trial_ended(trial_record(ended, Path(self.get_trial_dir(trial.trial_id))))
+            self.progress.trial_ended(trial_record(ended, self.run))
 
 
 class RecordingHyperband(RecordingTuner, _HyperbandWithOracle):
