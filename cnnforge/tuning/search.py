@@ -17,8 +17,7 @@ import platform
 import signal
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +32,19 @@ from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.objectives import objective_direction
 from cnnforge.core.rundir import RunDir
 from cnnforge.core.version import __version__
-from cnnforge.data.dataset import Dataset, DataSpec, load_dataset, stratified_split
+from cnnforge.data.dataset import Dataset, DataSpec, load_dataset
 from cnnforge.modeling import training, transfer
 from cnnforge.modeling.hypermodel import PluginHyperModel, default_space
 from cnnforge.registry import Plugin
 from cnnforge.tuning.config import SearchConfig
+from cnnforge.tuning.final_training import (
+    FinalTraining,
+    epoch_callback,
+    final_training,
+    train_again,
+    trial_checkpoint_or_retrained,
+    trial_training_data,
+)
 from cnnforge.tuning.records import (
     OVER_BUDGET,
     SearchProgress,
@@ -46,25 +53,14 @@ from cnnforge.tuning.records import (
     trial_records,
     write_trials_csv,
 )
-from cnnforge.tuning.timebudget import TimeBudget, pace
+from cnnforge.tuning.timebudget import TimeBudget
 from cnnforge.tuning.tuners import (
     NonFiniteLoss,
     RecordingTuner,
-    StopAtDeadline,
     TooManyFailures,
     kerastuner_settings,
     make_tuner,
 )
-
-
-@dataclass
-class FinalTraining:
-    """How the best trial's model was trained again on train+validation."""
-
-    examples: int
-    epochs: int
-    epochs_found: int  # what the search found; more than ``epochs`` when the budget cut it
-    seconds: float
 
 
 @dataclass
@@ -209,19 +205,6 @@ def _search_context(config: SearchConfig, debug: bool | None) -> Iterator[None]:
         yield
 
 
-def _epoch_callback(
-    progress: SearchProgress | None, epochs: Callable[[], int]
-) -> list[keras.callbacks.Callback]:
-    """Report each epoch's end to ``progress``, out of ``epochs()`` (a plan may change)."""
-    if progress is None:
-        return []
-    return [
-        keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: progress.epoch_ended(epoch + 1, epochs(), logs or {})
-        )
-    ]
-
-
 def _dataset(config: SearchConfig, dataset: Dataset | None) -> Dataset:
     """``dataset``, or the one ``config`` names, split as the search splits it."""
     return dataset or load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed)
@@ -267,16 +250,8 @@ def _strategy(name: str | None) -> Any:
     return tf.distribute.MirroredStrategy() if name == "mirrored" else None
 
 
-def trial_training_data(dataset: Dataset, config: SearchConfig) -> tuple[np.ndarray, np.ndarray]:
-    """What each trial trains on: the training split, or its stratified ``search_fraction``."""
-    if config.search_fraction >= 1:
-        return dataset.x_train, dataset.y_train
-    _, subset = stratified_split(dataset.y_train, config.search_fraction, config.seed)
-    return dataset.x_train[subset], dataset.y_train[subset]
-
-
 def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, progress) -> None:
-    callbacks = [*_epoch_callback(progress, lambda: config.epochs), NonFiniteLoss()]
+    callbacks = [*epoch_callback(progress, lambda: config.epochs), NonFiniteLoss()]
     if config.patience:
         callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -384,91 +359,6 @@ def work(
     return tuner.trials_run
 
 
-def _best_model(
-    tuner: RecordingTuner,
-    best_trial: Any,
-    record: TrialRecord,
-    dataset: Dataset,
-    config: SearchConfig,
-) -> keras.Model:
-    """The best trial's checkpoint, or, when it stayed with a worker that did not share the run
-    directory, the same hyperparameters trained again for the epochs that trial ran."""
-    if Path(tuner._get_checkpoint_fname(best_trial.trial_id)).exists():
-        with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
-            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            return tuner.load_model(best_trial)
-    return _train_again(
-        tuner.hypermodel,
-        best_trial.hyperparameters,
-        dataset,
-        config,
-        epochs=record.epochs or config.epochs,
-    )
-
-
-def _train_again(
-    hypermodel: PluginHyperModel, hp: Any, dataset: Dataset, config: SearchConfig, *, epochs: int
-) -> keras.Model:
-    """A trial's model trained once more, as the trial trained it, when its checkpoint is not
-    at hand."""
-    keras.backend.clear_session()  # as KerasTuner does before a trial: the same layer names
-    model = hypermodel.build(hp)
-    x, y = trial_training_data(dataset, config)
-    hypermodel.fit(hp, model, x, y, epochs=epochs, batch_size=config.batch_size, verbose=0)
-    return model
-
-
-def _final_training(
-    tuner: RecordingTuner,
-    best_trial: Any,
-    record: TrialRecord,
-    dataset: Dataset,
-    config: SearchConfig,
-    progress: SearchProgress | None,
-) -> tuple[keras.Model, FinalTraining]:
-    """The best trial's hyperparameters trained from scratch on train+validation, for the epochs
-    the trial took to its best, or, under a time budget, as many as fit (planned again after
-    every epoch, the schedule fitted to the plan)."""
-    found = record.best_epoch or record.epochs or config.epochs
-    x = np.concatenate([dataset.x_train, dataset.x_val])
-    y = np.concatenate([dataset.y_train, dataset.y_val])
-    budget = tuner.time_budget
-    planned = budget.epochs_that_fit(pace(tuner.best_cost()), found) if budget else found
-    callbacks: list[keras.callbacks.Callback] = [NonFiniteLoss()]
-    plan = None
-    if budget:
-        deadline = budget.ends_at - budget.overhead
-        plan = training.FitToDeadline(
-            lambda: deadline,
-            planned=planned,
-            most=found,
-            steps_per_epoch=training.steps_per_epoch(len(x), config.batch_size),
-        )
-        callbacks += [plan, StopAtDeadline(lambda: deadline)]
-    if progress:
-        progress.final_training_started(planned, found, len(x))
-        callbacks += _epoch_callback(progress, lambda: plan.epochs if plan else found)
-    start = time.perf_counter()
-    strategy = tuner.distribution_strategy
-    keras.backend.clear_session()  # as KerasTuner does before a trial: the same layer names
-    with strategy.scope() if strategy else contextlib.nullcontext():  # on every GPU, like a trial
-        model = tuner.hypermodel.build(best_trial.hyperparameters)
-    history = tuner.hypermodel.fit(
-        best_trial.hyperparameters,
-        model,
-        x,
-        y,
-        epochs=found,
-        batch_size=config.batch_size,
-        callbacks=callbacks,
-        verbose=0,
-    )
-    final = FinalTraining(len(x), len(history.history["loss"]), found, time.perf_counter() - start)
-    if progress:
-        progress.final_training_ended(final.epochs, final.seconds)
-    return model, final
-
-
 def _finish(
     config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, progress: SearchProgress | None
 ) -> SearchResult:
@@ -486,9 +376,9 @@ def _finish(
     best = next(r for r in records if r.trial_id == best_trial.trial_id)
     final = None
     if config.retrain:
-        best_model, final = _final_training(tuner, best_trial, best, dataset, config, progress)
+        best_model, final = final_training(tuner, best_trial, best, dataset, config, progress)
     else:
-        best_model = _best_model(tuner, best_trial, best, dataset, config)
+        best_model = trial_checkpoint_or_retrained(tuner, best_trial, best, dataset, config)
     build = tuner.hypermodel.build
     best_model = training.as_float32(best_model, lambda: build(best_trial.hyperparameters))
     strategy = tuner.distribution_strategy
@@ -524,7 +414,7 @@ def trial_model(run_dir: Path | str, trial_id: str, *, dataset: Dataset | None =
     else:
         dataset = _dataset(config, dataset)
         epochs = trial.hyperparameters.values.get("tuner/epochs", config.epochs)
-        model = _train_again(hypermodel, trial.hyperparameters, dataset, config, epochs=epochs)
+        model = train_again(hypermodel, trial.hyperparameters, dataset, config, epochs=epochs)
     model.optimizer.build(model.trainable_variables)  # saved whole, loads cleanly
     path = run.model_file(f"trial-{trial_id}.keras")
     save_model_atomic(model, path)

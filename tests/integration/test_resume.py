@@ -99,6 +99,7 @@ def test_sigkill_mid_trial_then_rerun_completes_every_trial_once(tuner, small_np
     assert (run_dir / "best.keras").is_file()
 
 
+@pytest.mark.slow
 def test_sigint_saves_state_says_how_to_resume_and_exits_non_zero(small_npz, tmp_path):
     run_dir = tmp_path / "run"
     command = search_command(small_npz, run_dir, "random", trials=2)

@@ -69,6 +69,7 @@ def test_a_trials_pace_separates_epoch_starts_from_steady_steps():
     assert pace({}) is None
 
 
+@pytest.mark.slow
 def test_a_search_stops_in_time_and_still_trains_the_winner_again(small_npz, tmp_path):
     budget = 25.0
     start = time.perf_counter()
@@ -138,6 +139,7 @@ def _trials(small_npz, run_dir, seed):
     return [(t.hyperparameters, t.score) for t in search(config).trials]
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_trials_and_scores(small_npz, tmp_path):
     from tensorflow.python.framework import config as tf_config
 

@@ -88,6 +88,7 @@ def test_fix_values_of_any_type_are_kept_as_their_text():
     assert SearchConfig(space={"lr": "0.001, 0.01"}).space == {"lr": ["0.001", "0.01"]}
 
 
+@pytest.mark.slow
 def test_fix_and_space_constrain_every_trial(small_npz, tmp_path):
     config = SearchConfig(
         data=str(small_npz),
@@ -118,6 +119,7 @@ def test_unknown_or_mistyped_hyperparameters_are_clear_errors(small_npz, tmp_pat
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tuner", ["bayesian", "hyperband", "grid"])
 def test_every_tuner_runs(tuner, small_npz, tmp_path):
     config = SearchConfig(
@@ -137,6 +139,7 @@ def test_every_tuner_runs(tuner, small_npz, tmp_path):
     assert first["filters_0"] == 16 and first["augment"] == "none"  # the defaults (narrowed)
 
 
+@pytest.mark.slow
 def test_hyperband_counts_a_promoted_trials_epochs_from_scratch(small_npz, tmp_path):
     result = search(
         SearchConfig(

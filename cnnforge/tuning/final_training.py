@@ -1,0 +1,140 @@
+"""The winner's model: trained again from scratch on train+validation (under a time budget, as
+many epochs as fit, planned again after every epoch), or, with ``--no-retrain``, the trial's own
+checkpoint; and what each trial trains on."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from cnnforge.data.dataset import Dataset, stratified_split
+from cnnforge.modeling import training
+from cnnforge.modeling.hypermodel import PluginHyperModel
+from cnnforge.tuning.config import SearchConfig
+from cnnforge.tuning.records import SearchProgress, TrialRecord
+from cnnforge.tuning.timebudget import pace
+from cnnforge.tuning.tuners import NonFiniteLoss, RecordingTuner, StopAtDeadline
+
+
+@dataclass
+class FinalTraining:
+    """How the best trial's model was trained again on train+validation."""
+
+    examples: int
+    epochs: int
+    epochs_found: int  # what the search found; more than ``epochs`` when the budget cut it
+    seconds: float
+
+
+def epoch_callback(
+    progress: SearchProgress | None, epochs: Callable[[], int]
+) -> list[keras.callbacks.Callback]:
+    """Report each epoch's end to ``progress``, out of ``epochs()`` (a plan may change)."""
+    if progress is None:
+        return []
+    return [
+        keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: progress.epoch_ended(epoch + 1, epochs(), logs or {})
+        )
+    ]
+
+
+def trial_training_data(dataset: Dataset, config: SearchConfig) -> tuple[np.ndarray, np.ndarray]:
+    """What each trial trains on: the training split, or its stratified ``search_fraction``."""
+    if config.search_fraction >= 1:
+        return dataset.x_train, dataset.y_train
+    _, subset = stratified_split(dataset.y_train, config.search_fraction, config.seed)
+    return dataset.x_train[subset], dataset.y_train[subset]
+
+
+def trial_checkpoint_or_retrained(
+    tuner: RecordingTuner,
+    best_trial: Any,
+    record: TrialRecord,
+    dataset: Dataset,
+    config: SearchConfig,
+) -> keras.Model:
+    """The best trial's checkpoint, or, when it stayed with a worker that did not share the run
+    directory, the same hyperparameters trained again for the epochs that trial ran."""
+    if Path(tuner._get_checkpoint_fname(best_trial.trial_id)).exists():
+        with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            return tuner.load_model(best_trial)
+    return train_again(
+        tuner.hypermodel,
+        best_trial.hyperparameters,
+        dataset,
+        config,
+        epochs=record.epochs or config.epochs,
+    )
+
+
+def train_again(
+    hypermodel: PluginHyperModel, hp: Any, dataset: Dataset, config: SearchConfig, *, epochs: int
+) -> keras.Model:
+    """A trial's model trained once more, as the trial trained it, when its checkpoint is not
+    at hand."""
+    keras.backend.clear_session()  # as KerasTuner does before a trial: the same layer names
+    model = hypermodel.build(hp)
+    x, y = trial_training_data(dataset, config)
+    hypermodel.fit(hp, model, x, y, epochs=epochs, batch_size=config.batch_size, verbose=0)
+    return model
+
+
+def final_training(
+    tuner: RecordingTuner,
+    best_trial: Any,
+    record: TrialRecord,
+    dataset: Dataset,
+    config: SearchConfig,
+    progress: SearchProgress | None,
+) -> tuple[keras.Model, FinalTraining]:
+    """The best trial's hyperparameters trained from scratch on train+validation, for the epochs
+    the trial took to its best, or, under a time budget, as many as fit (planned again after
+    every epoch, the schedule fitted to the plan)."""
+    found = record.best_epoch or record.epochs or config.epochs
+    x = np.concatenate([dataset.x_train, dataset.x_val])
+    y = np.concatenate([dataset.y_train, dataset.y_val])
+    budget = tuner.time_budget
+    planned = budget.epochs_that_fit(pace(tuner.best_cost()), found) if budget else found
+    callbacks: list[keras.callbacks.Callback] = [NonFiniteLoss()]
+    plan = None
+    if budget:
+        deadline = budget.ends_at - budget.overhead
+        plan = training.FitToDeadline(
+            lambda: deadline,
+            planned=planned,
+            most=found,
+            steps_per_epoch=training.steps_per_epoch(len(x), config.batch_size),
+        )
+        callbacks += [plan, StopAtDeadline(lambda: deadline)]
+    if progress:
+        progress.final_training_started(planned, found, len(x))
+        callbacks += epoch_callback(progress, lambda: plan.epochs if plan else found)
+    start = time.perf_counter()
+    strategy = tuner.distribution_strategy
+    keras.backend.clear_session()  # as KerasTuner does before a trial: the same layer names
+    with strategy.scope() if strategy else contextlib.nullcontext():  # on every GPU, like a trial
+        model = tuner.hypermodel.build(best_trial.hyperparameters)
+    history = tuner.hypermodel.fit(
+        best_trial.hyperparameters,
+        model,
+        x,
+        y,
+        epochs=found,
+        batch_size=config.batch_size,
+        callbacks=callbacks,
+        verbose=0,
+    )
+    final = FinalTraining(len(x), len(history.history["loss"]), found, time.perf_counter() - start)
+    if progress:
+        progress.final_training_ended(final.epochs, final.seconds)
+    return model, final
