@@ -64,12 +64,13 @@ class Predictions:
 
 
 def predict_test_split(model_path: Path, data: str) -> Predictions:
-    """The ONNX model's predictions on the test split of ``data`` (onnxruntime)."""
+    """The ONNX model's predictions on the test split of ``data`` (onnxruntime, in the model's
+    own layout, as ``evaluate`` makes them: :func:`cnnforge.evaluation.evaluate.predict_images`)."""
     from cnnforge.data.dataset import load_dataset
-    from cnnforge.deploy.runtime import open_session, predict
+    from cnnforge.evaluation.evaluate import predict_images
 
     dataset = load_dataset(data)
-    probabilities = predict(open_session(model_path), dataset.x_test)
+    probabilities = predict_images(model_path, dataset.x_test)
     return Predictions(
         dataset.x_test,
         dataset.y_test,
