@@ -12,6 +12,8 @@ provider, threads, batch size) found in both files:
   slower, not shown by this run's noise; reported, does not fail.
 - **faster** when the whole interval is below 1; **same** otherwise.
 - Results without intervals (files from before they were recorded) count as exact medians.
+- A median that is not a positive number of milliseconds (0 from a hand-edited or broken file)
+  is no measurement to divide by: one line naming the cell (and the file) says so.
 - Cells in one file only are listed and do not fail the gate.
 """
 
@@ -93,7 +95,31 @@ def load_results(path: Path | str) -> list[dict[str, Any]]:
             f"{path} is not a list of cnnforge bench results (each with "
             f"{', '.join(sorted(needed))}); give a file written by cnnforge bench"
         )
+    for row in rows:
+        _check_median(row, f"{path}: ")
     return rows
+
+
+def describe_cell(key: CellKey) -> str:
+    """``model fp32, onnxruntime cpu, threads 1, batch 8``: a cell as a person names it."""
+    runtime, model, provider, threads, batch = key
+    where = "keras" if runtime.startswith("keras") else f"{runtime} {provider}"
+    return f"model {model or '?'}, {where}, threads {threads}, batch {batch}"
+
+
+def _check_median(row: dict[str, Any], where: str = "") -> None:
+    """A median must be a positive, finite number of ms: a ratio of medians divides by it."""
+    latency = row.get("latency_ms")
+    value = latency.get("p50") if isinstance(latency, dict) else None
+    try:
+        p50 = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        p50 = float("nan")
+    if not 0 < p50 < float("inf"):
+        raise CnnforgeError(
+            f"{where}cell ({describe_cell(_key(row))}) has a median of {value!r} ms, not a "
+            "positive time to compare with; measure that cell again with cnnforge bench"
+        )
 
 
 def _key(row: dict[str, Any]) -> CellKey:
@@ -116,6 +142,8 @@ def _median_and_ci(row: dict[str, Any]) -> tuple[float, tuple[float, float]]:
 def compare_cell(
     key: CellKey, base: dict[str, Any], new: dict[str, Any], max_slowdown: float
 ) -> CellComparison:
+    _check_median(base, "base: ")
+    _check_median(new, "new: ")
     base_p50, (base_lo, base_hi) = _median_and_ci(base)
     new_p50, (new_lo, new_hi) = _median_and_ci(new)
     ratio = new_p50 / base_p50

@@ -41,6 +41,7 @@ class BenchModel:
     flops_per_image: int | None
     batch_sizes: tuple[int, ...]
     value_range: tuple[float, float]
+    source: str | None = None  # the .keras file it was exported from (cnnforge.source metadata)
 
     def arrays(self, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -165,6 +166,7 @@ def describe_model(
         flops or None,
         _batch_sizes(feeds, batch_sizes, str(path)),
         (float(low), float(high)),
+        str(meta["source"]) if meta.get("source") else None,
     )
 
 

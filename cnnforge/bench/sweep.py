@@ -21,13 +21,17 @@ The method (docs/benchmarks.md says it for users):
   best call's GFLOP/s, as peak probes (STREAM, peak-FLOPS loops) report it, since contention
   only ever slows a call down. Each result states its share of it.
 - The Keras baseline is a ``tf.function`` call in the same process (``model.predict`` costs tens
-  of ms per call in overhead and would make any speed-up a lie); speed-ups are ratios of medians.
+  of ms per call in overhead and would make any speed-up a lie), labelled with the kind of
+  device TensorFlow ran it on (``cpu``, ``gpu``). Speed-ups are ratios of medians, of the same
+  model on the same kind of device at the same batch size (:func:`benchmark` says which ONNX
+  models count as the Keras model's).
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,6 +64,9 @@ KERAS = "keras tf.function"
 # Square MatMul sizes the peak probe tries: small ones finish inside a scheduler time slice on
 # a shared machine, large ones amortize threading; the best of them is the peak.
 PEAK_SIZES = {"cpu": (256, 512, 1024), "cuda": (2048, 4096), "tensorrt": (2048, 4096)}
+# The kind of device each onnxruntime provider runs on: a cell is compared with a Keras baseline
+# that TensorFlow ran on the same kind.
+DEVICE_KINDS = {"cpu": "cpu", "cuda": "gpu", "tensorrt": "gpu"}
 
 # --- measuring -------------------------------------------------------------------------------
 
@@ -85,7 +92,8 @@ class BenchResult:
     gflops: float | None = None  # achieved: FLOPs per image × batch size / median latency
     peak_gflops: float | None = None  # the measured peak at the same provider and threads
     peak_share: float | None = None  # gflops / peak_gflops
-    speedup_vs_keras: float | None = None  # Keras p50 / this p50, same batch size
+    # Keras p50 / this p50: the baseline of the same model, device kind and batch size
+    speedup_vs_keras: float | None = None
     samples_ms: list[float] = field(default_factory=list, repr=False)  # kept out of the JSON
 
 
@@ -347,6 +355,17 @@ def benchmark(
     path or a Keras model) adds the ``tf.function`` baseline; ``peak`` the MatMul microbenchmark
     per provider and thread count; ``shapes`` says what to feed a model that is not an image
     classifier (per-item dims by input name; the key None for a model's only input).
+
+    Speed-ups over Keras: the Keras model is the baseline of the ONNX models exported from it,
+    and of those only (:func:`exported_from`): an ONNX model whose one input takes the Keras
+    model's per-image shape (NCHW read as NHWC) and whose ``cnnforge.source`` metadata, where it
+    names a file that exists, names the Keras file itself. A model from another tool (no such
+    metadata) with the same input shape counts as an export of it; a model exported from
+    another ``.keras`` file, or taking other images, gets no speed-up. A cell's speed-up is the
+    Keras median at the same batch size on the same kind of device (``DEVICE_KINDS``: cpu for
+    the cpu provider, gpu for cuda and tensorrt; the Keras rows say where TensorFlow ran) over
+    the cell's median; a cell with no such baseline gets none. ``sweep["keras_baseline_of"]``
+    lists the models it was the baseline of.
     """
     paths = [models] if isinstance(models, (str, Path)) else list(models)
     thread_counts = _as_tuple(threads, (None,))
@@ -380,13 +399,19 @@ def benchmark(
                     "io_binding": io_binding,
                 }
                 results += _time_model(model, settings, timing, progress, len(results), cells)
-    keras = []
+    keras: list[BenchResult] = []
+    baseline_of: dict[str, str] = {}  # ONNX model label -> the label of its Keras baseline
     if keras_model is not None:
+        loaded, keras_label, keras_path = load_baseline(keras_model)
+        keras_shape = tuple(loaded.inputs[0].shape[1:])
+        baseline_of = {
+            m.label: keras_label for m in described if exported_from(m, keras_path, keras_shape)
+        }
         batches = sorted({b for m in described for b in m.batch_sizes})
         progress(f"Keras baseline, batch sizes {', '.join(map(str, batches))}")
-        keras = keras_results(keras_model, batches, timing, env)
-    _add_efficiency(results, keras, described, peaks)
-    _add_speedups(results, keras)
+        keras = keras_results(loaded, batches, timing, env, label=keras_label)
+    _add_efficiency(results, keras, described, peaks, baseline_of)
+    _add_speedups(results, keras, baseline_of)
     env["load_average_after"] = _load_average()
     sweep = _sweep(
         described,
@@ -398,6 +423,7 @@ def benchmark(
         keras[0].model if keras else None,
         peaks,
     )
+    sweep["keras_baseline_of"] = list(baseline_of)
     return BenchReport(described, env, sweep, results, keras, peaks)
 
 
@@ -428,32 +454,76 @@ def _time_model(
     return results
 
 
+def load_baseline(keras_model: Path | str | Any) -> tuple[Any, str, Path | None]:
+    """The Keras model of a baseline, its label (the file name, else the model's name) and its
+    file (None for a model given as an object)."""
+    if isinstance(keras_model, (str, Path)):
+        from cnnforge.modeling.keras_io import load_keras_model
+
+        path = Path(keras_model)
+        return load_keras_model(path), path.name, path
+    return keras_model, keras_model.name, None
+
+
+def exported_from(model: BenchModel, keras_path: Path | None, keras_shape: tuple) -> bool:
+    """Whether the ONNX ``model`` counts as exported from the Keras baseline (see
+    :func:`benchmark`): one input of the Keras model's per-image shape, and no
+    ``cnnforge.source`` metadata naming another existing file."""
+    if len(model.feeds) != 1:
+        return False
+    shape = model.feeds[0].shape
+    if model.layout == "NCHW":
+        shape = (*shape[1:], shape[0])
+    if tuple(shape) != tuple(keras_shape):
+        return False
+    if model.source is None or keras_path is None:
+        return True
+    source = Path(model.source)
+    return not source.is_file() or source.resolve() == keras_path.resolve()
+
+
+def device_kind(tf_device: str) -> str:
+    """``cpu`` or ``gpu`` (any type TensorFlow names, lower case) from a TensorFlow device
+    string such as ``/job:localhost/replica:0/task:0/device:GPU:0``; ``cpu`` when it is empty."""
+    match = re.search(r"device:([A-Za-z_]+):\d+", tf_device)
+    return match.group(1).lower() if match else "cpu"
+
+
 def keras_results(
-    keras_model: Path | str | Any, batch_sizes: Sequence[int], timing: Timing, env: dict[str, Any]
+    keras_model: Path | str | Any,
+    batch_sizes: Sequence[int],
+    timing: Timing,
+    env: dict[str, Any],
+    *,
+    label: str | None = None,
 ) -> list[BenchResult]:
     """The Keras model as a ``tf.function`` call at each batch size (TensorFlow's own threads).
 
-    The first call of each batch size traces the function; it is made before the warm-up.
+    The first call of each batch size traces the function; it is made before the warm-up. The
+    rows' provider is the kind of device TensorFlow ran the call on (:func:`device_kind` of the
+    output tensor's device, which ``env["keras_device"]`` records in full).
     """
     import keras
     import tensorflow as tf
 
-    from cnnforge.modeling.keras_io import load_keras_model
-
-    if isinstance(keras_model, (str, Path)):
-        model, label = load_keras_model(Path(keras_model)), Path(keras_model).name
-    else:
-        model, label = keras_model, keras_model.name
+    model, own_label, _ = load_baseline(keras_model)
+    label = label or own_label
     env.update(tensorflow=tf.__version__, keras=keras.__version__)
     forward = tf.function(lambda x: model(x, training=False))
     shape = tuple(model.inputs[0].shape[1:])
-    settings = {"provider": "cpu", "threads": None, "spinning": None, "io_binding": None}
     results = []
     for batch in batch_sizes:
         tensor = tf.constant(
             random_array(np.random.default_rng(0), "float32", (batch, *shape), (0.0, 255.0))
         )
-        forward(tensor)  # trace
+        device = forward(tensor).device  # traces; where the model's output was computed
+        env["keras_device"] = device
+        settings = {
+            "provider": device_kind(device),
+            "threads": None,
+            "spinning": None,
+            "io_binding": None,
+        }
         times = timing.run(lambda t=tensor: forward(t).numpy())
         results.append(_result(KERAS, label, batch, settings, timing.warmup, times))
     return results
@@ -464,18 +534,21 @@ def _add_efficiency(
     keras: list[BenchResult],
     models: list[BenchModel],
     peaks: list[Peak],
+    baseline_of: dict[str, str] | None = None,
 ) -> None:
     flops = {m.label: m.flops_per_image for m in models}
     peak_of = {(p.provider, p.threads): p.gflops for p in peaks}
-    # Keras runs on TensorFlow's own pool (all cores): compare it with the default-thread peak,
-    # else the largest CPU peak measured.
-    cpu_peaks = [p.gflops for p in peaks if p.provider == "cpu"]
-    keras_peak = peak_of.get(("cpu", None), max(cpu_peaks, default=None))
     for result in results:
         _efficiency(result, flops.get(result.model), peak_of.get((result.provider, result.threads)))
-    reference = models[0].flops_per_image if models else None
+    # The Keras model does the work of the ONNX models exported from it; it runs on TensorFlow's
+    # own pool (all cores): compare it with the default-thread peak of a provider on its kind of
+    # device, else the largest peak measured on that kind.
+    exported = [m for m in models if m.label in (baseline_of or {})]
+    reference = exported[0].flops_per_image if exported else None
     for result in keras:
-        _efficiency(result, reference, keras_peak)
+        kind = [p for p in peaks if DEVICE_KINDS.get(p.provider) == result.provider]
+        default = [p.gflops for p in kind if p.threads is None]
+        _efficiency(result, reference, max(default or [p.gflops for p in kind], default=None))
 
 
 def _efficiency(result: BenchResult, flops: int | None, peak: float | None) -> None:
@@ -485,11 +558,22 @@ def _efficiency(result: BenchResult, flops: int | None, peak: float | None) -> N
         result.peak_share = result.gflops / peak if peak else None
 
 
-def _add_speedups(results: list[BenchResult], keras: list[BenchResult]) -> None:
-    keras_p50 = {k.batch_size: k.latency_ms["p50"] for k in keras}
+def _add_speedups(
+    results: list[BenchResult], keras: list[BenchResult], baseline_of: dict[str, str]
+) -> None:
+    """Keras p50 / cell p50, keyed by (model, device kind, batch size): a cell is compared only
+    with the Keras baseline of its own model (``baseline_of``: ONNX label -> Keras label), run
+    on the kind of device its provider uses, at its batch size; others get no speed-up."""
+    keras_p50 = {(k.model, k.provider, k.batch_size): k.latency_ms["p50"] for k in keras}
     for result in results:
-        if result.batch_size in keras_p50:
-            result.speedup_vs_keras = keras_p50[result.batch_size] / result.latency_ms["p50"]
+        key = (
+            baseline_of.get(result.model),
+            DEVICE_KINDS.get(result.provider),
+            result.batch_size,
+        )
+        result.speedup_vs_keras = (
+            keras_p50[key] / result.latency_ms["p50"] if key in keras_p50 else None
+        )
 
 
 def _sweep(

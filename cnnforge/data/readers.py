@@ -7,9 +7,11 @@ with raw 0-255 pixels and integer labels.
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +62,75 @@ def read_idx_folder(
     )
 
 
+# What a CIFAR python batch is made of besides dicts, lists, strings, bytes and ints (which
+# pickle builds without naming a global): numpy arrays and numpy scalars, pickled by numpy 1
+# (``numpy.core``, the real CIFAR files) or numpy 2 (``numpy._core``), with protocol 2 to 4
+# (``_reconstruct``) or 5 (``_frombuffer``); and bytes pickled with protocol 2 by Python 3
+# (``_codecs.encode``). Nothing else: a global outside this list could run code.
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+    *(
+        (f"numpy.{core}.{module}", name)
+        for core in ("core", "_core")
+        for module, name in (
+            ("multiarray", "_reconstruct"),
+            ("multiarray", "scalar"),
+            ("numeric", "_frombuffer"),
+        )
+    ),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what a CIFAR batch holds (``_CIFAR_GLOBALS``) and refuses
+    every other global, so a hostile pickle cannot run code while it is read."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise _RefusedGlobal(f"{module}.{name}")
+        if module.startswith("numpy."):
+            return getattr(_numpy_module(module.split(".")[-1]), name)
+        return super().find_class(module, name)
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+def _numpy_module(name: str) -> Any:
+    """numpy's ``multiarray`` or ``numeric`` module under the name this numpy gives it
+    (``numpy.core`` is a deprecated alias in numpy 2; numpy 1.26 has ``numpy._core`` shims)."""
+    import importlib
+
+    order = ("_core", "core") if int(np.__version__.split(".")[0]) >= 2 else ("core", "_core")
+    for core in order:
+        try:
+            return importlib.import_module(f"numpy.{core}.{name}")
+        except ImportError:
+            continue
+    raise ImportError(f"numpy has no {name} module")
+
+
+def _unpickle_cifar(blobs: dict[str, bytes], name: str, source: Path) -> Any:
+    """One CIFAR batch (Python 2 strings decoded as latin-1), read with ``_CifarUnpickler``."""
+    if name not in blobs:
+        raise CnnforgeError(f"{source} has no {name}; give the complete CIFAR python download")
+    try:
+        return _CifarUnpickler(io.BytesIO(blobs[name]), encoding="latin1").load()
+    except _RefusedGlobal as exc:
+        raise CnnforgeError(
+            f"{source}: {name} is a pickle that calls {exc}, which a CIFAR batch never does; "
+            "refused to load it (use the python version from the CIFAR website)"
+        ) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CnnforgeError(
+            f"{source}: {name} is not a readable CIFAR batch ({reason}); download it again"
+        ) from None
+
+
 def read_cifar(path: Path, *, fine: bool = True) -> tuple[tuple, tuple, list[str]]:
     """Read a CIFAR-10/100 python version: the ``.tar.gz`` as downloaded or its extracted folder.
 
@@ -74,7 +145,7 @@ def read_cifar(path: Path, *, fine: bool = True) -> tuple[tuple, tuple, list[str
         blobs = {p.name: p.read_bytes() for p in path.rglob("*") if p.is_file()}
     else:
         raise CnnforgeError(f"{path} is neither a CIFAR tarball nor its extracted folder")
-    load = lambda name: pickle.loads(blobs[name], encoding="latin1")  # noqa: E731
+    load = lambda name: _unpickle_cifar(blobs, name, path)  # noqa: E731
     if "data_batch_1" in blobs:  # CIFAR-10
         train = [load(f"data_batch_{i}") for i in range(1, 6)]
         test, meta, key = load("test_batch"), load("batches.meta"), "labels"

@@ -253,7 +253,11 @@ def _node_flops(node: Any, shapes: dict[str, list]) -> int:
         # weight: (Cout, Cin/group, kh, kw); per output element Cin/group * kh * kw MACs.
         per_output = int(np.prod(weight[1:]))
         if node.op_type == "ConvTranspose":
-            return 2 * int(np.prod(shapes[node.input[0]])) * weight[1] * int(np.prod(weight[2:]))
+            # weight: (Cin, Cout/group, kh, kw); per input element Cout/group * kh * kw MACs.
+            data = shapes.get(node.input[0])
+            if not _known(data):
+                return 0  # input shape not inferred: uncountable, like any other unknown shape
+            return 2 * int(np.prod(data)) * weight[1] * int(np.prod(weight[2:]))
         return 2 * int(np.prod(out)) * per_output
     if node.op_type in _MATMUL_OPERANDS:
         a_index, b_index = _MATMUL_OPERANDS[node.op_type]

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
+from cnnforge.deploy.images import IMAGE_MODES, fit_image, load_image
 from cnnforge.deploy.onnxinfo import layout_from_shape
 from cnnforge.deploy.quantize import warn_if_slow
 from cnnforge.deploy.runtime import metadata, open_session, predict, to_layout
 
-IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels → Pillow mode
 ImageLike = Any  # a path (str or Path), a uint8 array (H, W[, C]) or a PIL image
 
 
@@ -49,26 +49,6 @@ class Prediction:
             "image": self.image,
             "top": [{"label": label, "probability": p} for label, p in self.top],
         }
-
-
-def load_image(path: Path | str) -> Any:
-    """A decoded Pillow image (EXIF rotation applied); an unreadable file is one clear line."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    path = Path(path)
-    if path.is_dir():
-        raise CnnforgeError(f"image {path} is a folder; give image files")
-    if not path.is_file():
-        raise CnnforgeError(f"image {path} does not exist; check the path")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise CnnforgeError(
-            f"cannot decode image {path} ({reason}); give a PNG, JPEG, BMP, GIF, TIFF or WebP file"
-        ) from None
 
 
 class Classifier:
@@ -122,25 +102,25 @@ class Classifier:
             )
 
     def pixels(self, image: ImageLike) -> np.ndarray:
-        """One image as the model's (H, W, C) float32 pixels: decoded, converted to the model's
-        channels, resized (bilinear) to its input size and scaled to its pixel range."""
+        """One image as the model's (H, W, C) float32 pixels: decoded and turned upright (a file,
+        by :func:`cnnforge.deploy.images.load_image`, as ``explain`` reads it), converted to the
+        model's channels, resized (bilinear) to its input size and scaled to its pixel range."""
         from PIL import Image
 
+        shape = (self.height, self.width, self.channels)
         if isinstance(image, (str, Path)):
-            image = load_image(image)
-        elif isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim not in (2, 3):
-                raise CnnforgeError(
-                    f"an image array must be uint8 (H, W) or (H, W, C), got {image.dtype} "
-                    f"{image.shape}"
+            array = load_image(image, shape).pixels
+        else:
+            if isinstance(image, np.ndarray):
+                if image.dtype != np.uint8 or image.ndim not in (2, 3):
+                    raise CnnforgeError(
+                        f"an image array must be uint8 (H, W) or (H, W, C), got {image.dtype} "
+                        f"{image.shape}"
+                    )
+                image = Image.fromarray(
+                    image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
                 )
-            image = Image.fromarray(
-                image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
-            )
-        image = image.convert(IMAGE_MODES[self.channels])
-        if image.size != (self.width, self.height):
-            image = image.resize((self.width, self.height), Image.Resampling.BILINEAR)
-        array = np.asarray(image, dtype=np.float32).reshape(self.height, self.width, self.channels)
+            array = fit_image(image, shape).pixels
         low, high = self.pixel_range
         return low + array * ((high - low) / 255.0)
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cnnforge.core.errors import CnnforgeError
+from cnnforge.deploy.images import load_image
 
 MAX_LAYERS = 12  # more conv layers than this: one per resolution stage, then evenly thinned
 CONV_KINDS = ("Conv2D", "SeparableConv2D", "DepthwiseConv2D", "Conv2DTranspose")
@@ -58,12 +59,6 @@ class FilterBank:
 
 
 @dataclass
-class LoadedImage:
-    pixels: np.ndarray  # (H, W, C) float32, raw 0-255, the model's input size
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
 class Explanation:
     model: str
     image: np.ndarray  # (H, W, C) raw pixels as the model saw them
@@ -72,35 +67,6 @@ class Explanation:
     conv_layers: int  # how many conv layers the model has (some may not be shown)
     prediction: tuple[str, float] | None = None  # (class name, probability)
     notes: list[str] = field(default_factory=list)
-
-
-def load_image(path: Path | str, input_shape: tuple[int, int, int]) -> LoadedImage:
-    """An image file as the model's input: its channels, its size (resized, with a note)."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    height, width, channels = input_shape
-    if channels not in (1, 3):
-        raise CnnforgeError(f"the model takes {channels}-channel images; explain handles 1 or 3")
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("L" if channels == 1 else "RGB")
-            original, mode = opened.size, opened.mode
-    except FileNotFoundError:
-        raise CnnforgeError(f"image {path} does not exist; check the path") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise CnnforgeError(f"cannot read image {path} ({exc}); give a PNG or JPEG file") from None
-    notes = []
-    if mode not in (("L",) if channels == 1 else ("RGB",)):
-        notes.append(f"converted {path.name} from {mode} to {image.mode}")
-    if original != (width, height):
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-        notes.append(
-            f"resized {path.name} from {original[0]}×{original[1]} to {width}×{height}, "
-            "the model's input size"
-        )
-    pixels = np.asarray(image, dtype=np.float32).reshape(height, width, channels)
-    return LoadedImage(pixels, notes)
 
 
 def _is_model(layer: Any) -> bool:
@@ -299,7 +265,12 @@ def explain(
         raise CnnforgeError(f"output {output} must end in .png")
     source = resolve_source(model_path)
     model = load_keras_model(source.keras_path)
-    loaded = load_image(image_path, tuple(model.inputs[0].shape[1:]))
+    input_shape = tuple(model.inputs[0].shape[1:])
+    if input_shape[-1] not in (1, 3):
+        raise CnnforgeError(
+            f"the model takes {input_shape[-1]}-channel images; explain handles 1 or 3"
+        )
+    loaded = load_image(image_path, input_shape)  # as predict reads it: EXIF-upright, fitted
     explanation = explain_array(
         model, loaded.pixels, layers=layers, class_names=source.class_names, notes=loaded.notes
     )

@@ -16,7 +16,7 @@ import numpy as np
 from cnnforge.core.objectives import TrialPoint, as_number, higher_is_better, run_order
 from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, as_dataset
-from cnnforge.evaluation.evaluate import class_scores, confusion_matrix
+from cnnforge.evaluation.evaluate import class_scores, confusion_matrix, predict_images
 
 
 def latency_column(trials: list[dict[str, str]]) -> str | None:
@@ -62,11 +62,10 @@ class Predictions:
 
 
 def predict_test_split(model_path: Path, data: str | Dataset) -> Predictions:
-    """The ONNX model's predictions on the test split of ``data`` (onnxruntime)."""
-    from cnnforge.deploy.runtime import open_session, predict
-
+    """The ONNX model's predictions on the test split of ``data`` (onnxruntime, in the model's
+    own layout, as ``evaluate`` makes them: :func:`cnnforge.evaluation.evaluate.predict_images`)."""
     dataset = as_dataset(data)
-    probabilities = predict(open_session(model_path), dataset.x_test)
+    probabilities = predict_images(model_path, dataset.x_test)
     return Predictions(
         dataset.x_test,
         dataset.y_test,

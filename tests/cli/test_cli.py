@@ -355,3 +355,21 @@ def test_bench_compare_bad_threshold_is_one_line(tmp_path):
         "lots",
     )
     assert_one_line_error(result, "percentage like 10%")
+
+
+def test_bench_compare_with_a_zero_median_is_one_line(tmp_path):
+    row = {
+        "runtime": "onnxruntime",
+        "model": "fp32",
+        "batch_size": 1,
+        "provider": "cpu",
+        "threads": 1,
+        "latency_ms": {"p50": 1.0},
+        "p50_ci_ms": [0.9, 1.1],
+    }
+    good, zero = tmp_path / "good.json", tmp_path / "bench.json"
+    good.write_text(json.dumps([row]))
+    zero.write_text(json.dumps([{**row, "latency_ms": {"p50": 0}, "p50_ci_ms": [0, 0]}]))
+    for base, new in ((zero, good), (good, zero), (zero, zero)):
+        result = invoke("bench", "compare", str(base), str(new))
+        assert_one_line_error(result, f"{zero}: cell (model fp32,", "median of 0 ms")

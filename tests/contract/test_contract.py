@@ -18,7 +18,14 @@ from cnnforge.modeling.hypermodel import build_model
 
 ARCHITECTURES = [p.name for p in cnnforge.list_plugins(kind="architecture")]
 # Backbones whose contract test takes more than a few seconds (conversion of many layers).
-HEAVY_BACKBONES = {"efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "resnet50", "densenet121", "convnext_tiny"}
+HEAVY_BACKBONES = {
+    "efficientnet_b0",
+    "efficientnet_b1",
+    "efficientnet_b2",
+    "resnet50",
+    "densenet121",
+    "convnext_tiny",
+}
 BACKBONES = [
     pytest.param(p.name, marks=[pytest.mark.slow] if p.name in HEAVY_BACKBONES else [])
     for p in cnnforge.list_plugins(kind="backbone")

@@ -10,7 +10,7 @@ import pytest
 import tiny_onnx
 
 from cnnforge.bench.models import describe_model, parse_shape
-from cnnforge.bench.sweep import benchmark, measure_peak, results_as_json
+from cnnforge.bench.sweep import benchmark, device_kind, measure_peak, results_as_json
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.deploy.timing import latency_stats, median_ci, time_calls
 
@@ -330,3 +330,74 @@ def test_bad_model_files_are_clear_errors(tmp_path, models):
         benchmark(tmp_path / "missing.onnx")
     with pytest.raises(CnnforgeError, match="given twice"):
         benchmark([models["fp32"], models["fp32"]])
+
+
+def test_device_kind_of_tensorflow_devices():
+    assert device_kind("/job:localhost/replica:0/task:0/device:GPU:0") == "gpu"
+    assert device_kind("/job:localhost/replica:0/task:0/device:CPU:0") == "cpu"
+    assert device_kind("") == "cpu"
+
+
+def test_keras_speedups_compare_each_model_with_its_own_baseline(tmp_path):
+    """Two exports of one Keras model, one model exported from another .keras file and one
+    taking other images, in one sweep with the Keras baseline."""
+    import shutil
+    from dataclasses import replace
+
+    import keras
+
+    from cnnforge.bench.sweep import _add_speedups
+    from cnnforge.conversion.export import export
+
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    net = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(x))
+    net.save(tmp_path / "net.keras")
+    shutil.copy(tmp_path / "net.keras", tmp_path / "other.keras")
+    paths = [
+        export(tmp_path / "net.keras", tmp_path / "a.onnx").onnx_path,
+        export(tmp_path / "net.keras", tmp_path / "b.onnx", layout="NCHW").onnx_path,
+        tiny_onnx.save(  # same input, but exported from another file: not this baseline's
+            tiny_onnx.conv_classifier(
+                layout="NHWC",
+                metadata={
+                    "cnnforge.source": str(tmp_path / "other.keras"),
+                    "cnnforge.precision": "int8",
+                },
+            ),
+            tmp_path / "foreign.onnx",
+        ),
+        tiny_onnx.save(tiny_onnx.conv_classifier(layout="NHWC", size=12), tmp_path / "small.onnx"),
+    ]
+    report = benchmark(
+        paths,
+        batch_sizes=(1, 2),
+        threads=1,
+        peak=False,
+        keras_model=tmp_path / "net.keras",
+        **FAST,
+    )
+    exported = ["a:fp32", "b:fp32"]
+    assert [m.label for m in report.models] == [*exported, "foreign:int8", "small"]
+    keras_p50 = {k.batch_size: k.latency_ms["p50"] for k in report.keras}
+    for r in report.results:
+        if r.model in exported:
+            assert r.speedup_vs_keras == pytest.approx(
+                keras_p50[r.batch_size] / r.latency_ms["p50"]
+            )
+        else:
+            assert r.speedup_vs_keras is None, r.model
+    assert set(report.speedups()) == {(m, "cpu", 1, b) for m in exported for b in (1, 2)}
+    assert report.sweep["keras_baseline_of"] == exported
+    # TensorFlow runs on this machine's CPU: the Keras rows say so
+    assert {k.provider for k in report.keras} == {"cpu"}
+    assert "CPU" in report.environment["keras_device"]
+    flops = report.models[0].flops_per_image  # the Keras model does its exports' work
+    for k in report.keras:
+        assert k.gflops == pytest.approx(flops * k.batch_size / (k.latency_ms["p50"] / 1e3) / 1e9)
+
+    # A baseline TensorFlow ran on a GPU is no baseline for a cpu cell.
+    on_gpu = [replace(k, provider="gpu") for k in report.keras]
+    _add_speedups(report.results, on_gpu, dict.fromkeys(exported, "net.keras"))
+    assert all(r.speedup_vs_keras is None for r in report.results)

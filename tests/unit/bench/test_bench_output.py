@@ -183,3 +183,14 @@ def test_compact_tables_fit_a_terminal_and_drop_empty_columns(report):
     _, headers, rows = tables[0]
     assert "×Keras" not in headers and headers[:3] == ["threads", "batch", "p50"]
     assert len(rows) == 6 and all(len(r) == len(headers) for r in rows)
+
+
+@pytest.mark.parametrize(("base", "new"), [(0.0, 1.0), (1.0, 0.0), (0.0, 0.0)])
+def test_a_zero_median_on_either_side_is_one_clear_line(base, new):
+    side = "base" if base == 0 else "new"
+    with pytest.raises(CnnforgeError) as caught:
+        compare([result(base, (base, base))], [result(new, (new, new))], 0.10)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{side}: cell (model fp32, onnxruntime cpu, threads 1, batch 1)")
+    assert "median of 0.0 ms" in message and "measure that cell again" in message

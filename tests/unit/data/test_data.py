@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import builtins
 import gzip
+import os
 import pickle
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ from PIL import Image
 import cnnforge
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.data.dataset import parse_source, stratified_split
-from cnnforge.data.readers import read_idx_folder
+from cnnforge.data.readers import read_cifar, read_idx_folder
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -89,7 +92,8 @@ def test_fashion_mnist_reads_the_debian_idx_files():
     assert data.spec.class_names[-1] == "Ankle boot"
 
 
-def _cifar10_tarball(path: Path) -> None:
+def _cifar10_tarball(path: Path, replace: dict[str, bytes] | None = None) -> None:
+    """A small CIFAR-10 python download (tarball and folder); ``replace`` swaps files' bytes."""
     rng = np.random.default_rng(0)
     folder = path.parent / "cifar-10-batches-py"
     folder.mkdir()
@@ -112,6 +116,8 @@ def _cifar10_tarball(path: Path) -> None:
         "truck",
     ]
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    for name, blob in (replace or {}).items():
+        (folder / name).write_bytes(blob)
     with tarfile.open(path, "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
 
@@ -124,6 +130,60 @@ def test_cifar10_reads_the_python_tarball_and_its_folder(tmp_path):
         assert data.spec.input_shape == (32, 32, 3)
         assert len(data.x_train) + len(data.x_val) == 20 and len(data.x_test) == 3
         assert data.spec.class_names[2] == "bird"
+
+
+class _Call:
+    """Pickles as a call of ``function(*args)``, as a hostile pickle would."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize(
+    ("function", "protocol", "refused"),
+    [(os.system, 2, f"{os.system.__module__}.system"), (builtins.exec, 4, "builtins.exec")],
+)
+def test_cifar_batch_that_would_run_code_is_refused_unrun(tmp_path, function, protocol, refused):
+    marker = tmp_path / "MARKER"
+    arg = f"touch {marker}" if function is os.system else f"open({str(marker)!r}, 'w').close()"
+    hostile = pickle.dumps({"data": _Call(function, arg), "labels": [0] * 4}, protocol=protocol)
+    pickle.loads(hostile)  # the pickle does run code when read naively ...
+    assert marker.exists()
+    marker.unlink()
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    _cifar10_tarball(tarball, {"data_batch_3": hostile})
+    for source in (tarball, tmp_path / "cifar-10-batches-py"):
+        with pytest.raises(CnnforgeError) as caught:  # ... but not through read_cifar
+            read_cifar(source)
+        message = str(caught.value)
+        assert "\n" not in message and str(source) in message
+        assert f"data_batch_3 is a pickle that calls {refused}," in message
+        assert not marker.exists()
+
+
+def test_cifar_batches_pickled_by_numpy_1_and_with_protocol_5_are_read(tmp_path):
+    """The real CIFAR files name numpy 1's ``numpy.core.multiarray``; protocol 5 pickles
+    arrays with ``_frombuffer``. Both are read, without numpy 2's deprecation warning."""
+    images = np.arange(4 * 3072).reshape(4, 3072).astype(np.uint8)
+    batch = {"data": images, "labels": [1, 2, 3, 4]}
+    numpy_1 = pickle.dumps(batch, protocol=2).replace(
+        b"numpy._core.multiarray", b"numpy.core.multiarray"
+    )
+    assert b"numpy.core.multiarray\n_reconstruct" in numpy_1
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    _cifar10_tarball(
+        tarball, {"data_batch_1": numpy_1, "data_batch_2": pickle.dumps(batch, protocol=5)}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (x_train, y_train), _, _ = read_cifar(tarball)
+    expected = images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(x_train[:4], expected)
+    np.testing.assert_array_equal(x_train[4:8], expected)
+    assert y_train[:8].tolist() == [1, 2, 3, 4] * 2
 
 
 def _image_folder(

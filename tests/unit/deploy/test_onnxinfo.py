@@ -123,3 +123,40 @@ def test_graph_inputs_leave_initializers_out():
         onnxinfo.TensorInfo("ids", "int64", ("n", 8)),
         onnxinfo.TensorInfo("mask", "int64", ("n", 8)),
     ]
+
+
+def _conv_then_transposed(*, unknown_op_between: bool):
+    """Conv 3×3 (3→4, same) then ConvTranspose 3×3 stride 2 (4→2); optionally an operator of
+    an unknown domain between them, so the ConvTranspose's input shape cannot be inferred."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "wt"),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1])]
+    feature = "c"
+    if unknown_op_between:
+        nodes.append(helper.make_node("Mystery", ["c"], ["m"], domain="example.custom"))
+        feature = "m"
+    nodes.append(helper.make_node("ConvTranspose", [feature, "wt"], ["y"], strides=[2, 2]))
+    graph = helper.make_graph(
+        nodes,
+        "transposed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 17, 17])],
+        weights,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("example.custom", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8)
+
+
+def test_conv_transpose_with_an_input_of_unknown_shape_is_left_out_of_the_flops():
+    conv = 2 * 8 * 8 * 4 * 3 * 9  # 8×8×4 outputs, 3·3×3 MACs each
+    transposed = 2 * (8 * 8 * 4) * 2 * 9  # each input value: 2 output channels × 3×3 MACs
+    known = _conv_then_transposed(unknown_op_between=False)
+    assert onnxinfo.flops_per_image(known) == conv + transposed
+    unknown = _conv_then_transposed(unknown_op_between=True)
+    assert onnxinfo.flops_per_image(unknown) == conv  # the ConvTranspose's FLOPs are unknown

@@ -47,3 +47,19 @@ def test_evaluate_on_data_of_another_shape_is_refused(finished_run, tmp_path):
     )
     with pytest.raises(CnnforgeError, match=r"takes images of shape \(28, 28, 1\)"):
         evaluate(finished_run.run_dir / "model.onnx", str(tmp_path / "other.npz"))
+
+
+def test_predict_images_feeds_each_model_its_own_layout(tmp_path):
+    import tiny_onnx
+
+    from cnnforge.evaluation.evaluate import predict_images
+
+    # the same conv classifier, taking NCHW or NHWC (a Transpose first): the same function
+    nchw = tiny_onnx.save(tiny_onnx.conv_classifier(layout="NCHW"), tmp_path / "nchw.onnx")
+    nhwc = tiny_onnx.save(tiny_onnx.conv_classifier(layout="NHWC"), tmp_path / "nhwc.onnx")
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3)).astype(np.uint8)
+    from_nhwc = predict_images(nhwc, images, batch_size=2)
+    assert from_nhwc.shape == (5, 4)
+    np.testing.assert_allclose(predict_images(nchw, images, batch_size=2), from_nhwc, atol=1e-5)
+    with pytest.raises(CnnforgeError, match=r"takes images of shape \(3, 16, 16\) \(NCHW\)"):
+        predict_images(nchw, images[..., :1])

@@ -140,7 +140,7 @@ def test_an_image_of_another_size_and_mode_is_converted_and_said_so(tmp_path):
 def test_a_file_that_is_not_an_image_is_one_line(tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    with pytest.raises(CnnforgeError, match="cannot read image .*notes.png"):
+    with pytest.raises(CnnforgeError, match="cannot decode image .*notes.png"):
         load_image(bad, (28, 28, 1))
     with pytest.raises(CnnforgeError, match="does not exist"):
         load_image(tmp_path / "missing.png", (28, 28, 1))
@@ -156,6 +156,24 @@ def test_explain_a_trained_model_on_an_image_file(finished_run, small_npz, tmp_p
         assert png.width > 800 and png.height > 300
     assert any("resized item.png from 56×56 to 28×28" in n for n in result.explanation.notes)
     assert result.explanation.prediction[0] in raw["class_names"].tolist()  # class names, not ids
+
+
+def test_explain_reads_an_exif_rotated_photo_as_predict_does(finished_run, small_npz, tmp_path):
+    from cnnforge.deploy.predict import Classifier
+
+    upright = np.load(small_npz)["x_test"][0]  # 28×28 grayscale
+    turned = np.asarray(Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90))
+    assert not np.array_equal(turned, upright)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90° clockwise to view
+    path = tmp_path / "phone.png"
+    Image.fromarray(turned).save(path, exif=exif)
+
+    explained = explain(finished_run.run_dir, path, tmp_path / "out.png").explanation
+    predicted = Classifier(finished_run.run_dir / "model.onnx").pixels(path)
+    np.testing.assert_array_equal(explained.image, predicted)
+    np.testing.assert_array_equal(explained.image[..., 0], upright.astype(np.float32))
+    assert "turned phone.png upright, as its EXIF orientation (6) says" in explained.notes
 
 
 def test_explain_command(finished_run, small_npz, tmp_path):

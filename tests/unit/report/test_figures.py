@@ -133,3 +133,32 @@ def test_the_winner_history_and_predictions_of_a_real_run(finished_run, small_np
     assert ((predictions.confidence > 0) & (predictions.confidence <= 1)).all()
     saved = json.loads((run_dir / "search.json").read_text())
     assert saved["trial_id"] == finished_run.best_trial.trial_id
+
+
+def test_test_split_figures_of_an_nchw_model_match_the_nhwc_ones(finished_run, small_npz, tmp_path):
+    """``cnnforge export RUN --layout nchw`` as the run's model.onnx: the same predictions, and
+    report.html keeps its test-split figures."""
+    import re
+    import shutil
+
+    from cnnforge.conversion.export import export
+    from cnnforge.deploy.onnxinfo import image_input
+    from cnnforge.report.html import write_html_report
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    (run_dir / "evaluation.json").unlink(missing_ok=True)  # the figures come from model.onnx
+    export(run_dir, run_dir / "model.onnx", layout="NCHW")
+    assert image_input(run_dir / "model.onnx").layout == "NCHW"
+
+    nhwc = predict_test_split(finished_run.run_dir / "model.onnx", str(small_npz))
+    nchw = predict_test_split(run_dir / "model.onnx", str(small_npz))
+    np.testing.assert_array_equal(nchw.images, nhwc.images)
+    np.testing.assert_array_equal(nchw.predicted, nhwc.predicted)
+    np.testing.assert_allclose(nchw.confidence, nhwc.confidence, atol=1e-5)
+
+    page = write_html_report(run_dir).read_text()
+    figures = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="([^"]*)"', page)
+    assert "Test images unavailable" not in page
+    for figure in ("confusion matrix on the test split", "misclassified test images"):
+        assert figure in figures

@@ -1,0 +1,89 @@
+"""Image files as a model's input: the one loader that ``predict`` and ``explain`` share.
+
+Open and decode the file, turn it upright as its EXIF orientation says (phone photos are
+stored sideways with a tag), convert it to the model's channels and resize it (bilinear) to the
+model's input size, saying what was changed. Pillow and numpy only, no TensorFlow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnforge.core.errors import CnnforgeError
+
+IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels → Pillow mode
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass
+class LoadedImage:
+    """An image as the model takes it, and what was done to get it there."""
+
+    pixels: np.ndarray  # (H, W, C) float32, raw 0-255, the model's input size
+    notes: list[str] = field(default_factory=list)
+
+
+def open_image(path: Path | str) -> tuple[Any, list[str]]:
+    """The decoded Pillow image of ``path`` turned upright (EXIF orientation applied), and a
+    note where it was turned; a missing or undecodable file is one clear line."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if path.is_dir():
+        raise CnnforgeError(f"image {path} is a folder; give image files")
+    if not path.is_file():
+        raise CnnforgeError(f"image {path} does not exist; check the path")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            upright = ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CnnforgeError(
+            f"cannot decode image {path} ({reason}); give a PNG, JPEG, BMP, GIF, TIFF or WebP file"
+        ) from None
+    notes = []
+    if orientation in range(2, 9):
+        notes.append(f"turned {path.name} upright, as its EXIF orientation ({orientation}) says")
+    return upright, notes
+
+
+def fit_image(
+    image: Any, input_shape: tuple[int, int, int], name: str = "the image"
+) -> LoadedImage:
+    """A Pillow image in the model's channels and (H, W): converted and resized (bilinear), a
+    note for each change (``name`` names the image in them)."""
+    from PIL import Image
+
+    height, width, channels = input_shape
+    if channels not in IMAGE_MODES:
+        raise CnnforgeError(
+            f"the model takes {channels}-channel images; cnnforge reads 1 (grayscale), "
+            "3 (RGB) or 4 (RGBA)"
+        )
+    notes = []
+    mode = IMAGE_MODES[channels]
+    if image.mode != mode:
+        notes.append(f"converted {name} from {image.mode} to {mode}")
+        image = image.convert(mode)
+    if image.size != (width, height):
+        notes.append(
+            f"resized {name} from {image.size[0]}×{image.size[1]} to {width}×{height}, "
+            "the model's input size"
+        )
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.float32).reshape(height, width, channels)
+    return LoadedImage(pixels, notes)
+
+
+def load_image(path: Path | str, input_shape: tuple[int, int, int]) -> LoadedImage:
+    """An image file as the model's (H, W, C) input, raw 0-255 pixels: decoded, turned upright,
+    converted to its channels and resized to its size, each change in ``notes``."""
+    image, notes = open_image(path)
+    fitted = fit_image(image, input_shape, Path(path).name)
+    return LoadedImage(fitted.pixels, notes + fitted.notes)
