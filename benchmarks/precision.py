@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime
 
 import cnnforge
-from cnnforge.bench.sweep import cpu_name
+from cnnforge.bench.machine import cpu_name
 from cnnforge.conversion.export import export
 from cnnforge.core.errors import CnnforgeWarning
 from cnnforge.core.markdown import markdown_table

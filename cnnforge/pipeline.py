@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cnnforge.bench.sweep import BenchReport, benchmark, results_as_json
+from cnnforge.bench.results import BenchReport, results_as_json
+from cnnforge.bench.sweep import benchmark
 from cnnforge.conversion.export import ExportResult, export
 from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, load_dataset

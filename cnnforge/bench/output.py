@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cnnforge.bench.sweep import KERAS, BenchReport, BenchResult, best_threads, results_as_json
+from cnnforge.bench.results import KERAS, BenchReport, BenchResult, best_threads, results_as_json
 from cnnforge.core.atomic import atomic_path, atomic_write_text
 from cnnforge.core.markdown import markdown_table
 

@@ -787,7 +787,7 @@ def _print_bench(report: Any) -> None:
         compact_tables,
         describe_setup,
     )
-    from cnnforge.bench.sweep import results_as_json
+    from cnnforge.bench.results import results_as_json
 
     rows = results_as_json(report)
     for line in describe_setup(rows):
@@ -957,7 +957,8 @@ def bench_run(
     and share of the machine's measured MatMul peak. Gate on a regression with
     `cnnforge bench compare BASE.json NEW.json --max-slowdown 10%`."""
     from cnnforge.bench import output as bench_output
-    from cnnforge.bench.sweep import benchmark, results_as_json
+    from cnnforge.bench.results import results_as_json
+    from cnnforge.bench.sweep import benchmark
     from cnnforge.core.atomic import atomic_write_text
 
     if settings["keras_model"]:

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import tiny_onnx
 
+from cnnforge.bench.baseline import device_kind
+from cnnforge.bench.machine import measure_peak
 from cnnforge.bench.models import describe_model, parse_shape
-from cnnforge.bench.sweep import benchmark, device_kind, measure_peak, results_as_json
+from cnnforge.bench.results import results_as_json
+from cnnforge.bench.sweep import benchmark
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.deploy.timing import latency_stats, median_ci, time_calls
 
@@ -346,7 +349,7 @@ def test_keras_speedups_compare_each_model_with_its_own_baseline(tmp_path):
 
     import keras
 
-    from cnnforge.bench.sweep import _add_speedups
+    from cnnforge.bench.baseline import add_speedups
     from cnnforge.conversion.export import export
 
     inputs = keras.Input((16, 16, 3))
@@ -399,5 +402,5 @@ def test_keras_speedups_compare_each_model_with_its_own_baseline(tmp_path):
 
     # A baseline TensorFlow ran on a GPU is no baseline for a cpu cell.
     on_gpu = [replace(k, provider="gpu") for k in report.keras]
-    _add_speedups(report.results, on_gpu, dict.fromkeys(exported, "net.keras"))
+    add_speedups(report.results, on_gpu, dict.fromkeys(exported, "net.keras"))
     assert all(r.speedup_vs_keras is None for r in report.results)

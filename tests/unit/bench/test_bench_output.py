@@ -12,7 +12,8 @@ import tiny_onnx
 
 from cnnforge.bench import output as bench_output
 from cnnforge.bench.compare import compare, comparison_rows, load_results, parse_slowdown
-from cnnforge.bench.sweep import benchmark, results_as_json
+from cnnforge.bench.results import results_as_json
+from cnnforge.bench.sweep import benchmark
 from cnnforge.core.errors import CnnforgeError
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from cnnforge.bench.sweep import benchmark, results_as_json
+from cnnforge.bench.results import results_as_json
+from cnnforge.bench.sweep import benchmark
 from cnnforge.cli import cli
 from cnnforge.evaluation.evaluate import evaluate
 from cnnforge.report.html import markdown_to_html, trials_table, write_html_report
