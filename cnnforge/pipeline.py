@@ -7,16 +7,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from cnnforge.bench.results import BenchReport, results_as_json
+from cnnforge.bench.output import write_bench_files
+from cnnforge.bench.results import BenchReport
 from cnnforge.bench.sweep import benchmark
 from cnnforge.conversion.export import ExportResult, export
 from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, load_dataset
 from cnnforge.evaluation.evaluate import Evaluation, evaluate
-from cnnforge.report.html import write_html_report
-from cnnforge.report.markdown import write_report
-from cnnforge.tuning.search import SearchConfig, SearchProgress, SearchResult, search
+from cnnforge.report.reports import write_reports
+from cnnforge.tuning.search import SearchConfig, SearchProgress, SearchResult, search, trial_model
 
 RUN_BATCH_SIZES = (1, 32)
 # Of a time budget, what is kept for export, parity, benchmark, evaluation and the reports.
@@ -37,6 +38,18 @@ class RunResult:
 
     def artifacts(self) -> dict[str, Path]:
         return RunDir(self.run_dir).artifacts()
+
+
+def export_trial(
+    run_dir: Path | str, trial_id: str, output: Path | str | None = None, **options: Any
+) -> ExportResult:
+    """Export any trial of a run, not only the winner: its model as ``trial-ID.keras`` (its
+    checkpoint, or trained again where it has none), then ``export`` with ``options``, to
+    ``model-trial-ID.onnx`` in the run directory unless ``output`` says otherwise."""
+    source = trial_model(run_dir, trial_id)
+    return export(
+        source, output or RunDir(run_dir).model_file(f"model-trial-{trial_id}.onnx"), **options
+    )
 
 
 def run(
@@ -75,11 +88,10 @@ def run(
         warmup=20,
         keras_model=found.best_model,
     )
-    run_dir.write_json(run_dir.bench, results_as_json(timing))
+    write_bench_files(timing, json_path=run_dir.bench)
     stage("evaluate")
     scored = evaluate(exported.onnx_path, dataset)
     run_dir.write_json(run_dir.evaluation, asdict(scored))
     stage("report")
-    report = write_report(run_dir.path)
-    write_html_report(run_dir.path, dataset)
-    return RunResult(found, exported, timing, scored, report)
+    reports = write_reports(run_dir.path, dataset)
+    return RunResult(found, exported, timing, scored, reports.markdown)

@@ -1,11 +1,13 @@
-"""Bench results as a table, CSV, Markdown and plots. Reads the JSON rows of
-:func:`cnnforge.bench.sweep.results_as_json` (so a ``bench.json`` from an earlier run works too) and
-never measures. matplotlib is imported inside the plotting functions, with the Agg backend."""
+"""Bench results as a table, CSV, Markdown and plots, and :func:`write_bench_files`, the one way
+to write them to disk. Reads the JSON rows of :func:`cnnforge.bench.results.results_as_json` (so a
+``bench.json`` from an earlier run works too) and never measures. matplotlib is imported inside
+the plotting functions, with the Agg backend."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -185,6 +187,10 @@ def describe_setup(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _render_json(rows: Sequence[dict[str, Any]]) -> str:
+    return json.dumps(rows, indent=2)
+
+
 def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
     out = [
         "# cnnforge bench",
@@ -332,8 +338,6 @@ def distribution_cell(report: BenchReport) -> BenchResult:
 
 def write_outputs(report: BenchReport, folder: Path) -> dict[str, Path]:
     """bench.json, bench.csv, bench.md and the two plots, in ``folder``."""
-    import json
-
     folder = Path(folder)
     rows = results_as_json(report)
     written = {
@@ -341,11 +345,37 @@ def write_outputs(report: BenchReport, folder: Path) -> dict[str, Path]:
         "csv": folder / "bench.csv",
         "markdown": folder / "bench.md",
     }
-    atomic_write_text(written["json"], json.dumps(rows, indent=2))
+    atomic_write_text(written["json"], _render_json(rows))
     atomic_write_text(written["csv"], render_csv(rows))
     atomic_write_text(written["markdown"], render_markdown(rows))
     written["latency plot"] = plot_latency_vs_batch(rows, folder / "latency_vs_batch.png")
     written["distribution plot"] = plot_distribution(
         distribution_cell(report), folder / "latency_distribution.png"
     )
+    return written
+
+
+def write_bench_files(
+    report: BenchReport,
+    *,
+    json_path: Path | None = None,
+    csv_path: Path | None = None,
+    markdown_path: Path | None = None,
+    folder: Path | None = None,
+) -> list[Path]:
+    """Write a benchmark's results, each file atomically (a reader never sees half a file):
+    the JSON rows, the CSV table and the Markdown page at the paths given, and with
+    ``folder`` all of :func:`write_outputs`. The paths written, in that order."""
+    rows = results_as_json(report)
+    written: list[Path] = []
+    for path, render in (
+        (json_path, _render_json),
+        (csv_path, render_csv),
+        (markdown_path, render_markdown),
+    ):
+        if path is not None:
+            atomic_write_text(path, render(rows))
+            written.append(Path(path))
+    if folder is not None:
+        written += write_outputs(report, folder).values()
     return written

@@ -7,9 +7,13 @@ tables, the reports and the plots; imports nothing heavy."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from cnnforge.core.errors import CnnforgeError
+
+T = TypeVar("T")
 
 
 def objective_direction(objective: str) -> str:
@@ -29,7 +33,9 @@ class TrialPoint:
     size: float | None = None  # ONNX size in MB
 
 
-def as_number(text: str | None) -> float | None:
+def as_number(text: str | float | None) -> float | None:
+    """A trials.csv cell (or a number) as a finite float; None if empty, not a number, or not
+    finite."""
     try:
         value = float(text) if text not in (None, "") else None
     except ValueError:
@@ -71,6 +77,32 @@ def _dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
 
 
+def rank_key(value: str | float | None, descending: bool) -> tuple[int, float]:
+    """The one ranking rule: best value first (``descending`` for a maximised objective), and
+    trials without a finite value (failed, over budget, still running) last, whichever the
+    direction."""
+    number = as_number(value)
+    if number is None:
+        return (1, 0.0)
+    return (0, -number if descending else number)
+
+
+def _score(trial: Any) -> str | float | None:
+    """The objective score of a trials.csv row (text) or of a ``TrialRecord`` (a number)."""
+    return trial.get("score") if isinstance(trial, Mapping) else trial.score
+
+
+def best_first(
+    trials: Iterable[T],
+    objective: str,
+    score: Callable[[T], str | float | None] = _score,
+) -> list[T]:
+    """Trials best first by ``score`` for the objective's direction; unscored ones last, in
+    their given order."""
+    descending = higher_is_better(objective)
+    return sorted(trials, key=lambda trial: rank_key(score(trial), descending))
+
+
 def sorted_trials(
     trials: list[dict[str, str]], objective: str, column: str | None = None
 ) -> list[dict[str, str]]:
@@ -82,18 +114,17 @@ def sorted_trials(
         )
     column = column or "score"
     if column == "score":
-        descending = higher_is_better(objective)
-    elif "accuracy" in column or "loss" in column:  # a metric
+        return best_first(trials, objective)
+    if column == "trial_id":
+        return sorted(trials, key=lambda row: run_order(row["trial_id"]))
+    if "accuracy" in column or "loss" in column:  # a metric
         descending = higher_is_better(column)
     else:  # a cost (latency, size, params...), or pareto (front first)
         descending = column == "pareto"
 
-    def key(row: dict[str, str]) -> tuple:
-        if column == "trial_id":
-            return (0, *run_order(row["trial_id"]))
-        value = as_number(row.get(column))
-        if value is None:
-            return (1, 0.0, row.get(column) or "")
-        return (0, -value if descending else value, "")
+    def key(row: dict[str, str]) -> tuple[int, float, str]:
+        cell = row.get(column)
+        # text cells (status, message) sort alphabetically after the numbers
+        return (*rank_key(cell, descending), "" if as_number(cell) is not None else cell or "")
 
     return sorted(trials, key=key)

@@ -18,7 +18,12 @@ from typing import Any
 
 from cnnforge.core.atomic import atomic_write_text
 from cnnforge.core.errors import CnnforgeError
-from cnnforge.core.objectives import as_number, higher_is_better, pareto_front
+from cnnforge.core.objectives import (
+    as_number,
+    best_first,
+    pareto_front,
+    run_order,
+)
 from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, as_dataset
 from cnnforge.report import figures, plots
@@ -157,10 +162,7 @@ def trials_table(trials: list[dict[str, str]], objective: str, best_id: str | No
     columns = [c for c in trials[0] if any(t[c] not in ("", None) for t in trials)]
     if objective in columns:  # the score is that metric's column already
         columns.remove("score")
-    scores = {p.trial_id: p.score for p in figures.trial_points(trials)}
-    sign = -1 if higher_is_better(objective) else 1
-    ranked = sorted(scores, key=lambda t: (scores[t] is None, sign * (scores[t] or 0)))
-    by_id = {t["trial_id"]: t for t in trials}
+    in_run_order = sorted(trials, key=lambda row: run_order(row["trial_id"]))
 
     def header(column: str) -> str:
         name = objective if column == "score" else TRIAL_HEADERS.get(column, column)
@@ -174,10 +176,10 @@ def trials_table(trials: list[dict[str, str]], objective: str, best_id: str | No
         return f'<td class="num" data-sort="{number!r}">{shown}</td>'
 
     rows = "".join(
-        f"<tr{' class=best' if t == best_id else ''}>"
-        + "".join(cell(by_id[t][c]) for c in columns)
+        f"<tr{' class=best' if row['trial_id'] == best_id else ''}>"
+        + "".join(cell(row[c]) for c in columns)
         + "</tr>"
-        for t in ranked
+        for row in best_first(in_run_order, objective)
     )
     heads = "".join(header(c) for c in columns)
     return (

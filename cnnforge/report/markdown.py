@@ -16,11 +16,6 @@ from cnnforge.core.objectives import sorted_trials
 from cnnforge.core.rundir import RunDir
 
 
-def read_run(run_dir: Path) -> dict[str, Any]:
-    """The JSON files of a run directory that exist, and its trials as dict rows."""
-    return RunDir(run_dir).read()
-
-
 def _model(search: dict[str, Any]) -> str:
     if not search.get("backbone"):
         return f"architecture: `{search['arch']}`"
@@ -186,7 +181,7 @@ def report_sections(run: dict[str, Any]) -> list[tuple[str, list[str] | None]]:
 
 
 def render_markdown(run_dir: Path) -> str:
-    run = read_run(run_dir)
+    run = RunDir(run_dir).read()
     out = [f"# cnnforge run `{Path(run_dir).name}`", ""]
     for title, lines in report_sections(run):
         out += [f"## {title}", "", *(lines or [f"_Not measured yet ({title.lower()})._"]), ""]

@@ -55,6 +55,8 @@ OPTION_FIELDS = (
     "latency_batch_size",
     *LIMITS.values(),
 )
+# A distributed search's options that are fields as they are (the addresses are not).
+DISTRIBUTED_FIELDS = ("distributed", "worker_id", "worker_timeout")
 
 
 @dataclass
@@ -123,12 +125,23 @@ class SearchConfig:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> SearchConfig:
         """A configuration from parsed command-line options: ``fix`` as ``{name: value}``,
-        ``space`` as ``{name: "v1,v2"}``; options that are not fields are ignored."""
+        ``space`` as ``{name: "v1,v2"}``; options that are not fields are ignored.
+
+        A distributed search takes ``distributed`` (chief or worker), ``listen`` (a chief's
+        address), ``chief`` (a worker's chief), ``worker_id`` and ``worker_timeout``; the
+        role's own address becomes ``address``. Option combinations that make no sense raise a
+        ``CnnforgeError`` naming the flags; the values are checked later, by ``validate``."""
         if options.get("arch") and options.get("backbone"):
             raise CnnforgeError("--arch and --backbone are mutually exclusive; give one")
         if options.get("weights") and not options.get("backbone"):
             raise CnnforgeError("--weights needs --backbone")
-        given = {name: options[name] for name in OPTION_FIELDS if options.get(name) is not None}
+        given = {
+            name: options[name]
+            for name in (*OPTION_FIELDS, *DISTRIBUTED_FIELDS)
+            if options.get(name) is not None
+        }
+        role = options.get("distributed")
+        address = {"chief": options.get("listen"), "worker": options.get("chief")}.get(role or "")
         return cls(
             data=options.get("data") or cls.data,
             arch=options.get("arch"),
@@ -136,6 +149,7 @@ class SearchConfig:
             weights=options.get("weights"),
             fix=dict(options.get("fix") or {}),
             space=dict(options.get("space") or {}),
+            address=address,
             **given,
         )
 

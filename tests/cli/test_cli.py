@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -167,6 +168,16 @@ def test_export_bench_evaluate_commands(finished_run, small_npz, tmp_path):
     )
     assert evaluated.exit_code == 0 and "accuracy" in evaluated.output
     assert json.loads((tmp_path / "e.json").read_text())["images"] == 200
+
+
+def test_report_rebuilds_both_reports_and_names_what_is_missing(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    result = invoke("report", str(run_dir))
+    assert result.exit_code == 0, result.output + result.stderr
+    for name in ("report.md", "report.html"):
+        assert (run_dir / name).is_file() and f"wrote {run_dir / name}" in result.output
+    assert "missing bench.json: no latency measurements" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -166,7 +166,7 @@ def test_cli_lists_trials_and_exports_a_non_best_one(budget_run):
 
 
 def test_budget_options_reach_the_search_config():
-    from cnnforge.cli import _search_config, search_options
+    from cnnforge.cli.options import search_config, search_options
 
     captured = {}
 
@@ -201,7 +201,7 @@ def test_budget_options_reach_the_search_config():
             "8",
         ],
     )
-    config = _search_config(captured)
+    config = search_config(captured)
     assert (config.max_latency_ms, config.max_params, config.max_flops, config.max_size_mb) == (
         2.5,
         1000,

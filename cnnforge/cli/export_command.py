@@ -1,0 +1,123 @@
+"""``cnnforge export``: a run or a .keras model to ONNX, with its parity and accuracy checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cnnforge.cli.options import provider_choice
+from cnnforge.cli.output import console, quiet_tensorflow
+from cnnforge.core.contract import EXPORT_PRECISIONS, LAYOUTS
+
+
+@click.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Default: model.onnx beside the source (model-int8.onnx, model-nchw.onnx... "
+    "for variants).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(EXPORT_PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="fp16: half-precision weights and compute; int8: static "
+    "QDQ quantization calibrated on training images.",
+)
+@click.option(
+    "--layout",
+    type=click.Choice([layout.lower() for layout in LAYOUTS], case_sensitive=False),
+    default="nhwc",
+    show_default=True,
+    help="Input layout (nchw: channels first).",
+)
+@click.option("--opset", type=click.IntRange(min=9), default=17, show_default=True)
+@click.option("--data", help="Dataset for parity, accuracy and calibration (default: the run's).")
+@click.option(
+    "--max-accuracy-drop",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    metavar="POINTS",
+    help="Refuse a variant losing more test accuracy than this, in percentage points.",
+)
+@click.option("--force", is_flag=True, help="Keep a variant that fails the accuracy gate.")
+@click.option(
+    "--calibration-images",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="int8: training images to calibrate on  [default: 256, or all if fewer]",
+)
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    help="Largest allowed |Keras - ONNX| probability  [default: 1e-4 fp32, 1e-2 fp16, "
+    "not checked for int8]",
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    metavar="FRACTION",
+    help="Least top-1 agreement with Keras  [default: 0.95 for int8]",
+)
+@click.option(
+    "--provider",
+    type=provider_choice(),
+    default="cpu",
+    show_default=True,
+    help="Execution provider the checks run on (the deployment's).",
+)
+@click.option(
+    "--trial",
+    "trial_id",
+    metavar="ID",
+    help="Export this trial of the run (see `cnnforge trials`) instead of the best.",
+)
+def export(
+    source: Path,
+    output: Path | None,
+    precision: str,
+    layout: str,
+    opset: int,
+    data: str | None,
+    max_accuracy_drop: float,
+    force: bool,
+    calibration_images: int | None,
+    atol: float | None,
+    min_agreement: float | None,
+    provider: str,
+    trial_id: str | None,
+) -> None:
+    """Export a run directory or .keras file to ONNX; check parity and test accuracy."""
+    quiet_tensorflow()
+    from cnnforge.conversion.export import export as export_model
+    from cnnforge.pipeline import export_trial
+
+    options = {
+        "opset": opset,
+        "data": data,
+        "precision": precision,
+        "layout": layout,
+        "atol": atol,
+        "min_top1_agreement": min_agreement,
+        "max_accuracy_drop": max_accuracy_drop,
+        "force": force,
+        "calibration_images": calibration_images,
+        "provider": provider,
+    }
+    if trial_id is None:
+        result = export_model(source, output, **options)
+    else:
+        result = export_trial(source, trial_id, output, **options)
+    console.print(
+        f"wrote {result.onnx_path} ({result.size_bytes / 1e6:.2f} MB, {result.precision}, "
+        f"{result.layout}, opset {result.opset}, converted in {result.seconds:.2f}s)",
+        soft_wrap=True,
+    )
+    console.print(f"parity: {result.parity.summary()} → {result.parity_path}", soft_wrap=True)
+    if result.accuracy is not None:
+        console.print(f"accuracy: {result.accuracy.summary()}", soft_wrap=True)

@@ -1,0 +1,239 @@
+"""Option callbacks shared by several commands, and the options that define a search (shared by
+``search`` and ``run``, each with its own defaults)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from cnnforge.core.contract import PROVIDERS, TRAINING_PRECISIONS, TUNERS
+from cnnforge.core.errors import CnnforgeError
+
+if TYPE_CHECKING:
+    from cnnforge.tuning.config import SearchConfig
+
+
+def csv_ints(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, ...] | None:
+    """``1,8,32`` as ``(1, 8, 32)``: positive integers."""
+    if value is None:
+        return None
+    try:
+        numbers = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return numbers
+
+
+def assignments(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    """Repeated ``NAME=VALUE`` as ``{NAME: VALUE}``."""
+    parsed = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}")
+        parsed[name] = value
+    return parsed
+
+
+def duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """``30m``, ``1h`` ... as seconds."""
+    from cnnforge.tuning.timebudget import parse_duration
+
+    try:
+        return None if value is None else parse_duration(value)
+    except CnnforgeError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def provider_choice() -> click.Choice:
+    """The onnxruntime providers by their short names (cpu, cuda, tensorrt)."""
+    return click.Choice(list(PROVIDERS))
+
+
+# Each candidate is measured with onnxruntime before training; these cap what it may cost.
+_budget_options = [
+    click.option(
+        "--max-latency-ms",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="MS",
+        help="Refuse (do not train) candidates slower than this per call.",
+    ),
+    click.option(
+        "--max-params",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="Refuse candidates with more parameters.",
+    ),
+    click.option(
+        "--max-flops",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="Refuse candidates with more FLOPs per image.",
+    ),
+    click.option(
+        "--max-size-mb",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="MB",
+        help="Refuse candidates whose ONNX file is larger.",
+    ),
+    click.option(
+        "--latency-batch-size",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Batch size candidates are timed at.",
+    ),
+    click.option(
+        "--latency-provider",
+        type=provider_choice(),
+        default="cpu",
+        show_default=True,
+        help="onnxruntime provider candidates are timed on.",
+    ),
+]
+
+
+def search_options(defaults: dict[str, Any]) -> Callable[[Callable], Callable]:
+    """The options that define a search, shared by ``search`` and ``run`` with their defaults."""
+    options = [
+        click.option(
+            "--data",
+            default=defaults["data"],
+            show_default=True,
+            help="NAME, NAME:PATH, dir:FOLDER or FILE.npz.",
+        ),
+        click.option("--arch", help=f"Architecture plugin [default: {defaults['arch']}]."),
+        click.option(
+            "--backbone",
+            metavar="NAME|run:PATH",
+            help="Transfer learning from a backbone plugin, or from a run directory or "
+            ".keras model (instead of --arch).",
+        ),
+        click.option(
+            "--weights",
+            metavar="imagenet|none|PATH",
+            help="Backbone weights: imagenet (the default; keras downloads them once), "
+            "none, or a local weights file.",
+        ),
+        click.option(
+            "--run-dir",
+            type=click.Path(path_type=Path),
+            default=defaults["run_dir"],
+            show_default=True,
+            help="Where the run's artifacts go; rerun to resume.",
+        ),
+        click.option(
+            "--tuner",
+            type=click.Choice(TUNERS),
+            default=defaults["tuner"],
+            show_default=True,
+        ),
+        click.option(
+            "--max-trials",
+            type=click.IntRange(min=1),
+            default=defaults["max_trials"],
+            show_default=True,
+        ),
+        click.option(
+            "--epochs",
+            type=click.IntRange(min=1),
+            default=defaults["epochs"],
+            show_default=True,
+            help="Epochs per trial (Hyperband: the most a trial gets).",
+        ),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option(
+            "--objective",
+            default="val_accuracy",
+            show_default=True,
+            help="Metric to optimise; names with 'loss' are minimised.",
+        ),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--patience",
+            type=click.IntRange(min=0),
+            default=defaults["patience"],
+            show_default=True,
+            help="Early-stopping patience in epochs (0: off).",
+        ),
+        click.option(
+            "--fix",
+            multiple=True,
+            callback=assignments,
+            metavar="NAME=VALUE",
+            help="Pin a hyperparameter (repeatable).",
+        ),
+        click.option(
+            "--space",
+            multiple=True,
+            callback=assignments,
+            metavar="NAME=V1,V2",
+            help="Narrow a hyperparameter to these values (repeatable).",
+        ),
+        click.option(
+            "--strategy",
+            type=click.Choice(["mirrored"]),
+            help="Train each trial on all local GPUs (tf.distribute.MirroredStrategy).",
+        ),
+        click.option(
+            "--time-budget",
+            callback=duration,
+            metavar="DURATION",
+            help="Wall time for the whole job, final training included (e.g. 30m, 1h): "
+            "trials stop in time for the final training.",
+        ),
+        click.option(
+            "--retrain/--no-retrain",
+            default=True,
+            show_default=True,
+            help="Train the best trial again on train+validation for the epochs it "
+            "took to its best.",
+        ),
+        click.option(
+            "--search-fraction",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=1.0,
+            show_default=True,
+            help="Share of the training images each trial trains on (stratified).",
+        ),
+        click.option(
+            "--deterministic",
+            is_flag=True,
+            help="Bit-for-bit repeatable training for a seed (TensorFlow's "
+            "deterministic ops; slower).",
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(TRAINING_PRECISIONS),
+            default="auto",
+            show_default=True,
+            help="Training precision; auto: mixed float16 on a GPU, float32 on a CPU.",
+        ),
+        *_budget_options,
+    ]
+
+    def decorate(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def search_config(options: dict[str, Any]) -> SearchConfig:
+    """The search the options describe; flags that do not go together are a usage error."""
+    from cnnforge.tuning.config import SearchConfig
+
+    try:
+        return SearchConfig.from_options(options)
+    except CnnforgeError as exc:
+        raise click.UsageError(str(exc)) from None
