@@ -3,12 +3,12 @@ or unscored trials last whichever the direction, for trials.csv rows and TrialRe
 
 from __future__ import annotations
 
-import csv
 import math
 
 import pytest
 
 from cnnforge.core.objectives import best_first, rank_key, sorted_trials
+from cnnforge.core.rundir import RunDir
 from cnnforge.tuning.records import TrialRecord, write_trials_csv
 
 
@@ -43,9 +43,9 @@ def test_failed_trials_go_last_whatever_the_direction(objective, expected):
 
 @pytest.mark.parametrize("objective", ["val_loss", "val_accuracy"])
 def test_trials_csv_rows_and_records_rank_alike(tmp_path, objective):
-    path = tmp_path / "trials.csv"
-    write_trials_csv(RECORDS, path)
-    rows = list(csv.DictReader(path.open()))
+    run = RunDir(tmp_path)
+    write_trials_csv(RECORDS, run)
+    rows = run.read_trials()
     assert ids(sorted_trials(rows, objective)) == ids(best_first(RECORDS, objective))
     assert ids(best_first(rows, objective)) == ids(best_first(RECORDS, objective))
 
