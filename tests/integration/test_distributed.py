@@ -8,11 +8,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from search_commands import small_search
 
 pytestmark = pytest.mark.slow
 
@@ -24,29 +24,7 @@ def free_port() -> int:
 
 
 def command(data: Path, run_dir: Path, *role: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "cnnforge.cli",
-        "search",
-        "--data",
-        str(data),
-        "--run-dir",
-        str(run_dir),
-        "--max-trials",
-        "4",
-        "--epochs",
-        "3",
-        "--patience",
-        "0",
-        "--fix",
-        "conv_blocks=2",
-        "--space",
-        "filters_0=16,32",
-        "--space",
-        "dense_units_0=32,64",
-        *role,
-    ]
+    return small_search(data, run_dir, "--max-trials", "4", "--epochs", "3", *role)
 
 
 def worker(data: Path, run_dir: Path, address: str, worker_id: str) -> list[str]:

@@ -8,45 +8,23 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from search_commands import small_search
 
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.tuning.tuners import _save_json_atomically
 
 
 def search_command(data: Path, run_dir: Path, tuner: str, trials: int = 3) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "cnnforge.cli",
-        "search",
-        "--data",
-        str(data),
-        "--run-dir",
-        str(run_dir),
-        "--tuner",
-        tuner,
-        "--max-trials",
-        str(trials),
-        "--epochs",
-        "4",
-        "--patience",
-        "0",
-        "--fix",
-        "conv_blocks=2",
-        "--space",
-        "filters_0=16,32",
-        "--space",
-        "dense_units_0=32,64",
-        "--fix",
-        "learning_rate=0.001",
-        "--fix",
-        "dropout=0.0",
-    ]
+    return small_search(
+        data,
+        run_dir,
+        *("--tuner", tuner, "--max-trials", str(trials), "--epochs", "4"),
+        *("--fix", "learning_rate=0.001", "--fix", "dropout=0.0"),
+    )
 
 
 def finished_trials(run_dir: Path) -> int:
