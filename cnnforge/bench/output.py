@@ -336,18 +336,29 @@ def distribution_cell(report: BenchReport) -> BenchResult:
     return min(candidates, key=lambda r: r.latency_ms["p50"])
 
 
+# The text files of a benchmark: how each is rendered from the JSON rows, and its name in a folder.
+_TEXT_FILES = {
+    "json": (_render_json, "bench.json"),
+    "csv": (render_csv, "bench.csv"),
+    "markdown": (render_markdown, "bench.md"),
+}
+
+
+def _write_text_files(rows: list[dict[str, Any]], paths: dict[str, Path | None]) -> dict[str, Path]:
+    """Each text file (``_TEXT_FILES``) that has a path, written atomically."""
+    written = {}
+    for kind, path in paths.items():
+        if path is not None:
+            atomic_write_text(path, _TEXT_FILES[kind][0](rows))
+            written[kind] = Path(path)
+    return written
+
+
 def write_outputs(report: BenchReport, folder: Path) -> dict[str, Path]:
     """bench.json, bench.csv, bench.md and the two plots, in ``folder``."""
     folder = Path(folder)
     rows = results_as_json(report)
-    written = {
-        "json": folder / "bench.json",
-        "csv": folder / "bench.csv",
-        "markdown": folder / "bench.md",
-    }
-    atomic_write_text(written["json"], _render_json(rows))
-    atomic_write_text(written["csv"], render_csv(rows))
-    atomic_write_text(written["markdown"], render_markdown(rows))
+    written = _write_text_files(rows, {k: folder / name for k, (_, name) in _TEXT_FILES.items()})
     written["latency plot"] = plot_latency_vs_batch(rows, folder / "latency_vs_batch.png")
     written["distribution plot"] = plot_distribution(
         distribution_cell(report), folder / "latency_distribution.png"
@@ -366,16 +377,8 @@ def write_bench_files(
     """Write a benchmark's results, each file atomically (a reader never sees half a file):
     the JSON rows, the CSV table and the Markdown page at the paths given, and with
     ``folder`` all of :func:`write_outputs`. The paths written, in that order."""
-    rows = results_as_json(report)
-    written: list[Path] = []
-    for path, render in (
-        (json_path, _render_json),
-        (csv_path, render_csv),
-        (markdown_path, render_markdown),
-    ):
-        if path is not None:
-            atomic_write_text(path, render(rows))
-            written.append(Path(path))
+    paths = {"json": json_path, "csv": csv_path, "markdown": markdown_path}
+    written = list(_write_text_files(results_as_json(report), paths).values())
     if folder is not None:
         written += write_outputs(report, folder).values()
     return written

@@ -56,19 +56,21 @@ def predict_images(
     *,
     batch_size: int = 256,
     session: Any | None = None,
+    source: str = "the input",
 ) -> np.ndarray:
     """(images × classes) probabilities of the ONNX model for ``images``: raw pixels, NHWC (as
     datasets hold them), handed to the model in its own input layout (NHWC or NCHW, from its
     ``cnnforge.input_layout`` metadata, else its input shape), ``batch_size`` at a time.
 
     Every stage that runs the exported model on a dataset's images uses this (``evaluate``, the
-    report's test-split figures). ``session``: an open session on ``onnx_path`` to reuse.
+    report's test-split figures). ``session``: an open session on ``onnx_path`` to reuse;
+    ``source``: what the images are, for the error when they do not fit the model.
     """
     image = image_input(onnx_path)
     if image.nhwc_shape != images.shape[1:]:
         raise CnnforgeError(
-            f"model {onnx_path} takes images of shape {image.shape} ({image.layout}), these are "
-            f"{images.shape[1:]} (NHWC); give it images of the data it was trained for"
+            f"model {onnx_path} takes images of shape {image.shape} ({image.layout}); {source} has "
+            f"images of shape {images.shape[1:]} (NHWC); give it the data it was trained for"
         )
     session = session if session is not None else open_session(onnx_path)
     return predict(session, to_layout(images, image.layout), batch_size)
@@ -79,15 +81,9 @@ def evaluate(model_path: Path | str, data: str | Dataset) -> Evaluation:
     loaded) with onnxruntime, in the model's own input layout (NHWC or NCHW, from its metadata
     or its graph: :func:`predict_images`)."""
     session = open_session(model_path)
-    image = image_input(model_path)
     dataset = as_dataset(data)
     data = dataset.spec.name
-    if image.nhwc_shape != dataset.x_test.shape[1:]:
-        raise CnnforgeError(
-            f"model {model_path} takes images of shape {image.shape} ({image.layout}) but {data} "
-            f"has {dataset.x_test.shape[1:]}; evaluate it on the data it was trained for"
-        )
-    probabilities = predict_images(model_path, dataset.x_test, session=session)
+    probabilities = predict_images(model_path, dataset.x_test, session=session, source=data)
     outputs = probabilities.shape[1]
     if outputs != dataset.spec.num_classes:
         raise CnnforgeError(

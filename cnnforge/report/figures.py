@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnforge.core.objectives import TrialPoint, as_number, higher_is_better, run_order
+from cnnforge.core.objectives import TrialPoint, as_number, best_first, run_order
 from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, as_dataset
 from cnnforge.evaluation.evaluate import class_scores, confusion_matrix, predict_images
@@ -41,11 +41,10 @@ def best_trial(run: dict[str, Any]) -> tuple[str | None, bool]:
     if "search" in run:
         return str(run["search"]["trial_id"]), True
     objective = run["config"]["search"]["objective"]
-    scored = [p for p in trial_points(run["trials"]) if p.score is not None]
-    if not scored:
+    ranked = best_first(trial_points(run["trials"]), objective, score=lambda p: p.score)
+    if not ranked or ranked[0].score is None:
         return None, False
-    pick = max if higher_is_better(objective) else min
-    return pick(scored, key=lambda p: p.score).trial_id, False
+    return ranked[0].trial_id, False
 
 
 def training_history(run_dir: Path, trial_id: str) -> dict[str, list[float]]:

@@ -25,7 +25,7 @@ from cnnforge.core.objectives import (
     run_order,
 )
 from cnnforge.core.rundir import RunDir
-from cnnforge.data.dataset import Dataset, as_dataset
+from cnnforge.data.dataset import Dataset, load_dataset
 from cnnforge.report import figures, plots
 from cnnforge.report.markdown import report_sections
 
@@ -237,18 +237,32 @@ def _training_part(run_dir: Path, best_id: str | None, finished: bool) -> str:
     )
 
 
+DataLoader = Callable[[str], Dataset]
+
+
+def _data_loader(dataset: Dataset | None) -> DataLoader:
+    """The page's data by source, each source loaded once (two parts read the test split):
+    ``dataset`` when the caller has it, else loaded on first use."""
+    loaded = {dataset.spec.name: dataset} if dataset is not None else {}
+
+    def data(source: str) -> Dataset:
+        if source not in loaded:
+            loaded[source] = load_dataset(source)
+        return loaded[source]
+
+    return data
+
+
 def _test_split_part(
-    run_dir: Path, run: dict[str, Any], class_names: tuple[str, ...], dataset: Dataset | None
+    run_dir: Path, run: dict[str, Any], class_names: tuple[str, ...], data: DataLoader
 ) -> str:
     model = RunDir(run_dir).onnx
     evaluation = run.get("evaluation")
-    data = evaluation["data"] if evaluation else run["config"]["search"]["data"]
-    if dataset is not None and dataset.spec.name == data:
-        data = dataset
+    source = evaluation["data"] if evaluation else run["config"]["search"]["data"]
     parts = []
     if model.is_file():
         try:
-            predictions = figures.predict_test_split(model, data)
+            predictions = figures.predict_test_split(model, data(source))
         except CnnforgeError as exc:
             predictions = None
             parts.append(_note(f"Test images unavailable: {exc}"))
@@ -301,7 +315,7 @@ def _test_split_part(
 
 
 def _learned_part(
-    run_dir: Path, run: dict[str, Any], class_names: tuple[str, ...], dataset: Dataset | None
+    run_dir: Path, run: dict[str, Any], class_names: tuple[str, ...], data: DataLoader
 ) -> str:
     from cnnforge.modeling.keras_io import load_keras_model
     from cnnforge.report.explain import explain_array
@@ -310,7 +324,7 @@ def _learned_part(
     if not best_model.is_file():
         return _note("No `best.keras` yet: the feature maps need the trained model.")
     try:
-        dataset = as_dataset(dataset or run["config"]["search"]["data"])
+        dataset = data(run["config"]["search"]["data"])
     except CnnforgeError as exc:
         return _note(f"Test images unavailable: {exc}")
     index = EXPLAINED_TEST_IMAGE
@@ -346,6 +360,7 @@ def render_html(run_dir: Path, dataset: Dataset | None = None) -> str:
     the caller has it loaded already)."""
     run_dir = Path(run_dir)
     run = RunDir(run_dir).read()
+    data = _data_loader(dataset)
     markdown = {title: lines for title, lines in report_sections(run)}
     class_names = tuple(run["config"]["data_spec"]["class_names"])
     best_id, finished = figures.best_trial(run)
@@ -363,11 +378,11 @@ def render_html(run_dir: Path, dataset: Dataset | None = None) -> str:
         (
             "Test split",
             measured("Test split")
-            + _guarded(lambda: _test_split_part(run_dir, run, class_names, dataset)),
+            + _guarded(lambda: _test_split_part(run_dir, run, class_names, data)),
         ),
         (
             "What the model learned",
-            _guarded(lambda: _learned_part(run_dir, run, class_names, dataset)),
+            _guarded(lambda: _learned_part(run_dir, run, class_names, data)),
         ),
     ]
     versions = ", ".join(f"{k} {v}" for k, v in run["config"].get("versions", {}).items())
