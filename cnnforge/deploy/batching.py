@@ -37,6 +37,9 @@ class Batcher:
 
     ``run`` takes one stacked batch and returns one row per image; it runs in a single worker
     thread, so calls never overlap. ``on_batch(size, seconds)`` is told of every batch run.
+    ``arriving()``, if given, counts jobs on their way (requests being read and decoded): when
+    none is queued and none is arriving, the batch runs at once instead of waiting out
+    ``max_wait_ms`` for nobody, so a lone caller does not pay the wait.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class Batcher:
         max_wait_ms: float,
         max_queue: int,
         on_batch: Callable[[int, float], None] | None = None,
+        arriving: Callable[[], int] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise CnnforgeError(
@@ -54,7 +58,7 @@ class Batcher:
                 f"max_wait_ms ({max_wait_ms}) at least 0"
             )
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait_ms / 1e3
-        self.on_batch = on_batch
+        self.on_batch, self.arriving = on_batch, arriving
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=max_queue)
         self._held: _Job | None = None  # took it, but it did not fit the last batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnforge-batch")
@@ -109,6 +113,8 @@ class Batcher:
         jobs, count = [first], len(first.images)
         deadline = time.monotonic() + self.max_wait
         while count < self.max_batch:
+            if self.arriving is not None and not self.depth and not self.arriving():
+                break
             job = await self._next(deadline - time.monotonic())
             if job is None:
                 break

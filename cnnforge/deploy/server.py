@@ -165,6 +165,7 @@ class Service:
             raise CnnforgeError(f"max_body must be at least 1 byte, got {max_body}")
         self.classifier = Classifier(model, provider=provider, threads=threads)
         self.max_batch, self.max_body = max_batch, max_body
+        self.arriving = 0  # /predict requests being read and decoded, not yet queued
         self.metrics = Metrics(max_batch)
         self.batcher = Batcher(
             lambda batch: predict(self.classifier.session, batch),
@@ -172,6 +173,7 @@ class Service:
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
             on_batch=self.metrics.batch,
+            arriving=lambda: self.arriving,
         )
         self.metrics.queue.set_function(lambda: self.batcher.depth)
 
@@ -315,8 +317,12 @@ def create_app(
     async def predict_route(request: Any) -> Any:
         try:
             top_k = _top_k(request)
-            images = await _images(request, service.max_body, service.max_batch)
-            batch = await asyncio.to_thread(service.pixels, images)
+            service.arriving += 1
+            try:
+                images = await _images(request, service.max_body, service.max_batch)
+                batch = await asyncio.to_thread(service.pixels, images)
+            finally:
+                service.arriving -= 1
             try:
                 rows = await service.batcher.submit(batch)
             except Overloaded:

@@ -9,9 +9,9 @@ import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -91,44 +91,54 @@ def test_load_2000_requests_from_32_clients_none_lost_or_swapped(tmp_path):
     print(f"{REQUESTS} requests in {seconds:.1f}s, mean batch {sent_images / batches:.1f}")
 
 
+def slow_upload(port: int, body: bytes, headers: dict[str, str]) -> socket.socket:
+    """A request whose headers and first half of the body are sent now, the rest later."""
+    lines = ["POST /predict HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body[: len(body) // 2])
+    return connection
+
+
+def finish_upload(connection: socket.socket, body: bytes) -> bytes:
+    connection.sendall(body[len(body) // 2 :])
+    answer = b""
+    while chunk := connection.recv(65536):
+        answer += chunk
+    connection.close()
+    return answer
+
+
 def test_cnnforge_serve_token_from_env_and_sigterm_drains_then_exits_0(tmp_path):
     model = serving.model(tmp_path / "model.onnx")
     port = serving.free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, TOKEN_ENV: "from-env"}
     command = [sys.executable, "-m", "cnnforge.cli", "serve", str(model), "--port", str(port)]
-    # a long wait for more images keeps the requests in flight when SIGTERM arrives
-    command += ["--max-batch", "32", "--max-wait-ms", "1500"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         serving.wait_until_up(url, process)
         assert httpx.get(f"{url}/metadata").status_code == 401
         auth = {"Authorization": "Bearer from-env"}
         assert httpx.get(f"{url}/metadata", headers=auth).status_code == 200
-        data = png(np.zeros((28, 28), dtype=np.uint8))
-        headers = {**auth, "content-type": "image/png"}
-        results: list[int] = []
-
-        def call() -> None:
-            response = httpx.post(f"{url}/predict", content=data, headers=headers, timeout=30)
-            results.append(response.status_code)
-
-        callers = [threading.Thread(target=call) for _ in range(6)]
-        for caller in callers:
-            caller.start()
-        time.sleep(0.5)  # in the server, waiting for their batch
+        body = png(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
+        headers = {**auth, "Content-Type": "image/png"}
+        in_flight = [slow_upload(port, body, headers) for _ in range(3)]
+        time.sleep(0.3)  # the server has their headers and half their bodies
         process.send_signal(signal.SIGTERM)
-        for caller in callers:
-            caller.join(30)
+        time.sleep(0.5)  # it has stopped listening, and waits for them
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health", timeout=2)
+        answers = [finish_upload(connection, body) for connection in in_flight]
         output = process.communicate(timeout=30)[0].decode()
     finally:
         if process.poll() is None:
             process.kill()
-    assert results == [200] * 6, output
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert b'"predictions"' in answer
     assert process.returncode == 0, output
     assert "Traceback" not in output
-    with pytest.raises(httpx.TransportError):
-        httpx.get(f"{url}/health", timeout=2)
 
 
 def test_serve_refuses_a_missing_model_in_one_line(tmp_path):

@@ -62,6 +62,21 @@ def test_a_lone_job_waits_at_most_max_wait():
     assert 0.02 < elapsed < 2
 
 
+def test_with_nothing_arriving_a_lone_job_runs_at_once():
+    async def main():
+        batcher = Batcher(identify, max_batch=64, max_wait_ms=2000, max_queue=4, arriving=lambda: 0)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        rows = await batcher.submit(images(3))
+        elapsed = loop.time() - start
+        await batcher.stop()
+        return rows, elapsed
+
+    rows, elapsed = asyncio.run(main())
+    assert rows.tolist() == [[3, 1]] and elapsed < 1
+
+
 def test_a_full_queue_is_refused_at_once_and_stop_drains_what_was_queued():
     release = threading.Event()
 
