@@ -113,13 +113,15 @@ async def client(
             start = time.perf_counter()
             writer.write(head + body)
             status_line = await reader.readline()
+            if not status_line:
+                raise ConnectionResetError("the server closed the connection")
             length = 0
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             await reader.readexactly(length)
             latencies.append(time.perf_counter() - start)
-            status = status_line.split(b" ")[1] if status_line else b"closed"
+            status = status_line.split(b" ")[1]
             if status != b"200":
                 errors.append(status.decode())
     except (OSError, asyncio.IncompleteReadError) as exc:
