@@ -300,6 +300,7 @@ def create_app(
     """The ASGI app (Starlette) serving ``model``; the model is loaded now, so a bad file fails
     here, before anything listens. A request may carry at most ``max_batch`` images."""
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
@@ -352,6 +353,9 @@ def create_app(
     async def openapi(request: Any) -> Any:
         return JSONResponse(openapi_document(service))
 
+    async def http_error(request: Any, exc: Any) -> Any:  # unknown route, wrong method
+        return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         service.batcher.start()
@@ -371,6 +375,7 @@ def create_app(
             Middleware(_Auth, token=token, metrics=service.metrics),
         ],
         lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
     )
     app.state.service = service
     return app

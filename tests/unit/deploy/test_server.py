@@ -183,8 +183,11 @@ def test_bad_top_k_and_unknown_routes(url, image_files):
         assert response.status_code == 400 and "top_k" in response.json()["error"]
     many = httpx.post(f"{url}/predict?top_k=99", content=data, headers=_raw).json()
     assert len(many["predictions"][0]["top"]) == 10  # every class, as predict does
-    assert httpx.get(f"{url}/predict").status_code == 405
-    assert httpx.get(f"{url}/nowhere").status_code == 404
+    wrong_method, unknown = httpx.get(f"{url}/predict"), httpx.get(f"{url}/nowhere")
+    assert wrong_method.status_code == 405 and wrong_method.json() == {
+        "error": "Method Not Allowed"
+    }
+    assert unknown.status_code == 404 and unknown.json() == {"error": "Not Found"}
 
 
 def test_metadata_metrics_and_openapi(url, image_files):
