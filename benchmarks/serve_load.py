@@ -6,7 +6,8 @@ runs that many clients, each sending its next request as soon as the last is ans
 test data. Reports throughput (requests = images per second), p50/p99 latency, the mean batch the
 server ran (from /metrics), errors (any answer but 200, or a lost connection), and in-process
 onnxruntime throughput on the same model at that mean batch (``session.run`` alone, timed as
-`cnnforge bench` times it, with `cnnforge.deploy.timing`), and the ratio served ÷ in-process.
+`cnnforge bench` times it, with `cnnforge.deploy.timing`, right after each load while the server
+idles), and the ratio served ÷ in-process.
 
 The clients are a minimal HTTP/1.1 keep-alive client on asyncio streams, in this process: httpx
 costs about a millisecond of CPU a request, which on a 2-core machine would measure the client.
@@ -174,6 +175,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
 
     classifier = Classifier(args.model, threads=args.threads)
+    session = open_session(args.model, threads=args.threads)
     images = test_images(classifier)
     port = free_port()
     server = start_server(args.model, port, args)
@@ -182,22 +184,22 @@ def main() -> None:
         asyncio.run(load(port, images, 4, 1.0))  # warm up
         for clients in levels:
             before = batch_counts(port)
-            served = asyncio.run(load(port, images, clients, args.seconds))
+            row = asyncio.run(load(port, images, clients, args.seconds))
             after = batch_counts(port)
-            mean_batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
-            served["clients"], served["mean_batch"] = clients, mean_batch
-            rows.append(served)
-            print(f"{clients} clients: {served}", file=sys.stderr)
+            row["clients"] = clients
+            row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+            # right after, while the server idles: a slow spell of the shared machine hits
+            # both figures of a row alike
+            row["inprocess_batch"] = max(1, round(row["mean_batch"]))
+            row["inprocess_throughput"] = in_process(
+                session, classifier, row["inprocess_batch"], args.seconds / 2
+            )
+            row["ratio"] = row["throughput"] / row["inprocess_throughput"]
+            rows.append(row)
+            print(f"{clients} clients: {row}", file=sys.stderr)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
-    # in-process figures after the server is gone, so the two never share the cores
-    session = open_session(args.model, threads=args.threads)
-    for row in rows:
-        batch = max(1, round(row["mean_batch"]))
-        row["inprocess_batch"] = batch
-        row["inprocess_throughput"] = in_process(session, classifier, batch, args.seconds / 2)
-        row["ratio"] = row["throughput"] / row["inprocess_throughput"]
 
     print(
         f"model {args.model}; {cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}; "
