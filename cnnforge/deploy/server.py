@@ -23,6 +23,7 @@ import contextlib
 import hmac
 import ipaddress
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -494,7 +495,23 @@ def serve(
             stacklevel=2,
         )
     app = create_app(model, **options)
-    server(app, host=host, port=port, log_level=log_level).run()
+    listening = _listen(host, port)
+    server(app, host=host, port=port, log_level=log_level).run(sockets=[listening])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (before uvicorn starts, so a port in use is one line)."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listening = socket.socket(family, kind)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(address)
+    except OSError as exc:
+        raise CnnforgeError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or "
+            "--host"
+        ) from None
+    return listening
 
 
 def _is_loopback(host: str) -> bool:

@@ -141,10 +141,17 @@ def test_cnnforge_serve_token_from_env_and_sigterm_drains_then_exits_0(tmp_path)
     assert "Traceback" not in output
 
 
-def test_serve_refuses_a_missing_model_in_one_line(tmp_path):
+def test_serve_refuses_a_missing_model_or_a_busy_port_in_one_line(tmp_path):
     result = CliRunner().invoke(cli, ["serve", str(tmp_path / "missing.onnx")])
     assert result.exit_code == 1
     assert "does not exist" in result.stderr and "Traceback" not in result.output
+    model = serving.model(tmp_path / "model.onnx")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = str(busy.getsockname()[1])
+        result = CliRunner().invoke(cli, ["serve", str(model), "--port", port])
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "choose another --port" in line
 
 
 @pytest.mark.slow
