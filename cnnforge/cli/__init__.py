@@ -19,6 +19,7 @@ from cnnforge.cli import (
     plugin_commands,
     report_commands,
     search_commands,
+    serve_command,
 )
 from cnnforge.cli.output import err_console, show_warning
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
@@ -97,6 +98,7 @@ for _command in (
     deploy_commands.evaluate,
     deploy_commands.inspect_command,
     deploy_commands.predict_command,
+    serve_command.serve,
     report_commands.report,
     report_commands.explain,
 ):

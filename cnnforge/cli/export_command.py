@@ -77,6 +77,21 @@ from cnnforge.core.contract import EXPORT_PRECISIONS, LAYOUTS
     metavar="ID",
     help="Export this trial of the run (see `cnnforge trials`) instead of the best.",
 )
+@click.option(
+    "--triton",
+    "triton_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="DIR",
+    help="Also write a Triton model repository: DIR/NAME/config.pbtxt, DIR/NAME/1/model.onnx, "
+    "DIR/NAME/labels.txt (NAME: the .onnx file's stem).",
+)
+@click.option(
+    "--triton-max-batch",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="max_batch_size of the Triton config (the model's batch axis is open).",
+)
 def export(
     source: Path,
     output: Path | None,
@@ -91,6 +106,8 @@ def export(
     min_agreement: float | None,
     provider: str,
     trial_id: str | None,
+    triton_dir: Path | None,
+    triton_max_batch: int,
 ) -> None:
     """Export a run directory or .keras file to ONNX; check parity and test accuracy."""
     quiet_tensorflow()
@@ -121,3 +138,8 @@ def export(
     console.print(f"parity: {result.parity.summary()} → {result.parity_path}", soft_wrap=True)
     if result.accuracy is not None:
         console.print(f"accuracy: {result.accuracy.summary()}", soft_wrap=True)
+    if triton_dir is not None:
+        from cnnforge.deploy.triton import write_triton_repository
+
+        folder = write_triton_repository(result.onnx_path, triton_dir, max_batch=triton_max_batch)
+        console.print(f"Triton model repository: {folder}", soft_wrap=True)

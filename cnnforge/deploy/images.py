@@ -7,6 +7,7 @@ model's input size, saying what was changed. Pillow and numpy only, no TensorFlo
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,30 +28,51 @@ class LoadedImage:
     notes: list[str] = field(default_factory=list)
 
 
-def open_image(path: Path | str) -> tuple[Any, list[str]]:
-    """The decoded Pillow image of ``path`` turned upright (EXIF orientation applied), and a
-    note where it was turned; a missing or undecodable file is one clear line."""
+def open_image(path: Path | str | bytes) -> tuple[Any, list[str]]:
+    """The decoded Pillow image of ``path`` (or of encoded image bytes) turned upright (EXIF
+    orientation applied), and a note where it was turned; a missing or undecodable file, or one
+    over Pillow's pixel limit (a decompression bomb), is one clear line."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    path = Path(path)
-    if path.is_dir():
-        raise CnnforgeError(f"image {path} is a folder; give image files")
-    if not path.is_file():
-        raise CnnforgeError(f"image {path} does not exist; check the path")
+    if isinstance(path, bytes):
+        label, name, source = "image bytes", "the image", io.BytesIO(path)
+    else:
+        path = Path(path)
+        if path.is_dir():
+            raise CnnforgeError(f"image {path} is a folder; give image files")
+        if not path.is_file():
+            raise CnnforgeError(f"image {path} does not exist; check the path")
+        label, name, source = f"image {path}", path.name, path
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and image.size[0] * image.size[1] > limit:
+                raise _too_large(label, f" ({image.size[0]}×{image.size[1]})")
             image.load()
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
             upright = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError:  # over twice the limit: Pillow refuses in open()
+        raise _too_large(label) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, UnidentifiedImageError) and isinstance(path, bytes):
+            reason = "not an image format Pillow knows"  # its message names a BytesIO object
         raise CnnforgeError(
-            f"cannot decode image {path} ({reason}); give a PNG, JPEG, BMP, GIF, TIFF or WebP file"
+            f"cannot decode {label} ({reason}); give a PNG, JPEG, BMP, GIF, TIFF or WebP file"
         ) from None
     notes = []
     if orientation in range(2, 9):
-        notes.append(f"turned {path.name} upright, as its EXIF orientation ({orientation}) says")
+        notes.append(f"turned {name} upright, as its EXIF orientation ({orientation}) says")
     return upright, notes
+
+
+def _too_large(label: str, size: str = "") -> CnnforgeError:
+    from PIL import Image
+
+    return CnnforgeError(
+        f"{label} is too large{size}: over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
+        "(a possible decompression bomb); give a smaller image"
+    )
 
 
 def fit_image(

@@ -1,0 +1,85 @@
+"""``cnnforge serve``: an exported model behind HTTP (Starlette under uvicorn)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cnnforge.cli.options import provider_choice
+from cnnforge.deploy.server import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_WAIT_MS,
+    TOKEN_ENV,
+)
+
+
+@click.command("serve")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_BATCH,
+    show_default=True,
+    help="Most images in one onnxruntime call (and in one request).",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_MAX_WAIT_MS,
+    show_default=True,
+    help="How long a batch waits for more requests.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_QUEUE,
+    show_default=True,
+    help="Requests waiting for a batch before new ones get 503.",
+)
+@click.option(
+    "--max-body",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_BODY,
+    show_default=True,
+    metavar="BYTES",
+    help="Largest request body.",
+)
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option(
+    "--token",
+    envvar=TOKEN_ENV,
+    help=f"Require Authorization: Bearer TOKEN on every route but /health (also {TOKEN_ENV}).",
+)
+@click.option("--provider", type=provider_choice(), default="cpu", show_default=True)
+def serve(
+    model: Path,
+    host: str,
+    port: int,
+    max_batch: int,
+    max_wait_ms: float,
+    max_queue: int,
+    max_body: int,
+    threads: int | None,
+    token: str | None,
+    provider: str,
+) -> None:
+    """Serve an ONNX model over HTTP: POST /predict, /health, /metadata, /metrics."""
+    from cnnforge.deploy.server import serve as run_server
+
+    run_server(
+        model,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        max_body=max_body,
+        threads=threads,
+        token=token or None,
+        provider=provider,
+    )

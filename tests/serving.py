@@ -1,0 +1,73 @@
+"""Helpers for the server tests: a small classifier with cnnforge metadata (no TensorFlow), a
+free loopback port, and a real uvicorn server in a background thread."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tiny_onnx
+
+CLASSES = [f"class{i}" for i in range(10)]
+
+
+def model(path: Path, *, size: int = 28, channels: int = 1, layout: str = "NHWC") -> Path:
+    """A conv classifier with cnnforge metadata (class names, layout, pixels, accuracy)."""
+    metadata = {
+        "cnnforge.class_names": json.dumps(CLASSES),
+        "cnnforge.input_layout": layout,
+        "cnnforge.pixel_range": json.dumps([0, 1]),
+        "cnnforge.precision": "fp32",
+        "cnnforge.accuracy": json.dumps({"onnx": 0.5}),
+    }
+    proto = tiny_onnx.conv_classifier(
+        layout=layout, channels=channels, size=size, classes=len(CLASSES), metadata=metadata
+    )
+    return tiny_onnx.save(proto, path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app: Any) -> Iterator[str]:
+    """Serve ``app`` on a free loopback port in a thread; yields its base URL."""
+    from cnnforge.deploy.server import server
+
+    port = free_port()
+    instance = server(app, port=port, log_level="warning")
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not instance.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(30)
+
+
+def wait_until_up(url: str, process: Any = None, timeout: float = 60) -> None:
+    """Poll ``url``/health until it answers (a subprocess that dies fails at once)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up in {timeout}s")
