@@ -3,7 +3,9 @@
 Plugins are found the same way whether they ship with cnnforge or with a stranger's package:
 the entry-point group ``cnnforge.plugins`` names modules whose import registers plugins through
 the decorators below. Single files or modules come from ``--plugin PATH`` or ``CNNFORGE_PLUGINS``.
-A module that fails to import is recorded by name with its cause; the others still load.
+A module found by discovery that fails to import is recorded by name with its cause (a warning;
+the others still load). A file or module the user named is an error naming the file, the line
+and the cause: the user asked for it, so going on without it would search something else.
 
 Plugin modules must not import TensorFlow or Keras at module level (import them inside the
 functions), so that listing plugins stays instant.
@@ -18,6 +20,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +95,11 @@ def dataset(name: str | None = None, **info: Any) -> Callable[[F], F]:
     return register("dataset", name, **info)
 
 
-def _import_as(key: str, source: str, importer: Callable[[], object]) -> None:
-    """Run ``importer`` once per ``key``, registrations attributed to ``source``; record failures."""
+def _import_as(
+    key: str, source: str, importer: Callable[[], object], file: str | None = None
+) -> None:
+    """Run ``importer`` once per ``key``, registrations attributed to ``source``; record failures
+    (``file``: the plugin's own file, whose line in the traceback the failure names)."""
     global _current_source
     if key in _loaded_sources:
         return
@@ -102,15 +108,36 @@ def _import_as(key: str, source: str, importer: Callable[[], object]) -> None:
     try:
         importer()
     except Exception as exc:  # a broken plugin must not take the others down
-        _load_errors[key] = _describe_failure(exc)
+        _load_errors[key] = _describe_failure(exc, file)
     finally:
         _current_source = previous
 
 
-def _describe_failure(exc: BaseException) -> str:
+def _describe_failure(exc: BaseException, file: str | None = None) -> str:
+    """The cause and, where it can be told, the file and line: a SyntaxError carries them; for
+    anything else the innermost traceback frame in ``file``."""
     if isinstance(exc, SyntaxError):
         return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
-    return f"{type(exc).__name__}: {exc}"
+    cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if file:
+        target = os.path.realpath(file)
+        frames = [
+            f
+            for f in traceback.extract_tb(exc.__traceback__)
+            if os.path.realpath(f.filename) == target
+        ]
+        if frames:
+            return f"{cause.rstrip(': ')} ({file}, line {frames[-1].lineno})"
+    return cause.rstrip(": ")
+
+
+def _module_file(name: str) -> str | None:
+    """Where the module ``name`` lives, without importing it (None if it cannot be found)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.has_location else None
 
 
 def _import_file(path: Path) -> None:
@@ -123,26 +150,39 @@ def _import_file(path: Path) -> None:
     spec.loader.exec_module(module)
 
 
-def _load_path(spec: str) -> None:
+def _load_path(spec: str, origin: str) -> None:
+    """Import the file or module ``spec`` the user named (``origin``: where); failing is an error."""
     path = Path(spec).expanduser()
-    if path.suffix == ".py" or os.sep in spec:
+    is_file = path.suffix == ".py" or os.sep in spec
+    if is_file:
         if not path.is_file():
-            _loaded_sources.add(spec)
-            _load_errors[spec] = "FileNotFoundError: no such plugin file; check the path"
-            return
-        _import_as(str(path), str(path), lambda: _import_file(path.resolve()))
+            raise CnnforgeError(f"plugin file {spec} ({origin}) does not exist; check the path")
+        key = str(path)
+        _import_as(key, key, lambda: _import_file(path.resolve()), file=str(path))
     else:
-        _import_as(spec, spec, lambda: importlib.import_module(spec))
+        key = spec
+        _import_as(spec, spec, lambda: importlib.import_module(spec), file=_module_file(spec))
+    if key in _load_errors:
+        what = "plugin file" if is_file else "plugin module"
+        raise CnnforgeError(
+            f"{what} {key} ({origin}) failed to import: {_load_errors[key]}; fix it, or leave "
+            "it out"
+        )
 
 
 def load_plugins(paths: Iterable[str] = ()) -> None:
-    """Discover plugins: entry points, then ``CNNFORGE_PLUGINS``, then ``paths``. Idempotent."""
+    """Discover plugins: entry points, then ``CNNFORGE_PLUGINS``, then ``paths``. Idempotent.
+
+    An installed plugin that fails to import is skipped (``load_errors`` says why); a file or
+    module named in ``CNNFORGE_PLUGINS`` or ``paths`` that fails raises ``CnnforgeError``.
+    """
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist.name if ep.dist is not None else "?"
-        _import_as(f"{dist}:{ep.name}", dist, ep.load)
-    env_paths = [p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
-    for spec in [*env_paths, *paths]:
-        _load_path(spec)
+        _import_as(f"{dist}:{ep.name}", dist, ep.load, file=_module_file(ep.module))
+    for spec in [p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]:
+        _load_path(spec, f"from {ENV_VAR}")
+    for spec in paths:
+        _load_path(spec, "from --plugin")
 
 
 def load_errors() -> dict[str, str]:
