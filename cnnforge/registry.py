@@ -18,6 +18,7 @@ import fnmatch
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import sys
 import traceback
@@ -54,6 +55,11 @@ _loaded_sources: set[str] = set()
 _current_source = "__main__"
 
 
+def _default_name(obj: Any) -> str:
+    """A function's or class's name; a KerasTuner HyperModel instance's ``name`` or class name."""
+    return getattr(obj, "__name__", None) or getattr(obj, "name", None) or type(obj).__name__
+
+
 def register(kind: str, name: str | None = None, **info: Any) -> Callable[[F], F]:
     """Decorator that registers ``fn`` as a plugin of ``kind`` under ``name`` (default: its name).
 
@@ -63,7 +69,7 @@ def register(kind: str, name: str | None = None, **info: Any) -> Callable[[F], F
         raise ValueError(f"unknown plugin kind {kind!r}; expected one of {', '.join(KINDS)}")
 
     def decorator(fn: F) -> F:
-        plugin_name = name or fn.__name__
+        plugin_name = name or _default_name(fn)
         doc = (fn.__doc__ or "").strip().splitlines()
         description = info.pop("description", None) or (doc[0] if doc else "")
         existing = _plugins[kind].get(plugin_name)
@@ -80,9 +86,101 @@ def register(kind: str, name: str | None = None, **info: Any) -> Callable[[F], F
     return decorator
 
 
-def architecture(name: str | None = None, **info: Any) -> Callable[[F], F]:
-    """Register ``build(hp, inputs, spec) -> features``: a whole network body for ``spec``."""
-    return register("architecture", name, **info)
+# The shapes an architecture plugin takes (``Plugin.info["form"]``), told apart at registration.
+FEATURES, MODEL, HYPERMODEL = "features", "model", "hypermodel"
+ARCHITECTURE_SHAPES = (
+    "build(hp, inputs, spec) -> features, build(hp) or build(hp, spec) -> keras.Model, "
+    "or a keras_tuner.HyperModel subclass or instance"
+)
+
+
+def _is_hypermodel(obj: Any) -> bool:
+    """A ``keras_tuner.HyperModel`` subclass or instance, told without importing keras_tuner."""
+    cls = obj if inspect.isclass(obj) else type(obj)
+    return any(
+        c.__name__ == "HyperModel" and c.__module__.startswith("keras_tuner")
+        for c in inspect.getmro(cls)
+    )
+
+
+def _required_positional(fn: Callable[..., Any]) -> int | None:
+    """How many positional arguments ``fn`` needs; None if it takes ``*args`` or cannot be told."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional and p.default is p.empty for p in parameters)
+
+
+def architecture_form(obj: Any, name: str) -> dict[str, Any]:
+    """What ``obj`` is among the architecture shapes: ``{"form": ..., "takes_spec": ...}``."""
+    where = f"architecture plugin {name!r} (from {_current_source})"
+    if _is_hypermodel(obj):
+        if inspect.isclass(obj) and _required_positional(obj.__init__) not in (1, None):
+            raise CnnforgeError(
+                f"{where}: {obj.__name__}() needs arguments; register an instance instead: "
+                f"cnnforge.architecture({name!r})({obj.__name__}(...))"
+            )
+        return {"form": HYPERMODEL, "takes_spec": False}
+    if not callable(obj) or inspect.isclass(obj):
+        raise CnnforgeError(f"{where} is a {type(obj).__name__}; register {ARCHITECTURE_SHAPES}")
+    count = _required_positional(obj)
+    if count == 3:
+        return {"form": FEATURES, "takes_spec": True}
+    if count in (1, 2):
+        return {"form": MODEL, "takes_spec": count == 2}
+    takes = "*args" if count is None else f"{count} argument(s)"
+    raise CnnforgeError(f"{where} takes {takes}; register {ARCHITECTURE_SHAPES}")
+
+
+def _pixel_range(value: Any, name: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        low = high = 0.0
+    if not low < high:
+        raise CnnforgeError(
+            f"architecture plugin {name!r}: pixel_range={value!r} must be (low, high) with low < "
+            "high, e.g. (0, 1), (-1, 1) or (0, 255)"
+        )
+    return (low, high)
+
+
+def architecture(
+    name: str | None = None,
+    *,
+    pixel_range: tuple[float, float] | None = None,
+    recipe: bool = False,
+    **info: Any,
+) -> Callable[[F], F]:
+    """Register an architecture in any of the shapes Keras and KerasTuner users write:
+
+    - ``build(hp, inputs, spec) -> features``: the body between cnnforge's input (pixels scaled
+      to 0–1) and cnnforge's softmax; a 2-D ``(batch, features)`` tensor;
+    - ``build(hp)`` or ``build(hp, spec) -> keras.Model``: a whole classifier, its own input and
+      softmax, compiled or not;
+    - a ``keras_tuner.HyperModel`` subclass (built with no arguments) or instance: its ``build``,
+      and its ``fit`` when it overrides it.
+
+    A whole model says which pixels it takes by a ``Rescaling`` or ``Normalization`` first layer
+    (raw 0–255 pixels) or by ``pixel_range=(low, high)``: cnnforge scales raw 0–255 pixels to it.
+    A compiled whole model trains with its own optimizer and loss; ``recipe=True`` (or leaving
+    it uncompiled) searches cnnforge's training recipe instead.
+    """
+
+    def decorator(obj: F) -> F:
+        plugin_name = name or _default_name(obj)
+        extra = architecture_form(obj, plugin_name)
+        if pixel_range is not None:
+            extra["pixel_range"] = _pixel_range(pixel_range, plugin_name)
+        if recipe:
+            extra["recipe"] = True
+        return register("architecture", plugin_name, **info, **extra)(obj)
+
+    return decorator
 
 
 def backbone(name: str | None = None, **info: Any) -> Callable[[F], F]:
