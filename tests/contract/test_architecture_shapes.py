@@ -51,7 +51,8 @@ def test_each_shape_is_told_at_registration_and_reads_its_space(name):
 
 
 @pytest.mark.parametrize(
-    "name", [n if n != "shape_features" else pytest.param(n, marks=pytest.mark.slow) for n in SHAPES]
+    "name",
+    [n if n != "shape_features" else pytest.param(n, marks=pytest.mark.slow) for n in SHAPES],
 )
 def test_each_shape_searches_exports_and_keeps_parity(name, small_npz, tmp_path):
     run_dir = tmp_path / "run"
@@ -65,7 +66,7 @@ def test_each_shape_searches_exports_and_keeps_parity(name, small_npz, tmp_path)
     graph = onnx.load(exported.onnx_path).graph
     assert [i.name for i in graph.input] == [INPUT_NAME]
     assert [o.name for o in graph.output] == [OUTPUT_NAME]
-    assert exported.accuracy is not None and exported.accuracy.onnx_accuracy > 0.2
+    assert exported.accuracy is not None and exported.accuracy.passed
 
 
 def test_a_compiled_model_trains_with_its_own_optimizer(small_npz, tmp_path):
