@@ -64,6 +64,7 @@ def build_model(plugin: Plugin, spec: DataSpec, hp: keras_tuner.HyperParameters)
             training.compile_model(model, training.recipe(hp))
         else:
             whole.compile_like(model, users)  # remembered: fit keeps this compile
+        whole.forget_compile(users)
         return model
     inputs = keras.Input(spec.input_shape, name=INPUT_NAME, dtype="float32")
     if plugin.kind == "backbone":

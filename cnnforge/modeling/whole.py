@@ -192,6 +192,14 @@ def compile_like(wrapper: keras.Model, model: keras.Model) -> None:
         )
 
 
+def forget_compile(model: keras.Model) -> None:
+    """Drop the inner model's own compile once the wrapper is compiled: saved inside the
+    wrapper, its never-used optimizer would be restored on load and warned about."""
+    model.optimizer = None
+    model.compiled = False
+    model._compile_config = None
+
+
 def whole_model(plugin: Plugin, hp: Any, spec: DataSpec) -> tuple[keras.Model, keras.Model]:
     """The plugin's model wrapped in the contract, and the user's model itself (which says how
     it was compiled)."""

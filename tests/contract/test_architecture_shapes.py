@@ -3,6 +3,7 @@ for parity: the same contract whatever shape the plugin was written in."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import keras
@@ -50,9 +51,13 @@ def test_each_shape_is_told_at_registration_and_reads_its_space(name):
     keras.backend.clear_session()
 
 
+# Each search takes 10-20 s here; one runs in the everyday tier, all of them in the slow one.
+EVERYDAY_SEARCH = "shape_model_spec"
+
+
 @pytest.mark.parametrize(
     "name",
-    [n if n != "shape_features" else pytest.param(n, marks=pytest.mark.slow) for n in SHAPES],
+    [n if n == EVERYDAY_SEARCH else pytest.param(n, marks=pytest.mark.slow) for n in SHAPES],
 )
 def test_each_shape_searches_exports_and_keeps_parity(name, small_npz, tmp_path):
     run_dir = tmp_path / "run"
@@ -80,7 +85,10 @@ def test_a_compiled_model_trains_with_its_own_optimizer(small_npz, tmp_path):
         retrain=False,
     )
     result = search(config)
-    best = keras.models.load_model(result.best_model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        best = keras.models.load_model(result.best_model)
+    assert not [w for w in caught if "optimizer" in str(w.message)]  # no stale inner optimizer
     assert type(best.optimizer).__name__ == "SGD"
     assert "lr" in result.best_trial.hyperparameters
 
@@ -109,6 +117,21 @@ def _register(tmp_path: Path, body: str) -> str:
 
 def _build(name: str, spec: DataSpec = GRAY) -> None:
     build_model(cnnforge.get("architecture", name), spec, keras_tuner.HyperParameters())
+
+
+def test_a_compiled_model_registered_with_recipe_searches_cnnforges_recipe(tmp_path):
+    _register(
+        tmp_path,
+        "@cnnforge.architecture('asks_recipe', pixel_range=(0, 1), recipe=True)\n"
+        "def asks_recipe(hp):\n"
+        "    model = keras.Sequential([layers.Flatten(), layers.Dense(10, activation='softmax')])\n"
+        "    model.compile(optimizer='sgd', loss='categorical_crossentropy')\n"
+        "    return model\n",
+    )
+    plugin = cnnforge.get("architecture", "asks_recipe")
+    assert {hp.name for hp in default_space(plugin, GRAY)} >= RECIPE
+    model = build_model(plugin, GRAY, keras_tuner.HyperParameters())
+    assert type(model.optimizer).__name__ == "Adam"
 
 
 def test_a_whole_model_that_does_not_say_its_pixel_range_is_refused(tmp_path):
