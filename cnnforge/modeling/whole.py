@@ -12,7 +12,8 @@ How cnnforge knows the pixel range (it refuses to guess):
    itself, so it takes raw 0–255 pixels;
 3. otherwise the plugin is refused with one line saying what to add.
 
-The model must end in a softmax over the data's classes (a ``Dense(N, activation="softmax")``, a
+A grayscale model written for ``(H, W)`` images (no channel axis, as MNIST tutorials do) gets
+the data's ``(H, W, 1)`` images reshaped. The model must end in a softmax over the data's classes (a ``Dense(N, activation="softmax")``, a
 ``Softmax`` or a softmax ``Activation`` layer): a model that ends in logits is refused rather than
 given a softmax, because its loss (``from_logits=True``) would then be wrong. An input shape that
 is not the data's is refused too.
@@ -123,20 +124,28 @@ def _is_softmax(layer: keras.layers.Layer | None) -> bool:
     return getattr(activation, "__name__", "") == "softmax"
 
 
-def _check_input(plugin: Plugin, model: keras.Model, spec: DataSpec) -> None:
+def _input_shape(model: keras.Model) -> tuple | None:
+    """The image shape ``model`` was built for; None for a Sequential without an Input."""
     try:
         inputs = model.inputs
-    except (AttributeError, ValueError):  # a Sequential without an Input: it takes what it gets
-        return
-    if not inputs:
-        return
-    shape = tuple(inputs[0].shape[1:])
-    if shape != tuple(spec.input_shape):
-        raise CnnforgeError(
-            f"{_where(plugin)} takes images of shape {shape}, but {spec.name} has "
-            f"{tuple(spec.input_shape)}: build its keras.Input from spec.input_shape "
-            "(def build(hp, spec)), or search data of that shape"
-        )
+    except (AttributeError, ValueError):
+        return None
+    return tuple(inputs[0].shape[1:]) if inputs else None
+
+
+def _fit_input(plugin: Plugin, model: keras.Model, spec: DataSpec, x: Any) -> Any:
+    """``x`` (images of ``spec``) as ``model`` takes them: as they are, or, for a grayscale
+    model written for ``(H, W)`` images (MNIST tutorials), without the channel axis."""
+    shape, expected = _input_shape(model), tuple(spec.input_shape)
+    if shape is None or shape == expected:
+        return x
+    if expected[-1] == 1 and shape == expected[:-1]:
+        return keras.layers.Reshape(shape, name="drop_channel_axis")(x)
+    raise CnnforgeError(
+        f"{_where(plugin)} takes images of shape {shape}, but {spec.name} has {expected}: "
+        "build its keras.Input from spec.input_shape (def build(hp, spec)), or search data of "
+        "that shape"
+    )
 
 
 def _check_output(plugin: Plugin, model: keras.Model, outputs: Any, spec: DataSpec) -> None:
@@ -205,9 +214,8 @@ def whole_model(plugin: Plugin, hp: Any, spec: DataSpec) -> tuple[keras.Model, k
     it was compiled)."""
     model = _users_model(plugin, hp, spec)
     low, high = pixel_range(plugin, model)
-    _check_input(plugin, model, spec)
     inputs = keras.Input(spec.input_shape, name=INPUT_NAME, dtype="float32")
-    x = inputs
+    x = _fit_input(plugin, model, spec, inputs)
     if (low, high) != RAW_PIXELS:
         x = keras.layers.Rescaling((high - low) / 255.0, offset=low, name="pixel_scaling")(x)
     try:

@@ -156,6 +156,21 @@ def test_a_whole_model_of_another_input_shape_is_refused(tmp_path):
         _build("colour_only")
 
 
+def test_a_grayscale_model_without_a_channel_axis_gets_the_images_reshaped(tmp_path):
+    _register(
+        tmp_path,
+        "@cnnforge.architecture('mnist_style', pixel_range=(0, 1))\ndef mnist_style(hp):\n"
+        "    inputs = keras.Input((28, 28))\n"
+        "    x = layers.Flatten()(inputs)\n"
+        "    return keras.Model(inputs, layers.Dense(10, activation='softmax')(x))\n",
+    )
+    plugin = cnnforge.get("architecture", "mnist_style")
+    model = build_model(plugin, GRAY, keras_tuner.HyperParameters())
+    assert tuple(model.inputs[0].shape) == (None, 28, 28, 1)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 28, 28, 1)).astype("float32")
+    assert np.asarray(model(images)).shape == (2, 10)
+
+
 def test_a_whole_model_ending_in_logits_or_the_wrong_classes_is_refused(tmp_path):
     _register(
         tmp_path,
