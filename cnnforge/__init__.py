@@ -38,6 +38,7 @@ _LAZY = {
     "SearchResult": "cnnforge.tuning.search",
     "search": "cnnforge.tuning.search",
     "export": "cnnforge.conversion.export",
+    "grouped_to_depthwise": "cnnforge.conversion.rewrite",
     "check_parity": "cnnforge.conversion.parity",
     "benchmark": "cnnforge.bench.sweep",
     "evaluate": "cnnforge.evaluation.evaluate",

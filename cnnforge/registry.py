@@ -3,7 +3,9 @@
 Plugins are found the same way whether they ship with cnnforge or with a stranger's package:
 the entry-point group ``cnnforge.plugins`` names modules whose import registers plugins through
 the decorators below. Single files or modules come from ``--plugin PATH`` or ``CNNFORGE_PLUGINS``.
-A module that fails to import is recorded by name with its cause; the others still load.
+A module found by discovery that fails to import is recorded by name with its cause (a warning;
+the others still load). A file or module the user named is an error naming the file, the line
+and the cause: the user asked for it, so going on without it would search something else.
 
 Plugin modules must not import TensorFlow or Keras at module level (import them inside the
 functions), so that listing plugins stays instant.
@@ -16,8 +18,10 @@ import fnmatch
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +55,11 @@ _loaded_sources: set[str] = set()
 _current_source = "__main__"
 
 
+def _default_name(obj: Any) -> str:
+    """A function's or class's name; a KerasTuner HyperModel instance's ``name`` or class name."""
+    return getattr(obj, "__name__", None) or getattr(obj, "name", None) or type(obj).__name__
+
+
 def register(kind: str, name: str | None = None, **info: Any) -> Callable[[F], F]:
     """Decorator that registers ``fn`` as a plugin of ``kind`` under ``name`` (default: its name).
 
@@ -60,7 +69,7 @@ def register(kind: str, name: str | None = None, **info: Any) -> Callable[[F], F
         raise ValueError(f"unknown plugin kind {kind!r}; expected one of {', '.join(KINDS)}")
 
     def decorator(fn: F) -> F:
-        plugin_name = name or fn.__name__
+        plugin_name = name or _default_name(fn)
         doc = (fn.__doc__ or "").strip().splitlines()
         description = info.pop("description", None) or (doc[0] if doc else "")
         existing = _plugins[kind].get(plugin_name)
@@ -77,9 +86,101 @@ def register(kind: str, name: str | None = None, **info: Any) -> Callable[[F], F
     return decorator
 
 
-def architecture(name: str | None = None, **info: Any) -> Callable[[F], F]:
-    """Register ``build(hp, inputs, spec) -> features``: a whole network body for ``spec``."""
-    return register("architecture", name, **info)
+# The shapes an architecture plugin takes (``Plugin.info["form"]``), told apart at registration.
+FEATURES, MODEL, HYPERMODEL = "features", "model", "hypermodel"
+ARCHITECTURE_SHAPES = (
+    "build(hp, inputs, spec) -> features, build(hp) or build(hp, spec) -> keras.Model, "
+    "or a keras_tuner.HyperModel subclass or instance"
+)
+
+
+def _is_hypermodel(obj: Any) -> bool:
+    """A ``keras_tuner.HyperModel`` subclass or instance, told without importing keras_tuner."""
+    cls = obj if inspect.isclass(obj) else type(obj)
+    return any(
+        c.__name__ == "HyperModel" and c.__module__.startswith("keras_tuner")
+        for c in inspect.getmro(cls)
+    )
+
+
+def _required_positional(fn: Callable[..., Any]) -> int | None:
+    """How many positional arguments ``fn`` needs; None if it takes ``*args`` or cannot be told."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional and p.default is p.empty for p in parameters)
+
+
+def architecture_form(obj: Any, name: str) -> dict[str, Any]:
+    """What ``obj`` is among the architecture shapes: ``{"form": ..., "takes_spec": ...}``."""
+    where = f"architecture plugin {name!r} (from {_current_source})"
+    if _is_hypermodel(obj):
+        if inspect.isclass(obj) and _required_positional(obj.__init__) not in (1, None):
+            raise CnnforgeError(
+                f"{where}: {obj.__name__}() needs arguments; register an instance instead: "
+                f"cnnforge.architecture({name!r})({obj.__name__}(...))"
+            )
+        return {"form": HYPERMODEL, "takes_spec": False}
+    if not callable(obj) or inspect.isclass(obj):
+        raise CnnforgeError(f"{where} is a {type(obj).__name__}; register {ARCHITECTURE_SHAPES}")
+    count = _required_positional(obj)
+    if count == 3:
+        return {"form": FEATURES, "takes_spec": True}
+    if count in (1, 2):
+        return {"form": MODEL, "takes_spec": count == 2}
+    takes = "*args" if count is None else f"{count} argument(s)"
+    raise CnnforgeError(f"{where} takes {takes}; register {ARCHITECTURE_SHAPES}")
+
+
+def _pixel_range(value: Any, name: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        low = high = 0.0
+    if not low < high:
+        raise CnnforgeError(
+            f"architecture plugin {name!r}: pixel_range={value!r} must be (low, high) with low < "
+            "high, e.g. (0, 1), (-1, 1) or (0, 255)"
+        )
+    return (low, high)
+
+
+def architecture(
+    name: str | None = None,
+    *,
+    pixel_range: tuple[float, float] | None = None,
+    recipe: bool = False,
+    **info: Any,
+) -> Callable[[F], F]:
+    """Register an architecture in any of the shapes Keras and KerasTuner users write:
+
+    - ``build(hp, inputs, spec) -> features``: the body between cnnforge's input (pixels scaled
+      to 0–1) and cnnforge's softmax; a 2-D ``(batch, features)`` tensor;
+    - ``build(hp)`` or ``build(hp, spec) -> keras.Model``: a whole classifier, its own input and
+      softmax, compiled or not;
+    - a ``keras_tuner.HyperModel`` subclass (built with no arguments) or instance: its ``build``,
+      and its ``fit`` when it overrides it.
+
+    A whole model says which pixels it takes by a ``Rescaling`` or ``Normalization`` first layer
+    (raw 0–255 pixels) or by ``pixel_range=(low, high)``: cnnforge scales raw 0–255 pixels to it.
+    A compiled whole model trains with its own optimizer and loss; ``recipe=True`` (or leaving
+    it uncompiled) searches cnnforge's training recipe instead.
+    """
+
+    def decorator(obj: F) -> F:
+        plugin_name = name or _default_name(obj)
+        extra = architecture_form(obj, plugin_name)
+        if pixel_range is not None:
+            extra["pixel_range"] = _pixel_range(pixel_range, plugin_name)
+        if recipe:
+            extra["recipe"] = True
+        return register("architecture", plugin_name, **info, **extra)(obj)
+
+    return decorator
 
 
 def backbone(name: str | None = None, **info: Any) -> Callable[[F], F]:
@@ -92,8 +193,11 @@ def dataset(name: str | None = None, **info: Any) -> Callable[[F], F]:
     return register("dataset", name, **info)
 
 
-def _import_as(key: str, source: str, importer: Callable[[], object]) -> None:
-    """Run ``importer`` once per ``key``, registrations attributed to ``source``; record failures."""
+def _import_as(
+    key: str, source: str, importer: Callable[[], object], file: str | None = None
+) -> None:
+    """Run ``importer`` once per ``key``, registrations attributed to ``source``; record failures
+    (``file``: the plugin's own file, whose line in the traceback the failure names)."""
     global _current_source
     if key in _loaded_sources:
         return
@@ -102,15 +206,36 @@ def _import_as(key: str, source: str, importer: Callable[[], object]) -> None:
     try:
         importer()
     except Exception as exc:  # a broken plugin must not take the others down
-        _load_errors[key] = _describe_failure(exc)
+        _load_errors[key] = _describe_failure(exc, file)
     finally:
         _current_source = previous
 
 
-def _describe_failure(exc: BaseException) -> str:
+def _describe_failure(exc: BaseException, file: str | None = None) -> str:
+    """The cause and, where it can be told, the file and line: a SyntaxError carries them; for
+    anything else the innermost traceback frame in ``file``."""
     if isinstance(exc, SyntaxError):
         return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
-    return f"{type(exc).__name__}: {exc}"
+    cause = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if file:
+        target = os.path.realpath(file)
+        frames = [
+            f
+            for f in traceback.extract_tb(exc.__traceback__)
+            if os.path.realpath(f.filename) == target
+        ]
+        if frames:
+            return f"{cause.rstrip(': ')} ({file}, line {frames[-1].lineno})"
+    return cause.rstrip(": ")
+
+
+def _module_file(name: str) -> str | None:
+    """Where the module ``name`` lives, without importing it (None if it cannot be found)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.has_location else None
 
 
 def _import_file(path: Path) -> None:
@@ -123,26 +248,39 @@ def _import_file(path: Path) -> None:
     spec.loader.exec_module(module)
 
 
-def _load_path(spec: str) -> None:
+def _load_path(spec: str, origin: str) -> None:
+    """Import the file or module ``spec`` the user named (``origin``: where); failing is an error."""
     path = Path(spec).expanduser()
-    if path.suffix == ".py" or os.sep in spec:
+    is_file = path.suffix == ".py" or os.sep in spec
+    if is_file:
         if not path.is_file():
-            _loaded_sources.add(spec)
-            _load_errors[spec] = "FileNotFoundError: no such plugin file; check the path"
-            return
-        _import_as(str(path), str(path), lambda: _import_file(path.resolve()))
+            raise CnnforgeError(f"plugin file {spec} ({origin}) does not exist; check the path")
+        key = str(path)
+        _import_as(key, key, lambda: _import_file(path.resolve()), file=str(path))
     else:
-        _import_as(spec, spec, lambda: importlib.import_module(spec))
+        key = spec
+        _import_as(spec, spec, lambda: importlib.import_module(spec), file=_module_file(spec))
+    if key in _load_errors:
+        what = "plugin file" if is_file else "plugin module"
+        raise CnnforgeError(
+            f"{what} {key} ({origin}) failed to import: {_load_errors[key]}; fix it, or leave "
+            "it out"
+        )
 
 
 def load_plugins(paths: Iterable[str] = ()) -> None:
-    """Discover plugins: entry points, then ``CNNFORGE_PLUGINS``, then ``paths``. Idempotent."""
+    """Discover plugins: entry points, then ``CNNFORGE_PLUGINS``, then ``paths``. Idempotent.
+
+    An installed plugin that fails to import is skipped (``load_errors`` says why); a file or
+    module named in ``CNNFORGE_PLUGINS`` or ``paths`` that fails raises ``CnnforgeError``.
+    """
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist.name if ep.dist is not None else "?"
-        _import_as(f"{dist}:{ep.name}", dist, ep.load)
-    env_paths = [p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]
-    for spec in [*env_paths, *paths]:
-        _load_path(spec)
+        _import_as(f"{dist}:{ep.name}", dist, ep.load, file=_module_file(ep.module))
+    for spec in [p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p]:
+        _load_path(spec, f"from {ENV_VAR}")
+    for spec in paths:
+        _load_path(spec, "from --plugin")
 
 
 def load_errors() -> dict[str, str]:

@@ -46,6 +46,8 @@ def plugins_show(name: str, data: str) -> None:
     )
     if plugin.kind == "dataset":
         return
+    if plugin.kind == "architecture":
+        console.print(_architecture_shape(plugin))
     if plugin.kind == "backbone":
         sizes = ", ".join(f"{k} {v}" for k, v in plugin.info.items() if k.endswith("size"))
         console.print(f"{sizes}; weights: imagenet (default), none, or a weights file")
@@ -57,6 +59,34 @@ def plugins_show(name: str, data: str) -> None:
     for hp in default_space(plugin, load_dataset(data).spec):
         table.add_row(hp.name, type(hp).__name__, _describe_range(hp), repr(hp.default))
     console.print(table)
+
+
+def _architecture_shape(plugin: registry.Plugin) -> str:
+    """Which shape the architecture was written in, and what cnnforge adds around it."""
+    form = plugin.info.get("form", registry.FEATURES)
+    if form == registry.FEATURES:
+        return "build(hp, inputs, spec) -> features: cnnforge's input, softmax and training recipe"
+    what = "build(hp, spec)" if plugin.info.get("takes_spec") else "build(hp)"
+    what = "keras_tuner.HyperModel" if form == registry.HYPERMODEL else f"{what} -> keras.Model"
+    low, high = plugin.info.get("pixel_range", (0, 255))
+    pixels = (
+        f"pixels scaled to {low:g}..{high:g}"
+        if "pixel_range" in plugin.info
+        else "raw 0..255 pixels (a Rescaling/Normalization first layer)"
+    )
+    training = (
+        "cnnforge's training recipe"
+        if plugin.info.get("recipe")
+        else "its own optimizer and loss if compiled, else cnnforge's training recipe"
+    )
+    fit = ""
+    if form == registry.HYPERMODEL:
+        from cnnforge.modeling.whole import overrides_fit
+
+        fit = "; its own fit (hyperparameters declared there appear in its trials only)" * (
+            overrides_fit(plugin)
+        )
+    return f"{what}: {pixels}; trains with {training}{fit}"
 
 
 def _describe_range(hp: Any) -> str:

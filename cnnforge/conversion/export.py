@@ -4,7 +4,9 @@ The exported model has one input ``images`` (float32, NHWC or NCHW, raw pixels 0
 batch) and one output ``probabilities`` (batch × classes). It is converted with
 ``tf2onnx.convert.from_keras`` on a functional model: ``from_function`` turns the constants of a
 ``Normalization`` layer into graph inputs, and ``from_keras`` fails on Keras 3 ``Sequential``
-models, which are therefore re-wrapped as functional models first.
+models, which are therefore re-wrapped as functional models first. Every model, ours or a
+user's ``.keras`` file, goes through the rewrites of ``rewrite.py`` (grouped convolutions as
+depthwise ones) and the op handlers of ``handlers.py`` (``Erfc``).
 
 Precision variants (``quantize.py``) are made from the float32 graph, then checked like it: parity
 with the precision's tolerance, and accuracy on the test split next to the Keras model's (the
@@ -25,6 +27,7 @@ import numpy as np
 
 from cnnforge.conversion import handlers as onnx_handlers
 from cnnforge.conversion.parity import AccuracyCheck, ParityReport, check_parity, measure_accuracy
+from cnnforge.conversion.rewrite import convertible
 from cnnforge.core.atomic import atomic_write_bytes, atomic_write_text
 from cnnforge.core.contract import INPUT_NAME, LAYOUTS, META_PREFIX, OUTPUT_NAME
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
@@ -94,7 +97,7 @@ def to_onnx(
     import tf2onnx
 
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-    model = as_functional(model)
+    model = convertible(as_functional(model))
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise CnnforgeError("cnnforge exports models with one image input and one output")
     input_shape = tuple(model.inputs[0].shape)

@@ -3,7 +3,10 @@
 cnnforge owns both ends of every model so that every export has the same contract: the input
 ``images`` takes raw pixels (float32, NHWC, 0–255) and scales them inside the model; the output
 ``probabilities`` is a softmax over the classes. An architecture plugin builds what lies between:
-``build(hp, inputs, spec) -> features``, a 2-D tensor (batch, features). A backbone plugin gets
+``build(hp, inputs, spec) -> features``, a 2-D tensor (batch, features). A whole-model plugin
+(``build(hp)`` / ``build(hp, spec) -> keras.Model``, or a KerasTuner HyperModel) is wrapped in
+the same contract by ``whole.py`` and trains with its own compile (and its own ``fit``) where it
+has one. A backbone plugin gets
 the transfer treatment of ``transfer.py`` in between instead: resize, frozen pretrained features,
 a searched head, and a second training stage that fine-tunes its top layers.
 
@@ -21,12 +24,13 @@ from typing import Any
 
 import keras
 import keras_tuner
+import numpy as np
 
 from cnnforge.core.contract import INPUT_NAME, OUTPUT_NAME
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.data.dataset import DataSpec
-from cnnforge.modeling import training, transfer
-from cnnforge.registry import Plugin
+from cnnforge.modeling import training, transfer, whole
+from cnnforge.registry import FEATURES, Plugin
 
 
 def _architecture_features(plugin: Plugin, hp: Any, inputs: Any, spec: DataSpec) -> Any:
@@ -54,6 +58,14 @@ def build_model(plugin: Plugin, spec: DataSpec, hp: keras_tuner.HyperParameters)
 
     A backbone plugin is built with the weights bound by ``resolve_plugin`` (none if unbound).
     """
+    if plugin.kind == "architecture" and plugin.info.get("form", FEATURES) != FEATURES:
+        model, users = whole.whole_model(plugin, hp, spec)
+        if uses_recipe(plugin, users):
+            training.compile_model(model, training.recipe(hp))
+        else:
+            whole.compile_like(model, users)  # remembered: fit keeps this compile
+        whole.forget_compile(users)
+        return model
     inputs = keras.Input(spec.input_shape, name=INPUT_NAME, dtype="float32")
     if plugin.kind == "backbone":
         features = transfer.backbone_features(plugin, hp, inputs, spec)
@@ -66,6 +78,15 @@ def build_model(plugin: Plugin, spec: DataSpec, hp: keras_tuner.HyperParameters)
     model = keras.Model(inputs, outputs, name=transfer.model_name(plugin))
     training.compile_model(model, training.recipe(hp))
     return model
+
+
+def uses_recipe(plugin: Plugin, users_model: keras.Model | None = None) -> bool:
+    """Whether a model of ``plugin`` trains with cnnforge's searched recipe: every features
+    architecture and backbone does; a whole model does unless it comes compiled (and the
+    plugin did not ask for the recipe with ``recipe=True``)."""
+    if plugin.kind != "architecture" or plugin.info.get("form", FEATURES) == FEATURES:
+        return True
+    return bool(plugin.info.get("recipe")) or not whole.compiled_by_user(users_model)
 
 
 def default_space(
@@ -147,29 +168,39 @@ class PluginHyperModel(keras_tuner.HyperModel):
         **kwargs: Any,
     ):
         """Train ``model`` on ``x``, ``y`` (numpy: uint8 or float pixels, integer labels); a
-        schedule spans the epochs of this call (a continued Hyperband trial restarts it)."""
+        schedule spans the epochs of this call (a continued Hyperband trial restarts it). A
+        whole model compiled by its plugin keeps its optimizer; a HyperModel's own ``fit`` is
+        called with float pixels and one-hot labels."""
         start = time.perf_counter()
-        recipe = training.recipe(hp)
-        train = training.training_data(
-            x,
-            y,
-            recipe,
-            num_classes=self.spec.num_classes,
-            batch_size=batch_size,
-            seed=trial_seed(self.seed, hp),
-        )
-        if validation_data is not None:
-            kwargs["validation_data"] = training.evaluation_data(
-                *validation_data, num_classes=self.spec.num_classes, batch_size=batch_size
-            )
+        own_recipe = not whole.is_compiled_like_users(model)
+        # the recipe's defaults (no augmentation) where the plugin brought its own training
+        recipe = training.recipe(hp if own_recipe else keras_tuner.HyperParameters())
         steps = training.steps_per_epoch(len(x), batch_size) * max(1, epochs - initial_epoch)
-        training.compile_model(model, recipe, steps=steps)
+        if own_recipe:
+            training.compile_model(model, recipe, steps=steps)
         clock = TrainingClock()
-        kwargs.update(epochs=epochs, initial_epoch=initial_epoch, shuffle=False)  # shuffled above
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), clock]
-        history = model.fit(train, **kwargs)
-        if self.plugin.kind == "backbone":
-            history = transfer.fine_tune(hp, model, history, train, **kwargs)
+        if whole.overrides_fit(self.plugin):
+            history = self._plugins_fit(
+                hp, model, x, y, validation_data, batch_size, epochs, initial_epoch, kwargs
+            )
+        else:
+            train = training.training_data(
+                x,
+                y,
+                recipe,
+                num_classes=self.spec.num_classes,
+                batch_size=batch_size,
+                seed=trial_seed(self.seed, hp),
+            )
+            if validation_data is not None:
+                kwargs["validation_data"] = training.evaluation_data(
+                    *validation_data, num_classes=self.spec.num_classes, batch_size=batch_size
+                )
+            kwargs.update(epochs=epochs, initial_epoch=initial_epoch, shuffle=False)  # shuffled
+            history = model.fit(train, **kwargs)
+            if self.plugin.kind == "backbone":
+                history = transfer.fine_tune(hp, model, history, train, **kwargs)
         self.last_fit = {
             "params": model.count_params(),
             "epochs": len(history.history.get("loss", [])),
@@ -183,4 +214,43 @@ class PluginHyperModel(keras_tuner.HyperModel):
             # KerasTuner keeps only each metric's best epoch; the report plots every epoch.
             "history": {k: [float(v) for v in values] for k, values in history.history.items()},
         }
+        return history
+
+    def _plugins_fit(
+        self,
+        hp: keras_tuner.HyperParameters,
+        model: keras.Model,
+        x: Any,
+        y: Any,
+        validation_data: tuple[Any, Any] | None,
+        batch_size: int,
+        epochs: int,
+        initial_epoch: int,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """A HyperModel's own ``fit``, given what KerasTuner tutorials give it: float pixels
+        (the model scales them) and one-hot labels; its History (or the model's last one)."""
+        classes = self.spec.num_classes
+        if validation_data is not None:
+            x_val, y_val = validation_data
+            kwargs["validation_data"] = (
+                np.asarray(x_val, "float32"),
+                keras.utils.to_categorical(y_val, classes),
+            )
+        result = whole.hypermodel_of(self.plugin).fit(
+            hp,
+            model,
+            np.asarray(x, "float32"),
+            keras.utils.to_categorical(y, classes),
+            batch_size=batch_size,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            **kwargs,
+        )
+        history = result if hasattr(result, "history") else getattr(model, "history", None)
+        if history is None or not hasattr(history, "history"):
+            raise CnnforgeError(
+                f"architecture plugin {self.plugin.name!r}: its fit() must train the model it is "
+                "given with model.fit(...) and return what that returns"
+            )
         return history

@@ -89,44 +89,7 @@ def densenet121(input_shape, weights):
 @backbone("convnext_tiny", native_size=224, min_size=32)
 def convnext_tiny(input_shape, weights):
     """ConvNeXt-Tiny (2022), 27.8M parameters without its classifier; exact GELU."""
+    from cnnforge import grouped_to_depthwise
+
+    # cnnforge's export rewrites them anyway; rewritten here, training runs without XLA on CPU too
     return grouped_to_depthwise(keras_application("ConvNeXtTiny", "convnext", input_shape, weights))
-
-
-def grouped_to_depthwise(model):
-    """The same model with each Conv2D whose groups equal its channels as a DepthwiseConv2D.
-
-    Both compute the same per-channel convolution. Keras runs a grouped Conv2D through an
-    XLA-compiled TensorFlow function on CPU, which tf2onnx cannot convert; DepthwiseConv2D
-    converts to an ONNX Conv and needs no XLA. The weights are carried over, kernels reordered.
-    """
-    import keras
-
-    def is_depthwise(layer):
-        return (
-            isinstance(layer, keras.layers.Conv2D)
-            and layer.groups > 1
-            and layer.groups == layer.filters == layer.input.shape[-1]
-        )
-
-    def clone(layer):
-        if not is_depthwise(layer):
-            return layer.__class__.from_config(layer.get_config())
-        return keras.layers.DepthwiseConv2D(
-            layer.kernel_size,
-            strides=layer.strides,
-            padding=layer.padding,
-            dilation_rate=layer.dilation_rate,
-            activation=layer.activation,
-            use_bias=layer.use_bias,
-            name=layer.name,
-        )
-
-    copy = keras.models.clone_model(model, clone_function=clone)
-    for layer in model.layers:
-        weights = layer.get_weights()
-        if not weights:
-            continue
-        if is_depthwise(layer):  # (kh, kw, 1, channels) → (kh, kw, channels, 1)
-            weights[0] = weights[0].transpose(0, 1, 3, 2)
-        copy.get_layer(layer.name).set_weights(weights)
-    return copy

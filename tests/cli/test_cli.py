@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -384,3 +385,59 @@ def test_bench_compare_with_a_zero_median_is_one_line(tmp_path):
     for base, new in ((zero, good), (good, zero), (zero, zero)):
         result = invoke("bench", "compare", str(base), str(new))
         assert_one_line_error(result, f"{zero}: cell (model fp32,", "median of 0 ms")
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_plugins_show_prints_the_space_of_every_architecture_shape():
+    tutorial = str(EXAMPLES / "kerastuner_tutorial.py")
+    shown = invoke("--plugin", tutorial, "plugins", "show", "build_model")
+    assert shown.exit_code == 0, shown.output
+    for text in ("build(hp) -> keras.Model", "pixels scaled to 0..1", "num_layers", "units_0"):
+        assert text in shown.output
+    assert "learning_rate" not in shown.output  # compiled: its own Adam and "lr"
+    shapes = str(Path(__file__).resolve().parents[1] / "contract" / "shape_plugins.py")
+    for name, texts in {
+        "shape_hypermodel_class": ("keras_tuner.HyperModel", "its own fit", "units"),
+        "shape_model_spec": ("build(hp, spec) -> keras.Model", "lr", "filters"),
+        "shape_features": ("build(hp, inputs, spec) -> features", "filters", "learning_rate"),
+    }.items():
+        shown = invoke("--plugin", shapes, "plugins", "show", name)
+        assert shown.exit_code == 0, shown.output
+        for text in texts:
+            assert text in shown.output, (name, text)
+
+
+@pytest.mark.slow
+def test_the_kerastuner_tutorial_runs_as_written_with_only_the_decorator(small_npz, tmp_path):
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cnnforge.cli",
+            "--plugin",
+            str(EXAMPLES / "kerastuner_tutorial.py"),
+            "run",
+            "--arch",
+            "build_model",
+            "--data",
+            str(small_npz),
+            "--run-dir",
+            str(run_dir),
+            "--max-trials",
+            "2",
+            "--epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    parity = json.loads((run_dir / "parity.json").read_text())
+    assert parity["passed"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["search"]["arch"] == "build_model"
+    assert (run_dir / "model.onnx").is_file() and (run_dir / "report.md").is_file()

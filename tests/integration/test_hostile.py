@@ -41,18 +41,25 @@ def plugin_file(tmp_path: Path, body: str) -> Path:
     return path
 
 
-def test_plugin_file_with_a_syntax_error_is_named_when_its_plugin_is_asked_for(tmp_path):
+def test_a_named_plugin_file_with_a_syntax_error_stops_the_command(tmp_path):
     bad = tmp_path / "typo_plugin.py"
     bad.write_text(
         "import cnnforge\n@cnnforge.architecture('typo_net')\ndef build(hp, x, spec)\n    return x\n"
     )
+    # the search would not even use the broken file's plugin: it is refused all the same
     result = invoke(
-        "--plugin", str(bad), "search", "--arch", "typo_net", "--run-dir", str(tmp_path / "r")
+        "--plugin", str(bad), "search", "--arch", "simple_cnn", "--run-dir", str(tmp_path / "r")
     )
-    assert_refused(
-        result, "unknown architecture plugin 'typo_net'", "failed to load", "typo_plugin.py"
-    )
+    assert_refused(result, f"plugin file {bad}", "SyntaxError", "line 3")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_plugin_file_from_the_environment_that_raises_stops_the_command(tmp_path, monkeypatch):
+    bad = tmp_path / "env_broken.py"
+    bad.write_text("import cnnforge\n\nraise RuntimeError('no GPU here')\n")
+    monkeypatch.setenv("CNNFORGE_PLUGINS", str(bad))
+    result = invoke("plugins", "list")
+    assert_refused(result, "from CNNFORGE_PLUGINS", "RuntimeError: no GPU here", "line 3")
 
 
 def test_plugin_whose_build_raises_is_named_with_its_error(tmp_path, small_npz):

@@ -160,21 +160,6 @@ def test_a_weights_file_loads_and_a_mismatched_one_is_refused(tmp_path):
     keras.backend.clear_session()
 
 
-def test_grouped_convolutions_become_depthwise_with_the_same_answers():
-    from cnnforge_plugins.backbones import grouped_to_depthwise
-
-    inputs = keras.Input((9, 9, 6))
-    x = keras.layers.Conv2D(6, 3, groups=6, padding="same", name="grouped")(inputs)
-    x = keras.layers.Conv2D(4, 1, name="pointwise")(x)
-    model = keras.Model(inputs, x)
-    rng = np.random.default_rng(2)
-    model.set_weights([rng.normal(size=w.shape) for w in model.get_weights()])
-    rewritten = grouped_to_depthwise(model)
-    assert isinstance(rewritten.get_layer("grouped"), keras.layers.DepthwiseConv2D)
-    x = rng.normal(size=(2, 9, 9, 6)).astype("float32")
-    np.testing.assert_allclose(rewritten(x), model(x), rtol=1e-5, atol=1e-5)
-
-
 def test_exact_gelu_converts_through_the_erfc_handler():
     inputs = keras.Input((4, 4, 1), name="images")
     x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 12.75, offset=-10)(inputs))

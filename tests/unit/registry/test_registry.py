@@ -68,29 +68,55 @@ def test_single_file_plugin_loads_from_a_path():
     assert plugin.source.endswith("single_file_plugin.py")
 
 
-def test_broken_plugin_is_reported_by_name_and_the_others_still_load(tmp_path):
+def test_a_named_plugin_file_with_a_syntax_error_is_an_error_with_file_and_line(tmp_path):
     broken = tmp_path / "broken_plugin.py"
     broken.write_text("import cnnforge\n\ndef oops(:\n    pass\n")
-    good = tmp_path / "good_plugin.py"
-    good.write_text(
-        "import cnnforge\n\n@cnnforge.dataset('good_after_broken')\ndef load(path):\n"
-        "    '''A dataset that loads.'''\n"
-    )
-    cnnforge.load_plugins([str(broken), str(good)])
-    errors = registry.load_errors()
-    assert str(broken) in errors
-    assert errors[str(broken)].startswith("SyntaxError")
-    assert "line 3" in errors[str(broken)]
-    assert cnnforge.get("dataset", "good_after_broken").description == "A dataset that loads."
+    with pytest.raises(CnnforgeError) as caught:
+        cnnforge.load_plugins([str(broken)])
+    message = str(caught.value)
+    assert message.startswith(f"plugin file {broken} (from --plugin) failed to import: SyntaxError")
+    assert "line 3" in message
+    with pytest.raises(CnnforgeError, match="SyntaxError"):  # asked again: still an error
+        cnnforge.load_plugins([str(broken)])
 
 
-def test_name_clash_between_sources_is_reported(tmp_path):
+def test_a_named_plugin_file_that_raises_names_its_own_line(tmp_path):
+    broken = tmp_path / "raising_plugin.py"
+    broken.write_text("import cnnforge\n\n\nSIZES = {}\nDEFAULT = SIZES['small']\n")
+    with pytest.raises(CnnforgeError) as caught:
+        cnnforge.load_plugins([str(broken)])
+    assert f"KeyError: 'small' ({broken}, line 5)" in str(caught.value)
+
+
+def test_a_named_module_that_fails_names_its_file_and_line(tmp_path, monkeypatch):
+    (tmp_path / "failing_module_plugin.py").write_text("import cnnforge\nimport no_such_module_x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(CnnforgeError) as caught:
+        cnnforge.load_plugins(["failing_module_plugin"])
+    message = str(caught.value)
+    assert message.startswith("plugin module failing_module_plugin (from --plugin) failed")
+    assert "ModuleNotFoundError" in message and "failing_module_plugin.py, line 2" in message
+
+
+def test_a_named_plugin_file_that_does_not_exist_is_an_error(tmp_path):
+    with pytest.raises(CnnforgeError, match="nowhere.py .from --plugin. does not exist"):
+        cnnforge.load_plugins([str(tmp_path / "nowhere.py")])
+
+
+def test_a_broken_installed_plugin_is_skipped_with_its_cause_recorded():
+    # What discovery does with an entry point whose module fails: record, go on.
+    registry._import_as("dist:broken", "dist", lambda: 1 / 0)
+    assert registry.load_errors()["dist:broken"].startswith("ZeroDivisionError")
+    assert cnnforge.get("architecture", "simple_cnn").source == "cnnforge"
+
+
+def test_name_clash_between_sources_is_an_error_for_a_named_file(tmp_path):
     clash = tmp_path / "clash_plugin.py"
     clash.write_text(
         "import cnnforge\n\n@cnnforge.architecture('simple_cnn')\ndef build(hp, x, spec):\n    return x\n"
     )
-    cnnforge.load_plugins([str(clash)])
-    assert "clashes with the one from cnnforge" in registry.load_errors()[str(clash)]
+    with pytest.raises(CnnforgeError, match="clashes with the one from cnnforge"):
+        cnnforge.load_plugins([str(clash)])
     assert cnnforge.get("architecture", "simple_cnn").source == "cnnforge"
 
 
