@@ -75,6 +75,7 @@ class RichSearchProgress:
     def __init__(self, objective: str) -> None:
         self.objective = objective
         self.status: Any = None
+        self.label = "trial"  # a distributed chief hears of trials only when they end
 
     def trial_started(
         self, number: int, total: int | None, hyperparameters: dict[str, Any]

@@ -17,7 +17,7 @@ import platform
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -283,21 +283,32 @@ def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, p
         ) from exc
 
 
-def _watch_as_chief(tuner: RecordingTuner, progress: SearchProgress | None) -> threading.Event:
+def _watch_as_chief(tuner: RecordingTuner) -> Callable[[], None]:
     """While the chief serves: let silent workers go, and report trials as they end (to the
-    front end and the trackers: a distributed search is logged by its chief only)."""
+    front end and the trackers: a distributed search is logged by its chief only). Returns
+    what stops the watch, once the trials that ended since its last look are reported."""
     stop, oracle = threading.Event(), tuner.oracle
     reported = set(oracle.end_order)
+
+    def report_ended() -> None:
+        for trial_id in [t for t in oracle.end_order if t not in reported]:
+            reported.add(trial_id)
+            tuner.report_trial_end(oracle.trials[trial_id])
 
     def watch() -> None:
         while not stop.wait(1.0):
             oracle.expire_silent_tuners()
-            for trial_id in [t for t in oracle.end_order if t not in reported]:
-                reported.add(trial_id)
-                tuner.report_trial_end(oracle.trials[trial_id])
+            report_ended()
+        report_ended()
 
-    threading.Thread(target=watch, name="cnnforge-chief-watch", daemon=True).start()
-    return stop
+    thread = threading.Thread(target=watch, name="cnnforge-chief-watch", daemon=True)
+    thread.start()
+
+    def stop_watching() -> None:
+        stop.set()
+        thread.join()
+
+    return stop_watching
 
 
 def search(
@@ -325,14 +336,14 @@ def search(
         budget = _time_budget(config, dataset, started, keep_after)
         tuner = _prepare(config, dataset, progress, budget)
         tuner.tracking = _start_tracking(config, tuner)
-        stop = _watch_as_chief(tuner, progress) if config.distributed == "chief" else None
-        try:
-            _run_trials(config, tuner, dataset, progress)
+        with contextlib.closing(tuner.tracking):
+            stop_watching = _watch_as_chief(tuner) if config.distributed == "chief" else None
+            try:
+                _run_trials(config, tuner, dataset, progress)
+            finally:
+                if stop_watching:
+                    stop_watching()
             return _finish(config, tuner, dataset, progress)
-        finally:
-            if stop:
-                stop.set()
-            tuner.tracking.close()
 
 
 def resolved_track(config: SearchConfig) -> list[str]:

@@ -338,8 +338,10 @@ class RecordingTuner(keras_tuner.Tuner):
                 raise OverBudget(cost["over_budget"])
             # a lambda, not the oracle: KerasTuner deep-copies the callbacks of every trial
             stop = StopAtDeadline(lambda: getattr(self.oracle, "deadline", None))
-            tracked = self.tracking.callback(trial.trial_id, kwargs.get("batch_size"))
-            kwargs["callbacks"] = [*kwargs.get("callbacks", []), stop, tracked]
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), stop]
+            if self.tracking.names:
+                tracked = self.tracking.callback(trial.trial_id, kwargs.get("batch_size"))
+                kwargs["callbacks"].append(tracked)
             result = super().run_trial(trial, *args, **kwargs)
             deadline = getattr(self.oracle, "deadline", None)
             if deadline is not None and time.time() >= deadline:
