@@ -154,9 +154,10 @@ def test_a_broken_tracker_is_one_warning_and_the_search_finishes(small_npz, tmp_
     assert "\n" not in str(ours[0].message)
     assert [t.status for t in result.trials] == ["COMPLETED"]
     assert result.best_model.is_file()
+    assert not (result.run_dir / "tensorboard").exists()  # only the trackers asked for
 
 
-def test_tensorboard_is_the_default_and_none_turns_tracking_off(small_npz, tmp_path):
+def test_track_names_tensorboard_by_default_and_none_turns_tracking_off():
     assert parse_track(None) == ("tensorboard",)
     assert parse_track(["tensorboard,mlflow", "mlflow"]) == ("tensorboard", "mlflow")
     assert parse_track(["none"]) == ()
@@ -164,9 +165,11 @@ def test_tensorboard_is_the_default_and_none_turns_tracking_off(small_npz, tmp_p
         parse_track(["wandb"])
     with pytest.raises(CnnforgeError, match="give it alone"):
         parse_track(["none", "mlflow"])
-    config = SearchConfig(
-        data=str(small_npz), run_dir=tmp_path / "run", max_trials=1, track=["none"], **SMALL
-    )
-    search(config)
-    assert not (tmp_path / "run" / "tensorboard").exists()
-    assert not (tmp_path / "run" / "mlflow.db").exists()
+
+
+def test_a_search_logs_to_tensorboard_by_default(finished_run):
+    run_dir = finished_run.run_dir
+    assert json.loads((run_dir / "config.json").read_text())["search"]["track"] == ["tensorboard"]
+    trial = events(run_dir / "tensorboard" / "trial_0")
+    assert len(scalar(trial, "epoch/val_accuracy")) == 2
+    assert not (run_dir / "mlflow.db").exists()
