@@ -9,12 +9,12 @@ import keras
 
 
 def learning_rate(model: keras.Model) -> float | None:
-    """The optimizer's learning rate now (a schedule's current value), if it has one."""
-    optimizer = getattr(model, "optimizer", None)
-    rate = getattr(optimizer, "learning_rate", None)
-    if rate is None:
+    """The optimizer's learning rate now (a schedule's current value); None when it has none
+    that reads as a number. Never raises: this runs inside the trial's training."""
+    try:
+        return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+    except Exception:
         return None
-    return float(keras.ops.convert_to_numpy(rate))
 
 
 class EpochScalars(keras.callbacks.Callback):
