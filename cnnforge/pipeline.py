@@ -17,6 +17,7 @@ from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, load_dataset
 from cnnforge.evaluation.evaluate import Evaluation, evaluate
 from cnnforge.report.reports import write_reports
+from cnnforge.tracking import open_tracking
 from cnnforge.tuning.search import SearchConfig, SearchProgress, SearchResult, search, trial_model
 
 RUN_BATCH_SIZES = (1, 32)
@@ -50,6 +51,14 @@ def export_trial(
     return export(
         source, output or RunDir(run_dir).model_file(f"model-trial-{trial_id}.onnx"), **options
     )
+
+
+def _track_winner(config: SearchConfig, run_dir: RunDir) -> None:
+    """The winner's files to the search's trackers, its ONNX model registered (MLflow)."""
+    tracking = open_tracking(run_dir.path, config.track or [], model_name=config.model_name)
+    files = [run_dir.onnx, RunDir.parity_for(run_dir.onnx), run_dir.bench, run_dir.report_html]
+    tracking.winner(files, run_dir.onnx)
+    tracking.close()
 
 
 def run(
@@ -94,4 +103,5 @@ def run(
     run_dir.write_json(run_dir.evaluation, asdict(scored))
     stage("report")
     reports = write_reports(run_dir.path, dataset)
+    _track_winner(config, run_dir)
     return RunResult(found, exported, timing, scored, reports.markdown)

@@ -218,6 +218,13 @@ def search_options(defaults: dict[str, Any]) -> Callable[[Callable], Callable]:
             show_default=True,
             help="Training precision; auto: mixed float16 on a GPU, float32 on a CPU.",
         ),
+        click.option(
+            "--track",
+            multiple=True,
+            metavar="tensorboard|mlflow|none",
+            help="Log the trials to TensorBoard and/or MLflow (repeatable or comma-separated; "
+            "MLflow needs cnnforge[mlflow])  [default: tensorboard; a resume: as before].",
+        ),
         *_budget_options,
     ]
 

@@ -18,6 +18,7 @@ from cnnforge.core.objectives import best_first
 
 if TYPE_CHECKING:
     from cnnforge.bench.results import BenchReport
+    from cnnforge.tuning.config import SearchConfig
     from cnnforge.tuning.records import TrialRecord
     from cnnforge.tuning.search import SearchResult
 
@@ -74,6 +75,7 @@ class RichSearchProgress:
     def __init__(self, objective: str) -> None:
         self.objective = objective
         self.status: Any = None
+        self.label = "trial"  # a distributed chief hears of trials only when they end
 
     def trial_started(
         self, number: int, total: int | None, hyperparameters: dict[str, Any]
@@ -176,3 +178,17 @@ def print_bench(report: BenchReport) -> None:
     best = best_thread_rows(rows)
     if best:
         print_table(BEST_HEADERS, best, title="Best thread count per batch size")
+
+
+def print_tracking(config: SearchConfig) -> None:
+    """How to look at the search's trials in the trackers it logged to."""
+    from cnnforge.core.rundir import RunDir
+    from cnnforge.tracking.mlflow import tracking_uri
+
+    run = RunDir(config.run_dir)
+    if "tensorboard" in (config.track or []):
+        console.print(f"tensorboard: tensorboard --logdir {run.tensorboard}", soft_wrap=True)
+    if "mlflow" in (config.track or []):
+        uri = tracking_uri(run.path)
+        line = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri
+        console.print(f"mlflow:      {line}", soft_wrap=True)

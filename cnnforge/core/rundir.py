@@ -11,6 +11,9 @@ RUN/
   bench.json       latency results
   evaluation.json  onnxruntime accuracy on the test split
   report.md, report.html
+  tensorboard/     TensorBoard logs: trial_ID/ per trial, the HParams configuration
+  mlflow.db        MLflow's local store (--track mlflow), mlartifacts/ its artifacts
+  mlflow.json      the MLflow run ids of this search, so that a resumed search continues them
 ```
 
 Stages hand each other a ``RunDir`` (or its path); none of them spells a file name itself.
@@ -42,6 +45,10 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 COST = "cnnforge_cost.json"
 TRIAL_PREFIX = "trial_"
+TENSORBOARD = "tensorboard"
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlartifacts"
+MLFLOW_RUNS = "mlflow.json"
 
 # The files ``cnnforge run`` leaves, in the order the stages write them.
 ARTIFACTS = (CONFIG, TRIALS, BEST_MODEL, ONNX, PARITY, BENCH, EVALUATION, REPORT_MD, REPORT_HTML)
@@ -111,6 +118,22 @@ class RunDir:
     @property
     def report_html(self) -> Path:
         return self.path / REPORT_HTML
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.path / MLFLOW_DB
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.path / MLFLOW_ARTIFACTS
+
+    @property
+    def mlflow_runs(self) -> Path:
+        return self.path / MLFLOW_RUNS
 
     def trial_dir(self, trial_id: str) -> Path:
         return self.tuner / f"{TRIAL_PREFIX}{trial_id}"

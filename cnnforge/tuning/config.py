@@ -13,6 +13,7 @@ from typing import Any
 
 from cnnforge.core.contract import TRAINING_PRECISIONS, TUNERS
 from cnnforge.core.errors import CnnforgeError
+from cnnforge.tracking import parse_track
 from cnnforge.tuning.candidate import LIMITS, Budget, Target
 
 # Settings that define a search; a run directory is resumed only with the same ones. The
@@ -112,6 +113,9 @@ class SearchConfig:
     deterministic: bool = False
     # "auto" trains in mixed float16 on a GPU and float32 on a CPU; or "float32" or "mixed".
     precision: str = "auto"
+    # Trackers (tensorboard, mlflow; [] for none); None: those the run directory recorded, or
+    # TensorBoard for a new one. Not part of the identity: a resume may add or drop one.
+    track: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.arch is None and self.backbone is None:
@@ -150,6 +154,7 @@ class SearchConfig:
             fix=dict(options.get("fix") or {}),
             space=dict(options.get("space") or {}),
             address=address,
+            track=list(options["track"]) if options.get("track") else None,
             **given,
         )
 
@@ -199,6 +204,8 @@ class SearchConfig:
                 f"precision takes {', '.join(TRAINING_PRECISIONS)}, got {self.precision!r}"
             )
         self._validate_budget()
+        if self.track is not None:
+            parse_track(self.track)
 
     def _validate_budget(self) -> None:
         from cnnforge.deploy.runtime import provider_name

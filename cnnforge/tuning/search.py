@@ -17,7 +17,7 @@ import platform
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from cnnforge.data.dataset import Dataset, DataSpec, load_dataset
 from cnnforge.modeling import training, transfer
 from cnnforge.modeling.hypermodel import PluginHyperModel, default_space
 from cnnforge.registry import Plugin
+from cnnforge.tracking import Tracking, open_tracking, parse_track
 from cnnforge.tuning.config import SearchConfig
 from cnnforge.tuning.final_training import (
     FinalTraining,
@@ -49,7 +50,6 @@ from cnnforge.tuning.records import (
     OVER_BUDGET,
     SearchProgress,
     TrialRecord,
-    trial_record,
     trial_records,
     write_trials_csv,
 )
@@ -222,6 +222,7 @@ def _prepare(
     _check_run_dir(config)
     keras.utils.set_random_seed(config.seed)
     hps = constrained_hyperparameters(config, default_space(plugin, dataset.spec))
+    config.track = resolved_track(config)  # recorded in config.json: a resume keeps it
     run = RunDir(config.run_dir)
     run.write_config(config.to_json(), asdict(dataset.spec), library_versions())
     return make_tuner(
@@ -282,21 +283,32 @@ def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, p
         ) from exc
 
 
-def _watch_as_chief(tuner: RecordingTuner, progress: SearchProgress | None) -> threading.Event:
-    """While the chief serves: let silent workers go, and report trials as they end."""
-    stop, oracle, run = threading.Event(), tuner.oracle, tuner.run
+def _watch_as_chief(tuner: RecordingTuner) -> Callable[[], None]:
+    """While the chief serves: let silent workers go, and report trials as they end (to the
+    front end and the trackers: a distributed search is logged by its chief only). Returns
+    what stops the watch, once the trials that ended since its last look are reported."""
+    stop, oracle = threading.Event(), tuner.oracle
     reported = set(oracle.end_order)
+
+    def report_ended() -> None:
+        for trial_id in [t for t in oracle.end_order if t not in reported]:
+            reported.add(trial_id)
+            tuner.report_trial_end(oracle.trials[trial_id])
 
     def watch() -> None:
         while not stop.wait(1.0):
             oracle.expire_silent_tuners()
-            for trial_id in [t for t in oracle.end_order if t not in reported]:
-                reported.add(trial_id)
-                if progress:
-                    progress.trial_ended(trial_record(oracle.trials[trial_id], run))
+            report_ended()
+        report_ended()
 
-    threading.Thread(target=watch, name="cnnforge-chief-watch", daemon=True).start()
-    return stop
+    thread = threading.Thread(target=watch, name="cnnforge-chief-watch", daemon=True)
+    thread.start()
+
+    def stop_watching() -> None:
+        stop.set()
+        thread.join()
+
+    return stop_watching
 
 
 def search(
@@ -323,13 +335,32 @@ def search(
         dataset = _dataset(config, dataset)
         budget = _time_budget(config, dataset, started, keep_after)
         tuner = _prepare(config, dataset, progress, budget)
-        stop = _watch_as_chief(tuner, progress) if config.distributed == "chief" else None
-        try:
-            _run_trials(config, tuner, dataset, progress)
-        finally:
-            if stop:
-                stop.set()
-        return _finish(config, tuner, dataset, progress)
+        tuner.tracking = _start_tracking(config, tuner)
+        with contextlib.closing(tuner.tracking):
+            stop_watching = _watch_as_chief(tuner) if config.distributed == "chief" else None
+            try:
+                _run_trials(config, tuner, dataset, progress)
+            finally:
+                if stop_watching:
+                    stop_watching()
+            return _finish(config, tuner, dataset, progress)
+
+
+def resolved_track(config: SearchConfig) -> list[str]:
+    """The trackers of a search: ``config.track``, or, when it is None, those the run directory
+    recorded (a resumed search keeps its tracking), else the default (TensorBoard)."""
+    if config.track is not None:
+        return list(parse_track(config.track))
+    run = RunDir(config.run_dir)
+    saved = run.read_config().get("search", {}).get("track") if run.is_run() else None
+    return list(parse_track(saved))
+
+
+def _start_tracking(config: SearchConfig, tuner: RecordingTuner) -> Tracking:
+    tracking = open_tracking(config.run_dir, config.track or [], model_name=config.model_name)
+    space = [hp.name for hp in tuner.oracle.hyperparameters.space]
+    tracking.search_started(config.to_json(), space)
+    return tracking
 
 
 def _time_budget(
@@ -374,6 +405,7 @@ def _finish(
         )
     best_trial = tuner.oracle.get_best_trials(1)[0]
     best = next(r for r in records if r.trial_id == best_trial.trial_id)
+    tuner.tracking.search_ended(asdict(best))
     final = None
     if config.retrain:
         best_model, final = final_training(tuner, best_trial, best, dataset, config, progress)

@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from cnnforge.core.atomic import atomic_write_text
 from cnnforge.core.contract import TUNERS
 from cnnforge.core.objectives import objective_direction
 from cnnforge.core.rundir import RunDir
+from cnnforge.tracking import Tracking
 from cnnforge.tuning.candidate import Budget, Target, measure_candidate
 from cnnforge.tuning.records import SearchProgress, trial_record, trial_records, write_trials_csv
 from cnnforge.tuning.timebudget import TimeBudget, pace
@@ -294,7 +296,8 @@ class RecordingTuner(keras_tuner.Tuner):
     and a heartbeat to the oracle after every epoch (which also keeps a worker's lease).
 
     Before training, each candidate is measured on ``target`` (None: not measured) and refused
-    when over ``budget``.
+    when over ``budget``. Trials, and each epoch of their training, are logged to ``tracking``
+    (set by the search; none by default).
     """
 
     def __init__(
@@ -314,6 +317,7 @@ class RecordingTuner(keras_tuner.Tuner):
         self.time_budget = time_budget
         self.move_deadline()
         self.trials_run: list[str] = []
+        self.tracking = Tracking()
         self._measured: dict[str, dict[str, Any]] = {}  # Hyperband runs a candidate again
 
     def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
@@ -323,6 +327,7 @@ class RecordingTuner(keras_tuner.Tuner):
             self.progress.trial_started(
                 int(trial.trial_id) + 1, total, trial.hyperparameters.values
             )
+        self.tracking.trial_started(trial.trial_id, trial.hyperparameters.values)
         start = time.perf_counter()
         cost: dict[str, Any] = {}
         try:
@@ -334,6 +339,9 @@ class RecordingTuner(keras_tuner.Tuner):
             # a lambda, not the oracle: KerasTuner deep-copies the callbacks of every trial
             stop = StopAtDeadline(lambda: getattr(self.oracle, "deadline", None))
             kwargs["callbacks"] = [*kwargs.get("callbacks", []), stop]
+            if self.tracking.names:
+                tracked = self.tracking.callback(trial.trial_id, kwargs.get("batch_size"))
+                kwargs["callbacks"].append(tracked)
             result = super().run_trial(trial, *args, **kwargs)
             deadline = getattr(self.oracle, "deadline", None)
             if deadline is not None and time.time() >= deadline:
@@ -425,9 +433,16 @@ class RecordingTuner(keras_tuner.Tuner):
     def on_trial_end(self, trial: Any) -> None:
         super().on_trial_end(trial)
         self.move_deadline()
+        if self.progress or self.tracking.names:
+            self.report_trial_end(self.oracle.get_trial(trial.trial_id))
+
+    def report_trial_end(self, trial: Any) -> None:
+        """Tell the front end and the trackers that ``trial`` (as the oracle has it) ended."""
+        record = trial_record(trial, self.run)
         if self.progress:
-            ended = self.oracle.get_trial(trial.trial_id)
-            self.progress.trial_ended(trial_record(ended, self.run))
+            self.progress.trial_ended(record)
+        history = self.run.read_cost(trial.trial_id).get("history")
+        self.tracking.trial_ended(asdict(record), history)
 
 
 class RecordingHyperband(RecordingTuner, _HyperbandWithOracle):

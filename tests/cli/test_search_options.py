@@ -63,3 +63,16 @@ def test_a_worker_without_an_id_is_one_line(tmp_path, monkeypatch):
     )
     assert result.exit_code == 1 and "a worker needs --worker-id ID" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_track_is_repeatable_or_a_list_and_a_wrong_name_is_one_line(tmp_path, monkeypatch):
+    given = SearchConfig.from_options(options(track=("tensorboard", "mlflow")))
+    assert given.track == ["tensorboard", "mlflow"]
+    assert SearchConfig.from_options(options(track=())).track is None  # not given: as before
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["search", "--track", "tensorboard,wandb"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: --track takes tensorboard, mlflow or none; got wandb"
+    ]
+    assert not (tmp_path / "runs").exists()

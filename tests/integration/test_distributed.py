@@ -4,6 +4,7 @@ processes on loopback, sharing one run directory."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import socket
@@ -44,7 +45,8 @@ def rows(run_dir: Path) -> list[dict[str, str]]:
 
 def test_chief_and_two_workers_complete_every_trial_once(small_npz, tmp_path):
     run_dir, address = tmp_path / "run", f"127.0.0.1:{free_port()}"
-    chief = start(command(small_npz, run_dir, "--distributed", "chief", "--listen", address))
+    chief_role = ("--distributed", "chief", "--listen", address, "--track", "tensorboard,mlflow")
+    chief = start(command(small_npz, run_dir, *chief_role))
     workers = [start(worker(small_npz, run_dir, address, w)) for w in ("worker1", "worker2")]
     outputs = [w.communicate(timeout=600) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [err for _, err in outputs]
@@ -58,6 +60,25 @@ def test_chief_and_two_workers_complete_every_trial_once(small_npz, tmp_path):
     assert sum(ran) == 4, outputs
     assert (run_dir / "best.keras").is_file()
     assert "best model:" in out
+    assert_logged_by_the_chief_only(run_dir)
+
+
+def assert_logged_by_the_chief_only(run_dir: Path) -> None:
+    """The chief logs every trial, its epochs read from the trial's cost file; the workers log
+    nothing (one run per trial, no second search run)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    ids = json.loads((run_dir / "mlflow.json").read_text())
+    runs = client.search_runs([ids["experiment_id"]])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == ids["parent"]]
+    assert len(runs) == 5 and len(children) == 4
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [0, 1, 2]
+    assert sorted(p.name for p in (run_dir / "tensorboard").glob("trial_*")) == [
+        f"trial_{i}" for i in range(4)
+    ]
 
 
 def test_a_worker_killed_mid_trial_does_not_stall_the_search(small_npz, tmp_path):
