@@ -32,7 +32,7 @@ from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.objectives import objective_direction
 from cnnforge.core.rundir import RunDir
 from cnnforge.core.version import __version__
-from cnnforge.data.dataset import Dataset, DataSpec, load_dataset
+from cnnforge.data.dataset import Dataset, DataSpec
 from cnnforge.modeling import training, transfer
 from cnnforge.modeling.hypermodel import PluginHyperModel, default_space
 from cnnforge.registry import Plugin
@@ -207,7 +207,7 @@ def _search_context(config: SearchConfig, debug: bool | None) -> Iterator[None]:
 
 def _dataset(config: SearchConfig, dataset: Dataset | None) -> Dataset:
     """``dataset``, or the one ``config`` names, split as the search splits it."""
-    return dataset or load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed)
+    return dataset or config.load_data()
 
 
 def _prepare(
@@ -224,6 +224,7 @@ def _prepare(
     hps = constrained_hyperparameters(config, default_space(plugin, dataset.spec))
     run = RunDir(config.run_dir)
     run.write_config(config.to_json(), asdict(dataset.spec), library_versions())
+    run.write_json(run.data, dataset.record())
     return make_tuner(
         config.tuner,
         objective=config.objective,
