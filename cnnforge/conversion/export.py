@@ -277,7 +277,11 @@ def export(
         sample = calibration_sample(dataset.x_train, calibration_images, source=dataset.spec.name)
         calibration = to_layout(sample, layout)
     classes = int(model.outputs[0].shape[-1])
-    class_names = resolved.class_names or tuple(str(i) for i in range(classes))
+    class_names = (
+        resolved.class_names
+        or (dataset.spec.class_names if dataset is not None else None)
+        or tuple(str(i) for i in range(classes))
+    )
     preprocessing = (
         dataset.preprocessing
         if dataset is not None and dataset.preprocessing is not None

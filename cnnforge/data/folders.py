@@ -262,11 +262,11 @@ def read_image_folder(
     ``test_fraction`` is held out. Unreadable images are skipped with a warning, or refused
     when ``strict``."""
     scan = scan_image_folder(folder)
-    _refuse_if_strict(scan.skipped, strict)
+    refuse_if_strict(scan.skipped, strict)
     chosen = scan.preprocessing(preprocessing)
     skipped = dict(scan.skipped)
     arrays = {split: decode_images(files, chosen, skipped) for split, files in scan.splits.items()}
-    _refuse_if_strict(skipped, strict)
+    refuse_if_strict(skipped, strict)
     if "all" in arrays:
         x, y = arrays.pop("all")
         train_idx, test_idx = stratified_split(y, test_fraction, seed)
@@ -300,7 +300,7 @@ def skipped_summary(skipped: dict[str, str], show: int = 3) -> str:
     )
 
 
-def _refuse_if_strict(skipped: dict[str, str], strict: bool) -> None:
+def refuse_if_strict(skipped: dict[str, str], strict: bool) -> None:
     if strict and skipped:
         path, why = next(iter(skipped.items()))
         raise CnnforgeError(

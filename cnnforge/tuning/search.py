@@ -39,6 +39,7 @@ from cnnforge.registry import Plugin
 from cnnforge.tuning.config import SearchConfig
 from cnnforge.tuning.final_training import (
     FinalTraining,
+    class_weight,
     epoch_callback,
     final_training,
     train_again,
@@ -270,6 +271,7 @@ def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, p
                 batch_size=config.batch_size,
                 callbacks=callbacks,
                 verbose=0,
+                **class_weight(config, dataset),
             )
     except TooManyFailures as exc:
         run = RunDir(config.run_dir)

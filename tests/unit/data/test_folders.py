@@ -187,3 +187,38 @@ def test_preprocessing_round_trips_through_json():
     assert Preprocessing.from_json(used.to_json()) == used
     with pytest.raises(CnnforgeError, match="resize policy 'squash' is unknown"):
         Preprocessing(policy="squash")
+
+
+def test_data_command_summarises_a_folder(tmp_path):
+    from click.testing import CliRunner
+
+    from cnnforge.cli import cli
+
+    root = mixed_folder(tmp_path / "photos")
+    for i in range(30):  # make "cat" six times the size of "dog"
+        _save(root / "cat" / f"extra{i}.png", _gray(24, 18))
+    result = CliRunner().invoke(
+        cli, ["data", str(root), "--image-size", "24x32", "--json", str(tmp_path / "s.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "imbalanced" in result.output and "--class-weight auto" in result.output
+    assert "would read as 24x32 RGB, stretch, bilinear" in result.output
+    assert "1 not an image" in result.output and "broken.png" in result.output
+    import json
+
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["counts"] == {"all": [36, 6]}
+    assert saved["modes"]["L"] == 32 and saved["imbalanced"]
+    assert saved["epoch_read_s"] > 0
+    strict = CliRunner().invoke(cli, ["data", str(root), "--strict-data"])
+    assert strict.exit_code == 1 and "cannot read image" in strict.output
+
+
+def test_class_weights_balance_the_classes(tmp_path):
+    for name, count in (("a", 9), ("b", 3)):
+        for i in range(count):
+            _save(tmp_path / "train" / name / f"{i}.png", _gray(8, 8))
+        _save(tmp_path / "test" / name / "0.png", _gray(8, 8))
+        _save(tmp_path / "val" / name / "0.png", _gray(8, 8))
+    weights = cnnforge.load_dataset(f"dir:{tmp_path}").class_weights()
+    assert weights == pytest.approx({0: 12 / 18, 1: 12 / 6})
