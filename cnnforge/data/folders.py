@@ -169,13 +169,22 @@ def _header(path: Path, label: int, skipped: dict[str, str]) -> ImageFile | None
     try:
         with Image.open(path) as image:
             width, height = image.size
-            turned = image.getexif().get(EXIF_ORIENTATION, 1) in _TURNED
+            turned = _orientation(image) in _TURNED
             return ImageFile(
                 path, label, (height, width) if turned else (width, height), image.mode
             )
     except Exception as exc:  # noqa: BLE001 - any unreadable header is a skipped file
         skipped[str(path)] = _reason(exc)
         return None
+
+
+def _orientation(image: Any) -> int:
+    """The EXIF orientation a header gives, without decoding the pixels: Pillow reads a PNG's
+    whole file to look for an eXIf chunk after the image data, so a PNG's is taken only from
+    an eXIf chunk before it (decoding applies any orientation all the same)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    return image.getexif().get(EXIF_ORIENTATION, 1)
 
 
 def _check_classes(scan: FolderScan) -> None:
