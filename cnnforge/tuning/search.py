@@ -138,7 +138,8 @@ def _check_run_dir(config: SearchConfig) -> None:
     run = RunDir(config.run_dir)
     if not run.is_run():
         return
-    previous = run.read_config().get("search", {})
+    # read as a configuration: settings an older cnnforge did not record take their defaults
+    previous = SearchConfig.from_json(run.read_config().get("search", {})).identity()
     differs = [k for k, v in config.identity().items() if previous.get(k) != v]
     if differs:
         raise CnnforgeError(
