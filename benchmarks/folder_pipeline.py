@@ -10,7 +10,9 @@ one run:
    pass of ``keras.utils.image_dataset_from_directory`` over ``train/`` at the same size
    (alternated, two passes each, the faster kept);
 2. peak resident memory of a 1-trial, 1-epoch ``cnnforge search`` on the folder (its own
-   process, ``getrusage`` of the child), at two folder sizes;
+   process, ``getrusage`` of the child), at two folder sizes, decoded into memory (the fast
+   path) and read from disk every epoch (``CNNFORGE_DATA_MEMORY_MB=0``, the path a folder
+   over the memory bound takes);
 3. the accuracy of a short ``cnnforge run`` measured by ``cnnforge predict`` on the original
    test files, beside ``cnnforge evaluate``'s.
 
@@ -108,7 +110,7 @@ def child_peak_rss(command: list[str]) -> tuple[float, float]:
     return peak / 1024, seconds
 
 
-def search_memory(root: Path, out: Path) -> dict[str, float]:
+def search_memory(root: Path, out: Path, stream: bool = False) -> dict[str, float]:
     command = [sys.executable, "-m", "cnnforge.cli", "search", "--data", f"dir:{root}"]
     command += ["--image-size", str(SIZE), "--max-trials", "1", "--epochs", "1"]
     command += ["--fix", "conv_blocks=1", "--run-dir", str(out)]
@@ -117,7 +119,8 @@ def search_memory(root: Path, out: Path) -> dict[str, float]:
         "import json, sys; sys.path.insert(0, 'benchmarks'); from folder_pipeline import "
         f"child_peak_rss; print(json.dumps(child_peak_rss({command!r})))"
     )
-    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    env = {**os.environ, "CNNFORGE_DATA_MEMORY_MB": "0"} if stream else None
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
     peak, seconds = json.loads(result.stdout.decode().strip().splitlines()[-1])
     return {"peak_rss_mib": peak, "seconds": seconds}
 
@@ -167,6 +170,9 @@ def main() -> None:
     results["passes_images_per_s"] = [[round(r["images_per_s"]) for r in p] for p in passes]
     results["search_small"] = search_memory(small, args.out / "search_small")
     results["search"] = search_memory(large, args.out / "search")
+    # the same searches with the folder read from disk every epoch (the larger-than-memory path)
+    results["streamed_search_small"] = search_memory(small, args.out / "stream_small", True)
+    results["streamed_search"] = search_memory(large, args.out / "stream", True)
     results["run"] = deployed_accuracy(large, args.out / "run", args.epochs)
     text = json.dumps(results, indent=2)
     (args.out / "results.json").write_text(text)

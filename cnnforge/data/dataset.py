@@ -222,7 +222,9 @@ def as_dataset(
 
 
 def _checked_split(source, split, x, y, class_names) -> tuple[np.ndarray, np.ndarray]:
-    x, y = np.asarray(x), np.asarray(y).reshape(-1)
+    # image files streamed from disk (cnnforge.data.stream) stay files: asarray would decode them
+    x = x if hasattr(x, "tf_dataset") else np.asarray(x)
+    y = np.asarray(y).reshape(-1)
     where = f"dataset {source!r} ({split} split)"
     if len(x) == 0:
         raise CnnforgeError(f"{where} has no images; check the path or folder")

@@ -23,6 +23,7 @@ import numpy as np
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.data.dataset import RawData, stratified_split
+from cnnforge.data.stream import MEMORY_ENV, ImageFiles, memory_bound_bytes, open_upright
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -217,15 +218,6 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
-def open_upright(path: Path | str) -> Any:
-    """The decoded Pillow image of ``path``, turned as its EXIF orientation says."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as image:
-        image.load()
-        return ImageOps.exif_transpose(image)
-
-
 def decode_images(
     files: list[ImageFile], preprocessing: Preprocessing, skipped: dict[str, str]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -273,6 +265,9 @@ def read_image_folder(
     scan = scan_image_folder(folder)
     refuse_if_strict(scan.skipped, strict)
     chosen = scan.preprocessing(preprocessing)
+    decoded = len(scan.images) * chosen.size[0] * chosen.size[1] * chosen.channels
+    if decoded > memory_bound_bytes():
+        return _streamed(scan, chosen, decoded, test_fraction, seed)
     skipped = dict(scan.skipped)
     arrays = {split: decode_images(files, chosen, skipped) for split, files in scan.splits.items()}
     refuse_if_strict(skipped, strict)
@@ -295,6 +290,42 @@ def read_image_folder(
         y_val=val[1] if val and len(val[0]) else None,
         preprocessing=chosen,
         skipped=skipped,
+        ignored=scan.ignored,
+    )
+
+
+def _streamed(
+    scan: FolderScan, chosen: Preprocessing, decoded: int, test_fraction: float, seed: int
+) -> FolderData:
+    """The folder as ``ImageFiles`` splits, decoded while training (``cnnforge.data.stream``)."""
+    mib = 1 << 20
+    warnings.warn(
+        f"{scan.root}: its images would take {decoded / mib:.0f} MiB decoded, over the "
+        f"{memory_bound_bytes() / mib:.0f} MiB bound ({MEMORY_ENV}); they are read from disk "
+        "every epoch",
+        CnnforgeWarning,
+        stacklevel=3,
+    )
+    if scan.skipped:
+        warnings.warn(skipped_summary(scan.skipped), CnnforgeWarning, stacklevel=3)
+    splits = {
+        split: (ImageFiles([f.path for f in files], chosen), np.array([f.label for f in files]))
+        for split, files in scan.splits.items()
+    }
+    source = splits.pop("all", None) or (splits["train"] if "test" not in splits else None)
+    if source is not None:
+        x, y = source
+        train_idx, test_idx = stratified_split(y, test_fraction, seed)
+        splits["train"], splits["test"] = (x[train_idx], y[train_idx]), (x[test_idx], y[test_idx])
+    val = splits.get("val")
+    return FolderData(
+        *splits["train"],
+        *splits["test"],
+        scan.class_names,
+        x_val=val[0] if val and len(val[0]) else None,
+        y_val=val[1] if val and len(val[0]) else None,
+        preprocessing=chosen,
+        skipped=dict(scan.skipped),
         ignored=scan.ignored,
     )
 
