@@ -12,6 +12,7 @@ import importlib
 from typing import Any
 
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
+from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.core.version import __version__
 from cnnforge.data import (
     Dataset,
@@ -22,6 +23,7 @@ from cnnforge.data import (
     read_idx_folder,
     read_image_folder,
     read_npz,
+    scan_image_folder,
 )
 from cnnforge.registry import (
     architecture,
@@ -59,6 +61,7 @@ __all__ = [
     "CnnforgeWarning",
     "DataSpec",
     "Dataset",
+    "Preprocessing",
     "RawData",
     "__version__",
     "architecture",
@@ -73,6 +76,7 @@ __all__ = [
     "read_image_folder",
     "read_npz",
     "register",
+    "scan_image_folder",
     *_LAZY,
 ]
 

@@ -14,7 +14,7 @@ from cnnforge.bench.results import BenchReport
 from cnnforge.bench.sweep import benchmark
 from cnnforge.conversion.export import ExportResult, export
 from cnnforge.core.rundir import RunDir
-from cnnforge.data.dataset import Dataset, load_dataset
+from cnnforge.data.dataset import Dataset
 from cnnforge.evaluation.evaluate import Evaluation, evaluate
 from cnnforge.report.reports import write_reports
 from cnnforge.tracking import open_tracking
@@ -76,7 +76,7 @@ def run(
     started = time.time()
     stage("search")
     if dataset is None:
-        dataset = load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed)
+        dataset = config.load_data()
     keep_after = (
         max(AFTER_SEARCH_MIN_S, AFTER_SEARCH_SHARE * config.time_budget)
         if config.time_budget

@@ -14,6 +14,7 @@ import click
 from cnnforge import registry
 from cnnforge.cli import (
     bench_commands,
+    data_commands,
     deploy_commands,
     export_command,
     plugin_commands,
@@ -90,6 +91,7 @@ def cli(
 
 for _command in (
     plugin_commands.plugins_group,
+    data_commands.data_command,
     search_commands.search,
     search_commands.run,
     export_command.export,

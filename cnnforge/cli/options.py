@@ -11,6 +11,7 @@ import click
 
 from cnnforge.core.contract import PROVIDERS, TRAINING_PRECISIONS, TUNERS
 from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.preprocessing import INTERPOLATIONS, RESIZE_POLICIES
 
 if TYPE_CHECKING:
     from cnnforge.tuning.config import SearchConfig
@@ -98,6 +99,35 @@ _budget_options = [
         default="cpu",
         show_default=True,
         help="onnxruntime provider candidates are timed on.",
+    ),
+]
+
+
+# How image files become the model's input; shared by search, run and data.
+data_options = [
+    click.option(
+        "--image-size",
+        metavar="N|HxW",
+        help="Size images are brought to [default: chosen from the data: the median size, the "
+        "longer side at most 128].",
+    ),
+    click.option(
+        "--resize",
+        type=click.Choice(RESIZE_POLICIES),
+        default="stretch",
+        show_default=True,
+        help="stretch to the size, crop the centre to its aspect ratio, or pad (letterbox).",
+    ),
+    click.option(
+        "--interpolation",
+        type=click.Choice(INTERPOLATIONS),
+        default="bilinear",
+        show_default=True,
+    ),
+    click.option(
+        "--strict-data",
+        is_flag=True,
+        help="An unreadable image is an error (default: skipped, with a warning).",
     ),
 ]
 
@@ -224,6 +254,13 @@ def search_options(defaults: dict[str, Any]) -> Callable[[Callable], Callable]:
             metavar="tensorboard|mlflow|none",
             help="Log the trials to TensorBoard and/or MLflow (repeatable or comma-separated; "
             "MLflow needs cnnforge[mlflow])  [default: tensorboard; a resume: as before].",
+        ),
+        *data_options,
+        click.option(
+            "--class-weight",
+            type=click.Choice(["auto"]),
+            help="auto: weight each class inversely to its share of the training images "
+            "(for imbalanced classes).",
         ),
         *_budget_options,
     ]

@@ -31,6 +31,7 @@ from cnnforge.conversion.rewrite import convertible
 from cnnforge.core.atomic import atomic_write_bytes, atomic_write_text
 from cnnforge.core.contract import INPUT_NAME, LAYOUTS, META_PREFIX, OUTPUT_NAME
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
+from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.core.rundir import RunDir
 from cnnforge.core.version import __version__
 from cnnforge.data.dataset import Dataset, as_dataset
@@ -146,7 +147,11 @@ def stamp(proto: Any, metadata: dict[str, Any]) -> None:
 
 
 def _metadata(
-    model: Any, source: ExportSource, class_names: tuple[str, ...], layout: str
+    model: Any,
+    source: ExportSource,
+    class_names: tuple[str, ...],
+    layout: str,
+    preprocessing: Preprocessing,
 ) -> dict[str, Any]:
     import keras
     import tensorflow as tf
@@ -158,6 +163,7 @@ def _metadata(
         "input_layout": layout,
         "input_shape": [height, width, channels] if layout == "NHWC" else [channels, height, width],
         "pixel_range": [0, 255],
+        "preprocessing": preprocessing.to_json(),
         "precision": "fp32",
         "source": str(source.keras_path),
         **({"run": str(source.run_dir)} if source.run_dir else {}),
@@ -193,15 +199,23 @@ def reference_data(
     data = data or source.data
     if not data:
         return None, f"{source.keras_path} is not in a run directory; give --data"
-    dataset = as_dataset(data)
-    data = dataset.spec.name
     expected = tuple(model.inputs[0].shape[1:])
+    dataset = as_dataset(data, preprocessing=model_preprocessing(source, expected))
+    data = dataset.spec.name
     if dataset.x_test.shape[1:] != expected:
         return None, f"{data} has images of shape {dataset.x_test.shape[1:]}, the model {expected}"
     classes = int(model.outputs[0].shape[-1])
     if dataset.spec.num_classes != classes:
         return None, f"{data} has {dataset.spec.num_classes} classes, the model {classes}"
     return dataset, ""
+
+
+def model_preprocessing(source: ExportSource, input_shape: tuple) -> Preprocessing:
+    """How images become this model's input: as its run read its data, else stretched
+    (bilinear) to its input shape."""
+    if source.preprocessing is not None and source.preprocessing.complete:
+        return source.preprocessing
+    return Preprocessing.for_shape(input_shape)
 
 
 def _parity_images(dataset: Any, input_shape: tuple, count: int = 256) -> tuple[np.ndarray, str]:
@@ -266,8 +280,17 @@ def export(
         sample = calibration_sample(dataset.x_train, calibration_images, source=dataset.spec.name)
         calibration = to_layout(sample, layout)
     classes = int(model.outputs[0].shape[-1])
-    class_names = resolved.class_names or tuple(str(i) for i in range(classes))
-    metadata = _metadata(model, resolved, class_names, layout)
+    class_names = (
+        resolved.class_names
+        or (dataset.spec.class_names if dataset is not None else None)
+        or tuple(str(i) for i in range(classes))
+    )
+    preprocessing = (
+        dataset.preprocessing
+        if dataset is not None and dataset.preprocessing is not None
+        else model_preprocessing(resolved, tuple(model.inputs[0].shape[1:]))
+    )
+    metadata = _metadata(model, resolved, class_names, layout, preprocessing)
 
     start = time.perf_counter()
     proto = to_onnx(model, opset=opset, metadata=metadata, inputs_as_nchw=layout == "NCHW")

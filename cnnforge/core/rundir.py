@@ -33,6 +33,7 @@ from cnnforge.core.atomic import atomic_write_text
 from cnnforge.core.errors import CnnforgeError
 
 CONFIG = "config.json"
+DATA = "data.json"
 TUNER = "tuner"
 TRIALS = "trials.csv"
 SEARCH = "search.json"
@@ -55,6 +56,7 @@ ARTIFACTS = (CONFIG, TRIALS, BEST_MODEL, ONNX, PARITY, BENCH, EVALUATION, REPORT
 # The JSON files a report reads, by the key ``read()`` returns them under.
 _JSON_FILES = {
     "config": CONFIG,
+    "data": DATA,
     "search": SEARCH,
     "parity": PARITY,
     "bench": BENCH,
@@ -82,6 +84,11 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.path / CONFIG
+
+    @property
+    def data(self) -> Path:
+        """data.json: the preprocessing the data was read with, files skipped and ignored."""
+        return self.path / DATA
 
     @property
     def tuner(self) -> Path:

@@ -4,12 +4,21 @@ a checked ``Dataset`` (``DataSpec`` + train / validation / test arrays, raw 0-25
 Dataset plugins return ``RawData``; the readers here decode common on-disk formats for them.
 """
 
-from cnnforge.data.dataset import Dataset, DataSpec, RawData, load_dataset, stratified_split
-from cnnforge.data.readers import read_cifar, read_idx, read_idx_folder, read_image_folder, read_npz
+from cnnforge.data.dataset import (
+    Dataset,
+    DataSpec,
+    RawData,
+    as_dataset,
+    load_dataset,
+    stratified_split,
+)
+from cnnforge.data.folders import FolderScan, read_image_folder, scan_image_folder
+from cnnforge.data.readers import read_cifar, read_idx, read_idx_folder, read_npz
 
 __all__ = [
     "DataSpec",
     "Dataset",
+    "FolderScan",
     "RawData",
     "as_dataset",
     "load_dataset",
@@ -18,5 +27,6 @@ __all__ = [
     "read_idx_folder",
     "read_image_folder",
     "read_npz",
+    "scan_image_folder",
     "stratified_split",
 ]

@@ -11,7 +11,8 @@ exported model takes raw pixels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from cnnforge import registry
 from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,20 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class RawData:
-    """What a dataset plugin returns: images (N, H, W[, C]) with pixels in 0–255, int labels."""
+    """What a dataset plugin returns: images (N, H, W[, C]) with pixels in 0–255, int labels.
+
+    ``x_val``/``y_val``: a validation split of the source's own (else one is drawn from the
+    training data); ``preprocessing``: how files were turned into these arrays, where they were.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
     class_names: tuple[str, ...]
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    preprocessing: Preprocessing | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,31 @@ class Dataset:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    # How an image becomes one of these arrays' images: what deployment must do too.
+    preprocessing: Preprocessing | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable files: path → why
+    ignored: dict[str, int] = field(default_factory=dict)  # ignored files: why → count
+
+    def record(self) -> dict[str, Any]:
+        """What a run directory keeps of how its data was read (``data.json``)."""
+        return {
+            "source": self.spec.name,
+            "preprocessing": self.preprocessing.to_json() if self.preprocessing else None,
+            "images": {
+                "train": len(self.x_train),
+                "val": len(self.x_val),
+                "test": len(self.x_test),
+            },
+            "skipped": self.skipped,
+            "ignored": self.ignored,
+        }
+
+    def class_weights(self) -> dict[int, float]:
+        """Each class weighted inversely to its share of the training images (mean weight 1 per
+        image): Keras' ``class_weight`` for imbalanced classes."""
+        counts = np.bincount(self.y_train, minlength=self.spec.num_classes).astype(np.float64)
+        total, classes = counts.sum(), self.spec.num_classes
+        return {i: float(total / (classes * c)) if c else 0.0 for i, c in enumerate(counts)}
 
 
 def parse_source(source: str) -> tuple[str, str | None]:
@@ -74,13 +108,26 @@ def parse_source(source: str) -> tuple[str, str | None]:
     return source, None
 
 
-def load_dataset(source: str, *, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
-    """Load ``source`` through its dataset plugin, check it, and split off validation data."""
+def load_dataset(
+    source: str,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    preprocessing: Preprocessing | None = None,
+    strict: bool = False,
+) -> Dataset:
+    """Load ``source`` through its dataset plugin, check it, and split off validation data
+    (unless the source has its own).
+
+    ``preprocessing``: how images become the model's input (size, resize policy,
+    interpolation; what it leaves open is chosen from the data). Plugins that read files take
+    it (and ``strict``: unreadable files are an error, not skipped); images a plugin returns as
+    arrays of another size are resized by it."""
     if not 0 < val_fraction < 1:
         raise CnnforgeError(f"validation fraction must be between 0 and 1, got {val_fraction}")
     name, path = parse_source(source)
     plugin = registry.get("dataset", name)
-    raw = plugin.fn(path)
+    raw = plugin.fn(path, **_plugin_options(plugin.fn, preprocessing, strict, seed))
     if not isinstance(raw, RawData):
         raise CnnforgeError(
             f"dataset plugin {name!r} returned {type(raw).__name__}; it must return cnnforge.RawData"
@@ -92,29 +139,92 @@ def load_dataset(source: str, *, val_fraction: float = 0.1, seed: int = 0) -> Da
             f"dataset {source!r}: train images are {x_train.shape[1:]} but test images are "
             f"{x_test.shape[1:]}; make them the same size"
         )
-    train_idx, val_idx = stratified_split(y_train, val_fraction, seed)
+    if raw.x_val is not None:
+        x_val, y_val = _checked_split(source, "validation", raw.x_val, raw.y_val, raw.class_names)
+    else:
+        train_idx, val_idx = stratified_split(y_train, val_fraction, seed)
+        x_train, y_train, x_val, y_val = (
+            x_train[train_idx],
+            y_train[train_idx],
+            x_train[val_idx],
+            y_train[val_idx],
+        )
+    used = raw.preprocessing
+    if used is None:
+        used = _array_preprocessing(x_train.shape[1:], preprocessing)
+        x_train, x_val, x_test = (resize_arrays(x, used) for x in (x_train, x_val, x_test))
     spec = DataSpec(name=source, input_shape=x_train.shape[1:], class_names=tuple(raw.class_names))
     return Dataset(
         spec,
-        x_train[train_idx],
-        y_train[train_idx],
-        x_train[val_idx],
-        y_train[val_idx],
+        x_train,
+        y_train,
+        x_val,
+        y_val,
         x_test,
         y_test,
+        preprocessing=used,
+        skipped=dict(getattr(raw, "skipped", {})),
+        ignored=dict(getattr(raw, "ignored", {})),
     )
 
 
-def as_dataset(data: str | Dataset, *, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
+def _plugin_options(fn: Any, preprocessing: Preprocessing | None, strict: bool, seed: int) -> dict:
+    """The keyword options a dataset plugin's function accepts, of those load_dataset has."""
+    try:
+        accepted = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    options = {"preprocessing": preprocessing, "strict": strict, "seed": seed}
+    return {k: v for k, v in options.items() if k in accepted}
+
+
+def _array_preprocessing(shape: tuple[int, ...], requested: Preprocessing | None) -> Preprocessing:
+    """The preprocessing of array data of (H, W, C) ``shape``: its own size and channels
+    unless ``requested`` sets them."""
+    own = Preprocessing.for_shape(shape)
+    if requested is None:
+        return own
+    return Preprocessing(
+        size=requested.size or own.size,
+        policy=requested.policy,
+        interpolation=requested.interpolation,
+        color_mode=requested.color_mode or own.color_mode,
+    )
+
+
+def resize_arrays(x: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """(N, H, W, C) raw images at ``preprocessing``'s size and channels (``x`` itself where
+    they are already)."""
+    if x.shape[1:] == (*preprocessing.size, preprocessing.channels):
+        return x
+    from PIL import Image
+
+    out = np.empty((len(x), *preprocessing.size, preprocessing.channels), dtype=np.uint8)
+    for i, image in enumerate(np.clip(x, 0, 255).astype(np.uint8)):
+        out[i] = preprocessing.apply(
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        )
+    return out
+
+
+def as_dataset(
+    data: str | Dataset,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    preprocessing: Preprocessing | None = None,
+) -> Dataset:
     """``data`` itself when it is loaded already (one ``cnnforge run`` loads its data once and
-    hands it to every stage), else the source it names, loaded."""
+    hands it to every stage), else the source it names, loaded (by ``preprocessing``)."""
     if isinstance(data, Dataset):
         return data
-    return load_dataset(data, val_fraction=val_fraction, seed=seed)
+    return load_dataset(data, val_fraction=val_fraction, seed=seed, preprocessing=preprocessing)
 
 
 def _checked_split(source, split, x, y, class_names) -> tuple[np.ndarray, np.ndarray]:
-    x, y = np.asarray(x), np.asarray(y).reshape(-1)
+    # image files streamed from disk (cnnforge.data.stream) stay files: asarray would decode them
+    x = x if hasattr(x, "tf_dataset") else np.asarray(x)
+    y = np.asarray(y).reshape(-1)
     where = f"dataset {source!r} ({split} split)"
     if len(x) == 0:
         raise CnnforgeError(f"{where} has no images; check the path or folder")

@@ -1,4 +1,5 @@
-"""Readers for common on-disk image formats (idx, CIFAR python pickles, image folders, npz).
+"""Readers for common on-disk image formats (idx, CIFAR python pickles, npz; image folders:
+``cnnforge.data.folders``).
 
 Public so that dataset plugins, the built-in ones included, can use them; each returns arrays
 with raw 0-255 pixels and integer labels.
@@ -16,9 +17,7 @@ from typing import Any
 import numpy as np
 
 from cnnforge.core.errors import CnnforgeError
-from cnnforge.data.dataset import RawData, stratified_split
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from cnnforge.data.dataset import RawData
 
 
 def _open_maybe_gzip(path: Path):
@@ -183,68 +182,18 @@ def read_npz(path: Path) -> RawData:
     if "class_names" in arrays:
         names = tuple(str(n) for n in arrays["class_names"])
     else:
-        top = max(int(arrays["y_train"].max(initial=0)), int(arrays["y_test"].max(initial=0)))
-        names = tuple(str(i) for i in range(top + 1))
+        names = _names_from_labels(path, arrays["y_train"], arrays["y_test"])
     return RawData(arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], names)
 
 
-def read_image_folder(folder: Path, *, test_fraction: float = 0.2, seed: int = 0) -> RawData:
-    """Read ``folder/CLASS/*.png`` (or ``folder/train/CLASS`` and ``folder/test/CLASS``).
-
-    Every image must have the same size; grayscale stays one channel unless some are in colour.
-    Without ``train``/``test`` subfolders, a stratified seeded ``test_fraction`` is held out.
-    """
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise CnnforgeError(f"image folder {folder} does not exist; give a folder of class folders")
-    if (folder / "train").is_dir() and (folder / "test").is_dir():
-        names = _class_folders(folder / "train")
-        x_train, y_train = _read_classes(folder / "train", names)
-        x_test, y_test = _read_classes(folder / "test", names)
-        return RawData(x_train, y_train, x_test, y_test, tuple(names))
-    names = _class_folders(folder)
-    x, y = _read_classes(folder, names)
-    train_idx, test_idx = stratified_split(y, test_fraction, seed)
-    return RawData(x[train_idx], y[train_idx], x[test_idx], y[test_idx], tuple(names))
-
-
-def _class_folders(folder: Path) -> list[str]:
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(names) < 2:
+def _names_from_labels(path: Path, *labels: np.ndarray) -> tuple[str, ...]:
+    """Class names "0".."N-1" for integer labels that have no names; labels outside 0..N-1
+    (negative ones) are named as the problem, not counted as classes."""
+    values = np.concatenate([np.asarray(y).reshape(-1) for y in labels])
+    if values.size and np.issubdtype(values.dtype, np.integer) and values.min() < 0:
         raise CnnforgeError(
-            f"image folder {folder} has {len(names)} class folder(s); put each class's images "
-            "in its own subfolder, at least two classes"
+            f"{path}: labels range over {values.min()}..{values.max()}; labels must be class "
+            "indices 0..N-1 (renumber them, or save class_names with them)"
         )
-    return names
-
-
-def _read_classes(folder: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
-
-    files = [
-        (path, label)
-        for label, name in enumerate(names)
-        for path in sorted((folder / name).iterdir())
-        if path.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not files:
-        raise CnnforgeError(
-            f"image folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
-    images, first = [], None
-    for path, _ in files:
-        try:
-            with Image.open(path) as img:
-                img.load()
-                images.append(img.copy())
-        except (UnidentifiedImageError, OSError) as exc:
-            raise CnnforgeError(f"cannot read image {path} ({exc}); remove or replace it") from None
-        first = first or (path, images[-1].size)
-        if images[-1].size != first[1]:
-            raise CnnforgeError(
-                f"images of mixed sizes: {first[0]} is {first[1][0]}x{first[1][1]} but {path} is "
-                f"{images[-1].size[0]}x{images[-1].size[1]}; resize them to one size"
-            )
-    mode = "L" if all(img.mode in ("L", "1", "I;16") for img in images) else "RGB"
-    x = np.stack([np.asarray(img.convert(mode), dtype=np.uint8) for img in images])
-    return x, np.array([label for _, label in files], dtype=np.int64)
+    top = int(values.max(initial=0)) if values.size else 0
+    return tuple(str(i) for i in range(top + 1))

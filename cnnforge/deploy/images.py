@@ -1,8 +1,9 @@
 """Image files as a model's input: the one loader that ``predict`` and ``explain`` share.
 
 Open and decode the file, turn it upright as its EXIF orientation says (phone photos are
-stored sideways with a tag), convert it to the model's channels and resize it (bilinear) to the
-model's input size, saying what was changed. Pillow and numpy only, no TensorFlow.
+stored sideways with a tag), then apply the model's ``Preprocessing`` (the one its training
+data was read with: colour mode, size, resize policy, interpolation), saying what was changed.
+Pillow and numpy only, no TensorFlow.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.preprocessing import Preprocessing
 
 IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels → Pillow mode
 EXIF_ORIENTATION = 0x0112
@@ -76,36 +78,38 @@ def _too_large(label: str, size: str = "") -> CnnforgeError:
 
 
 def fit_image(
-    image: Any, input_shape: tuple[int, int, int], name: str = "the image"
+    image: Any, preprocessing: Preprocessing | tuple[int, int, int], name: str = "the image"
 ) -> LoadedImage:
-    """A Pillow image in the model's channels and (H, W): converted and resized (bilinear), a
-    note for each change (``name`` names the image in them)."""
-    from PIL import Image
-
-    height, width, channels = input_shape
-    if channels not in IMAGE_MODES:
-        raise CnnforgeError(
-            f"the model takes {channels}-channel images; cnnforge reads 1 (grayscale), "
-            "3 (RGB) or 4 (RGBA)"
-        )
+    """A Pillow image as the model's raw (H, W, C) pixels by ``preprocessing`` (the model's
+    recorded one; an (H, W, C) input shape means stretched, bilinear), a note for each change
+    (``name`` names the image in them)."""
+    if not isinstance(preprocessing, Preprocessing):
+        preprocessing = Preprocessing.for_shape(tuple(preprocessing))
+    height, width = preprocessing.size
+    mode = preprocessing.color_mode
     notes = []
-    mode = IMAGE_MODES[channels]
     if image.mode != mode:
         notes.append(f"converted {name} from {image.mode} to {mode}")
-        image = image.convert(mode)
     if image.size != (width, height):
+        how = {
+            "stretch": "resized",
+            "crop": "centre-cropped and resized",
+            "pad": "padded and resized",
+        }
         notes.append(
-            f"resized {name} from {image.size[0]}×{image.size[1]} to {width}×{height}, "
-            "the model's input size"
+            f"{how[preprocessing.policy]} {name} from {image.size[0]}×{image.size[1]} to "
+            f"{width}×{height}, the model's input size"
         )
-        image = image.resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(image, dtype=np.float32).reshape(height, width, channels)
+    pixels = preprocessing.apply(image).astype(np.float32)
     return LoadedImage(pixels, notes)
 
 
-def load_image(path: Path | str, input_shape: tuple[int, int, int]) -> LoadedImage:
+def load_image(
+    path: Path | str, preprocessing: Preprocessing | tuple[int, int, int]
+) -> LoadedImage:
     """An image file as the model's (H, W, C) input, raw 0-255 pixels: decoded, turned upright,
-    converted to its channels and resized to its size, each change in ``notes``."""
+    converted to its channels and resized to its size by ``preprocessing`` (or stretched to an
+    (H, W, C) input shape), each change in ``notes``."""
     image, notes = open_image(path)
-    fitted = fit_image(image, input_shape, Path(path).name)
+    fitted = fit_image(image, preprocessing, Path(path).name)
     return LoadedImage(fitted.pixels, notes + fitted.notes)

@@ -2,7 +2,8 @@
 
 It needs onnxruntime, numpy and Pillow, nothing else: no TensorFlow, no Keras, not even the
 ``onnx`` package, so it runs wherever the model is deployed. Everything it must know comes from
-the model's ``cnnforge.*`` metadata (class names, input layout, pixel range); a model without
+the model's ``cnnforge.*`` metadata (class names, input layout, pixel range, preprocessing); a
+model without
 it is used as its graph says (layout guessed from the shape, pixels 0–255, class indices as
 labels), with a warning.
 
@@ -17,13 +18,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
+from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.deploy.images import IMAGE_MODES, fit_image, load_image
 from cnnforge.deploy.onnxinfo import layout_from_shape
 from cnnforge.deploy.quantize import warn_if_slow
@@ -77,6 +79,9 @@ class Classifier:
                 "(grayscale), 3 (RGB) or 4 (RGBA)"
             )
         self.pixel_range = tuple(self.metadata.get("pixel_range") or (0, 255))
+        self.preprocessing = model_preprocessing(
+            self.metadata, (self.height, self.width, self.channels), self.pixel_range, model
+        )
         self.precision = self.metadata.get("precision")
         names = self.metadata.get("class_names")
         classes = self.session.get_outputs()[0].shape[-1]
@@ -102,14 +107,15 @@ class Classifier:
             )
 
     def pixels(self, image: ImageLike) -> np.ndarray:
-        """One image as the model's (H, W, C) float32 pixels: decoded and turned upright (a file,
-        by :func:`cnnforge.deploy.images.load_image`, as ``explain`` reads it), converted to the
-        model's channels, resized (bilinear) to its input size and scaled to its pixel range."""
+        """One image as the model's (H, W, C) float32 pixels, by the model's preprocessing (its
+        ``cnnforge.preprocessing`` metadata: the one its training data was read with):
+        decoded and turned upright (a file, by :func:`cnnforge.deploy.images.load_image`, as
+        ``explain`` reads it), converted to its colour mode, resized by its policy and
+        interpolation, and scaled to its pixel range."""
         from PIL import Image
 
-        shape = (self.height, self.width, self.channels)
         if isinstance(image, (str, Path)):
-            array = load_image(image, shape).pixels
+            array = load_image(image, self.preprocessing).pixels
         else:
             if isinstance(image, np.ndarray):
                 if image.dtype != np.uint8 or image.ndim not in (2, 3):
@@ -120,9 +126,8 @@ class Classifier:
                 image = Image.fromarray(
                     image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
                 )
-            array = fit_image(image, shape).pixels
-        low, high = self.pixel_range
-        return low + array * ((high - low) / 255.0)
+            array = fit_image(image, self.preprocessing).pixels
+        return self.preprocessing.scale(array)
 
     def probabilities(self, images: Sequence[ImageLike]) -> np.ndarray:
         """(images × classes) probabilities; every image is decoded before any is run."""
@@ -149,6 +154,26 @@ class Classifier:
                 )
             )
         return results
+
+
+def model_preprocessing(
+    metadata: dict[str, Any],
+    input_shape: tuple[int, int, int],
+    pixel_range: tuple[float, float],
+    model: Path | str,
+) -> Preprocessing:
+    """The preprocessing a model records (``cnnforge.preprocessing``) in its pixel range; a
+    model without it: stretched (bilinear) to its (H, W, C) input shape."""
+    saved = metadata.get("preprocessing")
+    if not saved:
+        return Preprocessing.for_shape(input_shape, pixel_range=pixel_range)
+    preprocessing = replace(Preprocessing.from_json(saved), pixel_range=pixel_range)
+    if (*preprocessing.size, preprocessing.channels) != tuple(input_shape):
+        raise CnnforgeError(
+            f"{model} records preprocessing to {preprocessing.describe()} but takes "
+            f"{input_shape} images; export it again"
+        )
+    return preprocessing
 
 
 def _describe(image: ImageLike) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.data.dataset import Dataset, as_dataset
 from cnnforge.deploy.onnxinfo import image_input
 from cnnforge.deploy.runtime import metadata, open_session, predict, to_layout
@@ -60,7 +61,8 @@ def predict_images(
 ) -> np.ndarray:
     """(images × classes) probabilities of the ONNX model for ``images``: raw pixels, NHWC (as
     datasets hold them), handed to the model in its own input layout (NHWC or NCHW, from its
-    ``cnnforge.input_layout`` metadata, else its input shape), ``batch_size`` at a time.
+    ``cnnforge.input_layout`` metadata, else its input shape), scaled to its
+    ``cnnforge.pixel_range``, ``batch_size`` at a time.
 
     Every stage that runs the exported model on a dataset's images uses this (``evaluate``, the
     report's test-split figures). ``session``: an open session on ``onnx_path`` to reuse;
@@ -73,7 +75,17 @@ def predict_images(
             f"images of shape {images.shape[1:]} (NHWC); give it the data it was trained for"
         )
     session = session if session is not None else open_session(onnx_path)
+    pixel_range = tuple(metadata(session).get("pixel_range") or (0, 255))
+    if pixel_range != (0, 255):  # the model takes other than raw pixels: as predict scales them
+        images = Preprocessing(pixel_range=pixel_range).scale(images)
     return predict(session, to_layout(images, image.layout), batch_size)
+
+
+def recorded_preprocessing(session: Any) -> Preprocessing | None:
+    """The preprocessing the model records (``cnnforge.preprocessing``), so a data source is
+    read for it exactly as its training data was; None for a model without it."""
+    saved = metadata(session).get("preprocessing")
+    return Preprocessing.from_json(saved) if saved else None
 
 
 def evaluate(model_path: Path | str, data: str | Dataset) -> Evaluation:
@@ -81,7 +93,7 @@ def evaluate(model_path: Path | str, data: str | Dataset) -> Evaluation:
     loaded) with onnxruntime, in the model's own input layout (NHWC or NCHW, from its metadata
     or its graph: :func:`predict_images`)."""
     session = open_session(model_path)
-    dataset = as_dataset(data)
+    dataset = as_dataset(data, preprocessing=recorded_preprocessing(session))
     data = dataset.spec.name
     probabilities = predict_images(model_path, dataset.x_test, session=session, source=data)
     outputs = probabilities.shape[1]

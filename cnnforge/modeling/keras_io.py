@@ -9,17 +9,20 @@ from pathlib import Path
 from typing import Any
 
 from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.core.rundir import RunDir
 
 
 @dataclass(frozen=True)
 class ExportSource:
-    """A ``.keras`` file and what its run directory knows (data source, class names)."""
+    """A ``.keras`` file and what its run directory knows (data source, class names, the
+    preprocessing its data was read with)."""
 
     keras_path: Path
     run_dir: Path | None
     data: str | None
     class_names: tuple[str, ...] | None
+    preprocessing: Preprocessing | None = None
 
 
 def resolve_source(source: Path | str) -> ExportSource:
@@ -37,11 +40,13 @@ def resolve_source(source: Path | str) -> ExportSource:
     if not run.is_run():
         return ExportSource(keras_path, None, None, None)
     config = run.read_config()
+    data = run.read_json(run.data) if run.data.is_file() else {}
     return ExportSource(
         keras_path,
         run.path,
         config["search"]["data"],
         tuple(config["data_spec"]["class_names"]),
+        Preprocessing.from_json(data["preprocessing"]) if data.get("preprocessing") else None,
     )
 
 

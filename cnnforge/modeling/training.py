@@ -175,8 +175,12 @@ def training_data(
     """Shuffled, augmented, one-hot batches, prefetched; reshuffled and redrawn every epoch."""
     import tensorflow as tf
 
-    images = tf.data.Dataset.from_tensor_slices((x, y))
-    batches = images.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    if hasattr(x, "tf_dataset"):  # image files read from disk: cnnforge.data.stream
+        batches = x.tf_dataset(y, shuffle_seed=seed).batch(batch_size)
+    else:
+        images = tf.data.Dataset.from_tensor_slices((x, y))
+        batches = images.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        batches = batches.batch(batch_size)
     draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
 
     def prepare(batch: Any, draw: Any) -> Any:
@@ -191,12 +195,15 @@ def training_data(
 
 
 def evaluation_data(x: np.ndarray, y: np.ndarray, *, num_classes: int, batch_size: int) -> Any:
-    """Validation batches: cast and one-hot once, then cached for every epoch."""
+    """Validation batches: cast and one-hot once, then cached for every epoch (arrays; image
+    files streamed from disk are read again each time)."""
     import tensorflow as tf
 
-    images = tf.data.Dataset.from_tensor_slices((x, y)).batch(max(batch_size, 256))
+    streamed = hasattr(x, "tf_dataset")  # image files read from disk: not cached
+    images = x.tf_dataset(y) if streamed else tf.data.Dataset.from_tensor_slices((x, y))
+    images = images.batch(max(batch_size, 256))
     prepared = images.map(lambda i, label: (tf.cast(i, tf.float32), tf.one_hot(label, num_classes)))
-    return prepared.cache().prefetch(tf.data.AUTOTUNE)
+    return (prepared if streamed else prepared.cache()).prefetch(tf.data.AUTOTUNE)
 
 
 def augment_batch(images: Any, recipe: Recipe, seed: Any) -> Any:

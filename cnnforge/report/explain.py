@@ -270,7 +270,8 @@ def explain(
         raise CnnforgeError(
             f"the model takes {input_shape[-1]}-channel images; explain handles 1 or 3"
         )
-    loaded = load_image(image_path, input_shape)  # as predict reads it: EXIF-upright, fitted
+    preprocessing = source.preprocessing if source.preprocessing else input_shape
+    loaded = load_image(image_path, preprocessing)  # as predict reads it: EXIF-upright, fitted
     explanation = explain_array(
         model, loaded.pixels, layers=layers, class_names=source.class_names, notes=loaded.notes
     )

@@ -16,7 +16,13 @@ import numpy as np
 from cnnforge.core.objectives import TrialPoint, as_number, best_first, run_order
 from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, as_dataset
-from cnnforge.evaluation.evaluate import class_scores, confusion_matrix, predict_images
+from cnnforge.deploy.runtime import open_session
+from cnnforge.evaluation.evaluate import (
+    class_scores,
+    confusion_matrix,
+    predict_images,
+    recorded_preprocessing,
+)
 
 
 def latency_column(trials: list[dict[str, str]]) -> str | None:
@@ -63,7 +69,8 @@ class Predictions:
 def predict_test_split(model_path: Path, data: str | Dataset) -> Predictions:
     """The ONNX model's predictions on the test split of ``data`` (onnxruntime, in the model's
     own layout, as ``evaluate`` makes them: :func:`cnnforge.evaluation.evaluate.predict_images`)."""
-    dataset = as_dataset(data)
+    recorded = recorded_preprocessing(open_session(model_path)) if isinstance(data, str) else None
+    dataset = as_dataset(data, preprocessing=recorded)
     probabilities = predict_images(model_path, dataset.x_test)
     return Predictions(
         dataset.x_test,

@@ -13,6 +13,8 @@ from typing import Any
 
 from cnnforge.core.contract import TRAINING_PRECISIONS, TUNERS
 from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.preprocessing import Preprocessing, parse_size
+from cnnforge.data.dataset import Dataset, load_dataset
 from cnnforge.tracking import parse_track
 from cnnforge.tuning.candidate import LIMITS, Budget, Target
 
@@ -34,6 +36,10 @@ IDENTITY_KEYS = (
     "batch_size",
     "latency_provider",
     "latency_batch_size",
+    "image_size",
+    "resize",
+    "interpolation",
+    "class_weight",
     *LIMITS.values(),  # a budget decides which trials train
 )
 # What the command line passes through unchanged (beside data, model, fix and space).
@@ -54,6 +60,11 @@ OPTION_FIELDS = (
     "precision",
     "latency_provider",
     "latency_batch_size",
+    "image_size",
+    "resize",
+    "interpolation",
+    "strict_data",
+    "class_weight",
     *LIMITS.values(),
 )
 # A distributed search's options that are fields as they are (the addresses are not).
@@ -116,6 +127,15 @@ class SearchConfig:
     # Trackers (tensorboard, mlflow; [] for none); None: those the run directory recorded, or
     # TensorBoard for a new one. Not part of the identity: a resume may add or drop one.
     track: list[str] | None = None
+    # How images become the model's input (image folders; ``cnnforge.core.preprocessing``):
+    # size "N" or "HxW" (None: chosen from the data), resize policy, interpolation; an
+    # unreadable image is skipped, or with ``strict_data`` an error. ``class_weight`` "auto":
+    # each class weighted inversely to its share of the training images.
+    image_size: str | None = None
+    resize: str = "stretch"
+    interpolation: str = "bilinear"
+    strict_data: bool = False
+    class_weight: str | None = None
 
     def __post_init__(self) -> None:
         if self.arch is None and self.backbone is None:
@@ -199,6 +219,9 @@ class SearchConfig:
             raise CnnforgeError(f"search-fraction must be in (0, 1], got {self.search_fraction}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise CnnforgeError(f"time budget must be positive, got {self.time_budget} s")
+        self.preprocessing()  # size, policy and interpolation, each checked
+        if self.class_weight not in (None, "auto"):
+            raise CnnforgeError(f"--class-weight takes auto, got {self.class_weight!r}")
         if self.precision not in TRAINING_PRECISIONS:
             raise CnnforgeError(
                 f"precision takes {', '.join(TRAINING_PRECISIONS)}, got {self.precision!r}"
@@ -228,6 +251,22 @@ class SearchConfig:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "run_dir": str(self.run_dir)}
+
+    def load_data(self) -> Dataset:
+        """The data this configuration names, loaded and split as its search splits it."""
+        return load_dataset(
+            self.data,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+            preprocessing=self.preprocessing(),
+            strict=self.strict_data,
+        )
+
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing asked for (what it leaves open is chosen from the data)."""
+        return Preprocessing(
+            size=parse_size(self.image_size), policy=self.resize, interpolation=self.interpolation
+        )
 
 
 def _validate_distributed(config: SearchConfig) -> None:

@@ -47,6 +47,11 @@ def epoch_callback(
     ]
 
 
+def class_weight(config: SearchConfig, dataset: Dataset) -> dict[str, Any]:
+    """``{"class_weight": …}`` for Keras' fit where ``--class-weight auto`` asks for it."""
+    return {"class_weight": dataset.class_weights()} if config.class_weight == "auto" else {}
+
+
 def trial_training_data(dataset: Dataset, config: SearchConfig) -> tuple[np.ndarray, np.ndarray]:
     """What each trial trains on: the training split, or its stratified ``search_fraction``."""
     if config.search_fraction >= 1:
@@ -133,6 +138,7 @@ def final_training(
         batch_size=config.batch_size,
         callbacks=callbacks,
         verbose=0,
+        **class_weight(config, dataset),
     )
     final = FinalTraining(len(x), len(history.history["loss"]), found, time.perf_counter() - start)
     if progress:

@@ -32,7 +32,7 @@ from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.objectives import objective_direction
 from cnnforge.core.rundir import RunDir
 from cnnforge.core.version import __version__
-from cnnforge.data.dataset import Dataset, DataSpec, load_dataset
+from cnnforge.data.dataset import Dataset, DataSpec
 from cnnforge.modeling import training, transfer
 from cnnforge.modeling.hypermodel import PluginHyperModel, default_space
 from cnnforge.registry import Plugin
@@ -40,6 +40,7 @@ from cnnforge.tracking import Tracking, open_tracking, parse_track
 from cnnforge.tuning.config import SearchConfig
 from cnnforge.tuning.final_training import (
     FinalTraining,
+    class_weight,
     epoch_callback,
     final_training,
     train_again,
@@ -137,7 +138,8 @@ def _check_run_dir(config: SearchConfig) -> None:
     run = RunDir(config.run_dir)
     if not run.is_run():
         return
-    previous = run.read_config().get("search", {})
+    # read as a configuration: settings an older cnnforge did not record take their defaults
+    previous = SearchConfig.from_json(run.read_config().get("search", {})).identity()
     differs = [k for k, v in config.identity().items() if previous.get(k) != v]
     if differs:
         raise CnnforgeError(
@@ -207,7 +209,7 @@ def _search_context(config: SearchConfig, debug: bool | None) -> Iterator[None]:
 
 def _dataset(config: SearchConfig, dataset: Dataset | None) -> Dataset:
     """``dataset``, or the one ``config`` names, split as the search splits it."""
-    return dataset or load_dataset(config.data, val_fraction=config.val_fraction, seed=config.seed)
+    return dataset or config.load_data()
 
 
 def _prepare(
@@ -225,6 +227,7 @@ def _prepare(
     config.track = resolved_track(config)  # recorded in config.json: a resume keeps it
     run = RunDir(config.run_dir)
     run.write_config(config.to_json(), asdict(dataset.spec), library_versions())
+    run.write_json(run.data, dataset.record())
     return make_tuner(
         config.tuner,
         objective=config.objective,
@@ -270,6 +273,7 @@ def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, p
                 batch_size=config.batch_size,
                 callbacks=callbacks,
                 verbose=0,
+                **class_weight(config, dataset),
             )
     except TooManyFailures as exc:
         run = RunDir(config.run_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cnnforge import (
     CnnforgeError,
+    Preprocessing,
     RawData,
     dataset,
     read_cifar,
@@ -109,11 +110,18 @@ def cifar100(path: str | None) -> RawData:
 
 
 @dataset("dir")
-def image_folder(path: str | None) -> RawData:
-    """An image folder, one subfolder per class (or train/ and test/ each holding those)."""
+def image_folder(
+    path: str | None,
+    *,
+    preprocessing: Preprocessing | None = None,
+    strict: bool = False,
+    seed: int = 0,
+) -> RawData:
+    """An image folder of any sizes and modes, one subfolder per class (or train/, val/ and
+    test/ each holding those)."""
     if not path:
         raise CnnforgeError("dir needs a folder: --data dir:PATH")
-    return read_image_folder(Path(path))
+    return read_image_folder(Path(path), preprocessing=preprocessing, strict=strict, seed=seed)
 
 
 @dataset("npz")

@@ -182,7 +182,12 @@ def _images(folder: Path, names: list[str], size=(8, 8)) -> None:
 def test_broken_image_folders(make, fragments, tmp_path):
     make(tmp_path / "data")
     result = invoke(
-        "search", "--data", f"dir:{tmp_path / 'data'}", "--run-dir", str(tmp_path / "r")
+        "search",
+        "--data",
+        f"dir:{tmp_path / 'data'}",
+        "--run-dir",
+        str(tmp_path / "r"),
+        "--strict-data",
     )
     assert_refused(result, *fragments)
     assert not (tmp_path / "r").exists()
@@ -193,7 +198,9 @@ def test_truncated_image_is_refused(tmp_path):
     png = tmp_path / "data" / "b" / "2.png"
     png.write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])
     assert_refused(
-        invoke("search", "--data", f"dir:{tmp_path / 'data'}"), "cannot read image", "2.png"
+        invoke("search", "--data", f"dir:{tmp_path / 'data'}", "--strict-data"),
+        "cannot read image",
+        "2.png",
     )
 
 

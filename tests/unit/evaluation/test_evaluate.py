@@ -36,17 +36,22 @@ def test_evaluate_the_exported_model(finished_run, small_npz):
     assert result.per_class[0].name == "T-shirt/top"
 
 
-def test_evaluate_on_data_of_another_shape_is_refused(finished_run, tmp_path):
-    x = np.zeros((4, 8, 8, 3), np.uint8)
-    np.savez(
-        tmp_path / "other.npz",
-        x_train=x,
-        y_train=np.array([0, 1, 0, 1]),
-        x_test=x,
-        y_test=np.array([0, 1, 0, 1]),
-    )
+def test_evaluate_reads_data_of_another_size_as_predict_would(finished_run, tmp_path):
+    from PIL import Image
+
+    from cnnforge import Classifier
+    from cnnforge.evaluation.evaluate import predict_images
+
+    x = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(10)
+    np.savez(tmp_path / "other.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    model = finished_run.run_dir / "model.onnx"
+    result = evaluate(model, str(tmp_path / "other.npz"))  # resized and made grayscale
+    classifier = Classifier(model)
+    predicted = classifier.probabilities([Image.fromarray(image) for image in x]).argmax(axis=1)
+    assert result.accuracy == pytest.approx(float(np.mean(predicted == y)))
     with pytest.raises(CnnforgeError, match=r"takes images of shape \(28, 28, 1\)"):
-        evaluate(finished_run.run_dir / "model.onnx", str(tmp_path / "other.npz"))
+        predict_images(model, x, source="other.npz")
 
 
 def test_predict_images_feeds_each_model_its_own_layout(tmp_path):

@@ -1,0 +1,183 @@
+"""Image folders of mixed sizes and modes: input throughput, search memory, deployed accuracy.
+
+Makes a folder ``train/CLASS``, ``test/CLASS`` of real Fashion-MNIST images (Debian's
+``dataset-fashion-mnist`` idx files), each one scaled to a random size (20–96 px a side, aspect
+ratio 0.7–1.4), tinted, and re-encoded: PNG RGB, PNG grayscale, PNG RGBA, JPEG RGB. Then, in
+one run:
+
+1. images/s of cnnforge's input pipeline (as ``read_image_folder`` reads: headers scanned,
+   every image decoded, made RGB, resized by the one ``Preprocessing``, in threads) against one
+   pass of ``keras.utils.image_dataset_from_directory`` over ``train/`` at the same size
+   (alternated, two passes each, the faster kept);
+2. peak resident memory of a 1-trial, 1-epoch ``cnnforge search`` on the folder (its own
+   process, ``getrusage`` of the child), at two folder sizes, decoded into memory (the fast
+   path) and read from disk every epoch (``CNNFORGE_DATA_MEMORY_MB=0``, the path a folder
+   over the memory bound takes);
+3. the accuracy of a short ``cnnforge run`` measured by ``cnnforge predict`` on the original
+   test files, beside ``cnnforge evaluate``'s.
+
+    python benchmarks/folder_pipeline.py --images 20000 --out runs/folder_pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+SIZE = 32
+
+
+def make_folder(root: Path, images: int, seed: int = 0) -> dict[str, int]:
+    """``images`` training images and a fifth as many test images, mixed sizes and modes."""
+    from PIL import Image
+
+    from cnnforge.data.readers import read_idx_folder
+
+    (x_train, y_train), (x_test, y_test) = read_idx_folder(FASHION)
+    rng = np.random.default_rng(seed)
+    counts = {}
+    for split, x, y, n in (
+        ("train", x_train, y_train, images),
+        ("test", x_test, y_test, max(200, images // 5)),
+    ):
+        pick = rng.choice(len(x), size=min(n, len(x)), replace=False)
+        for index, i in enumerate(pick):
+            side = int(rng.integers(20, 97))
+            aspect = float(rng.uniform(0.7, 1.4))
+            width, height = max(8, round(side * aspect)), side
+            gray = Image.fromarray(x[i]).resize((width, height), Image.Resampling.BILINEAR)
+            tint = rng.uniform(0.5, 1.0, 3)
+            rgb = (np.asarray(gray, np.float32)[..., None] * tint).astype(np.uint8)
+            image = Image.fromarray(rgb, "RGB")
+            folder = root / split / f"class_{int(y[i])}"
+            folder.mkdir(parents=True, exist_ok=True)
+            kind = index % 4
+            if kind == 0:
+                image.save(folder / f"{index}.jpg", quality=90)
+            elif kind == 1:
+                image.convert("L").save(folder / f"{index}.png")
+            elif kind == 2:
+                image.convert("RGBA").save(folder / f"{index}.png")
+            else:
+                image.save(folder / f"{index}.png")
+        counts[split] = len(pick)
+    return counts
+
+
+def cnnforge_throughput(root: Path) -> dict[str, float]:
+    from cnnforge import Preprocessing
+    from cnnforge.data.folders import decode_images, scan_image_folder
+
+    start = time.perf_counter()
+    scan = scan_image_folder(root)
+    files = scan.splits["train"]
+    chosen = scan.preprocessing(Preprocessing(size=(SIZE, SIZE)))
+    x, _ = decode_images(files, chosen, {})
+    seconds = time.perf_counter() - start
+    return {"images": len(x), "seconds": seconds, "images_per_s": len(x) / seconds}
+
+
+def keras_throughput(root: Path) -> dict[str, float]:
+    import keras
+
+    start = time.perf_counter()
+    data = keras.utils.image_dataset_from_directory(
+        root / "train", image_size=(SIZE, SIZE), batch_size=64, shuffle=False, verbose=False
+    )
+    images = sum(int(batch[0].shape[0]) for batch in data)
+    seconds = time.perf_counter() - start
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+
+
+def child_peak_rss(command: list[str]) -> tuple[float, float]:
+    """(peak resident MiB, seconds) of ``command`` run as a child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak <= before:
+        raise RuntimeError("ru_maxrss of children did not grow; measure in a fresh process")
+    return peak / 1024, seconds
+
+
+def search_memory(root: Path, out: Path, stream: bool = False) -> dict[str, float]:
+    command = [sys.executable, "-m", "cnnforge.cli", "search", "--data", f"dir:{root}"]
+    command += ["--image-size", str(SIZE), "--max-trials", "1", "--epochs", "1"]
+    command += ["--fix", "conv_blocks=1", "--run-dir", str(out)]
+    # each measurement in its own interpreter, so RUSAGE_CHILDREN holds only that search
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); from folder_pipeline import "
+        f"child_peak_rss; print(json.dumps(child_peak_rss({command!r})))"
+    )
+    env = {**os.environ, "CNNFORGE_DATA_MEMORY_MB": "0"} if stream else None
+    result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
+    peak, seconds = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    return {"peak_rss_mib": peak, "seconds": seconds}
+
+
+def deployed_accuracy(root: Path, out: Path, epochs: int) -> dict[str, float]:
+    cli = [sys.executable, "-m", "cnnforge.cli"]
+    subprocess.run(
+        [*cli, "run", "--data", f"dir:{root}", "--image-size", str(SIZE), "--max-trials", "1"]
+        + ["--epochs", str(epochs), "--run-dir", str(out)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    files = sorted((root / "test").glob("*/*"))
+    subprocess.run(
+        [*cli, "predict", str(out / "model.onnx"), *map(str, files), "-k", "1"]
+        + ["--json", str(out / "predict.json")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    labels = [p["top"][0]["label"] for p in json.loads((out / "predict.json").read_text())]
+    predicted = float(
+        np.mean([label == f.parent.name for label, f in zip(labels, files, strict=True)])
+    )
+    evaluated = json.loads((out / "evaluation.json").read_text())["accuracy"]
+    return {
+        "predict_accuracy": predicted,
+        "evaluate_accuracy": evaluated,
+        "test_images": len(files),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=20000, help="training images")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the short run")
+    parser.add_argument("--out", type=Path, default=Path("runs/folder_pipeline"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, object] = {"cpus": os.cpu_count(), "size": SIZE}
+    small, large = args.out / "folder_small", args.out / "folder"
+    results["folder"] = make_folder(large, args.images)
+    results["folder_small"] = make_folder(small, max(1000, args.images // 4), seed=1)
+    # alternated, twice each: the first pass warms the page cache for both; the faster is kept
+    passes = [(cnnforge_throughput(large), keras_throughput(large)) for _ in range(2)]
+    results["cnnforge"] = max((p[0] for p in passes), key=lambda r: r["images_per_s"])
+    results["keras"] = max((p[1] for p in passes), key=lambda r: r["images_per_s"])
+    results["passes_images_per_s"] = [[round(r["images_per_s"]) for r in p] for p in passes]
+    results["search_small"] = search_memory(small, args.out / "search_small")
+    results["search"] = search_memory(large, args.out / "search")
+    # the same searches with the folder read from disk every epoch (the larger-than-memory path)
+    results["streamed_search_small"] = search_memory(small, args.out / "stream_small", True)
+    results["streamed_search"] = search_memory(large, args.out / "stream", True)
+    results["run"] = deployed_accuracy(large, args.out / "run", args.epochs)
+    text = json.dumps(results, indent=2)
+    (args.out / "results.json").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

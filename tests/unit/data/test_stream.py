@@ -1,0 +1,93 @@
+"""Folders over the memory bound are read from disk: ``ImageFiles`` and the tf.data input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cnnforge
+from cnnforge import CnnforgeWarning, Preprocessing
+from cnnforge.data.stream import MEMORY_ENV, ImageFiles
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "evaluation"))
+from test_agreement import tinted_folder  # noqa: E402
+
+WANTED = Preprocessing(size=(20, 24), policy="crop")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tinted_folder(tmp_path_factory.mktemp("stream") / "photos")
+
+
+def streamed(folder: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(MEMORY_ENV, "0")
+    with pytest.warns(CnnforgeWarning, match="read from disk every epoch"):
+        return cnnforge.load_dataset(f"dir:{folder}", preprocessing=WANTED)
+
+
+def test_over_the_bound_the_splits_are_files_with_the_same_pixels(folder, monkeypatch):
+    data = streamed(folder, monkeypatch)
+    monkeypatch.setenv(MEMORY_ENV, "1024")
+    in_memory = cnnforge.load_dataset(f"dir:{folder}", preprocessing=WANTED)
+    for split in ("x_train", "x_val", "x_test"):
+        files, array = getattr(data, split), getattr(in_memory, split)
+        assert isinstance(files, ImageFiles) and files.shape == array.shape
+        np.testing.assert_array_equal(np.asarray(files), array)
+    np.testing.assert_array_equal(data.y_train, in_memory.y_train)
+    both = np.concatenate([data.x_train, data.x_val])  # final training: still files
+    assert isinstance(both, ImageFiles) and len(both) == len(data.x_train) + len(data.x_val)
+    assert isinstance(data.x_train[np.array([2, 0])], ImageFiles)
+    np.testing.assert_array_equal(data.x_test[1:3], in_memory.x_test[1:3])
+    np.testing.assert_array_equal(data.x_test[4], in_memory.x_test[4])
+
+
+def test_the_training_input_decodes_every_file_once_an_epoch(folder, monkeypatch):
+    from cnnforge.modeling import training
+
+    data = streamed(folder, monkeypatch)
+    recipe = training.Recipe()  # no augmentation: the pixels must come through unchanged
+    batches = training.training_data(
+        data.x_train, data.y_train, recipe, num_classes=2, batch_size=8, seed=0
+    )
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in batches], strict=True)
+    images, labels = np.concatenate(images), np.concatenate(labels)
+    assert images.shape == (len(data.x_train), 20, 24, 3)
+    # shuffled, but the same images with their labels
+    expected = {
+        (int(y), np.asarray(x).tobytes())
+        for x, y in zip(np.asarray(data.x_train), data.y_train, strict=True)
+    }
+    got = {
+        (int(np.argmax(y)), x.astype(np.uint8).tobytes())
+        for x, y in zip(images, labels, strict=True)
+    }
+    assert got == expected
+
+
+@pytest.mark.slow
+def test_a_run_over_a_streamed_folder_deploys_what_it_trained_on(folder, tmp_path, monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from cnnforge.cli import cli
+
+    monkeypatch.setenv(MEMORY_ENV, "0")
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(
+        cli,
+        ["run", "--data", f"dir:{folder}", "--image-size", "20x24", "--resize", "crop"]
+        + ["--max-trials", "1", "--epochs", "2", "--run-dir", str(run_dir)],
+    )
+    assert result.exit_code == 0, result.output
+    assert "read from disk every epoch" in result.output
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    classifier = cnnforge.Classifier(run_dir / "model.onnx")
+    files = sorted((folder / "test").glob("*/*"))
+    labels = [p.labels[0] for p in classifier.predict(files, top_k=1)]
+    accuracy = np.mean([label == f.parent.name for label, f in zip(labels, files, strict=True)])
+    assert accuracy == pytest.approx(evaluation["accuracy"])
