@@ -31,7 +31,7 @@ from cnnforge.conversion.rewrite import convertible
 from cnnforge.core.atomic import atomic_write_bytes, atomic_write_text
 from cnnforge.core.contract import INPUT_NAME, LAYOUTS, META_PREFIX, OUTPUT_NAME
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
-from cnnforge.core.preprocessing import Preprocessing
+from cnnforge.core.preprocessing import IMAGE_MODES, Preprocessing
 from cnnforge.core.rundir import RunDir
 from cnnforge.core.version import __version__
 from cnnforge.data.dataset import Dataset, as_dataset
@@ -151,7 +151,7 @@ def _metadata(
     source: ExportSource,
     class_names: tuple[str, ...],
     layout: str,
-    preprocessing: Preprocessing,
+    preprocessing: Preprocessing | None,
 ) -> dict[str, Any]:
     import keras
     import tensorflow as tf
@@ -163,7 +163,7 @@ def _metadata(
         "input_layout": layout,
         "input_shape": [height, width, channels] if layout == "NHWC" else [channels, height, width],
         "pixel_range": [0, 255],
-        "preprocessing": preprocessing.to_json(),
+        **({"preprocessing": preprocessing.to_json()} if preprocessing else {}),
         "precision": "fp32",
         "source": str(source.keras_path),
         **({"run": str(source.run_dir)} if source.run_dir else {}),
@@ -216,6 +216,14 @@ def model_preprocessing(source: ExportSource, input_shape: tuple) -> Preprocessi
     if source.preprocessing is not None and source.preprocessing.complete:
         return source.preprocessing
     return Preprocessing.for_shape(input_shape)
+
+
+def image_preprocessing(source: ExportSource, input_shape: tuple) -> Preprocessing | None:
+    """The model's preprocessing, or None for a model whose input is not an image file's
+    (say 6 channels): it still exports and is checked, with no preprocessing to record."""
+    if input_shape[-1] not in IMAGE_MODES:
+        return None
+    return model_preprocessing(source, input_shape)
 
 
 def _parity_images(dataset: Any, input_shape: tuple, count: int = 256) -> tuple[np.ndarray, str]:
@@ -288,7 +296,7 @@ def export(
     preprocessing = (
         dataset.preprocessing
         if dataset is not None and dataset.preprocessing is not None
-        else model_preprocessing(resolved, tuple(model.inputs[0].shape[1:]))
+        else image_preprocessing(resolved, tuple(model.inputs[0].shape[1:]))
     )
     metadata = _metadata(model, resolved, class_names, layout, preprocessing)
 

@@ -32,6 +32,8 @@ GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;1
 # The largest side a size chosen from the data gets: training on a CPU stays affordable.
 DEFAULT_MAX_SIDE = 128
 
+IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels of an image file → Pillow mode
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -104,7 +106,7 @@ class Preprocessing:
     def for_shape(cls, input_shape: tuple[int, ...], **options: Any) -> Preprocessing:
         """The preprocessing of a model taking (H, W, C) raw images: stretch, bilinear."""
         height, width, channels = input_shape
-        mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels)
+        mode = IMAGE_MODES.get(channels)
         if mode is None:
             raise CnnforgeError(
                 f"the model takes {channels}-channel images; cnnforge reads 1 (grayscale), "

@@ -18,7 +18,6 @@ import numpy as np
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.preprocessing import Preprocessing
 
-IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels → Pillow mode
 EXIF_ORIENTATION = 0x0112
 
 

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
-from cnnforge.core.preprocessing import Preprocessing
-from cnnforge.deploy.images import IMAGE_MODES, fit_image, load_image
+from cnnforge.core.preprocessing import IMAGE_MODES, Preprocessing
+from cnnforge.deploy.images import fit_image, load_image
 from cnnforge.deploy.onnxinfo import layout_from_shape
 from cnnforge.deploy.quantize import warn_if_slow
 from cnnforge.deploy.runtime import metadata, open_session, predict, to_layout
