@@ -68,11 +68,12 @@ def decode_files(
 
 
 def decode_chunks(
-    paths: Sequence[str], preprocessing: Preprocessing, *, chunk: int = CHUNK
+    paths: Sequence[str], preprocessing: Preprocessing, *, chunk: int | None = None
 ) -> Iterator[tuple[np.ndarray, dict[int, str]]]:
     """``decode_files`` of consecutive chunks of ``paths``, in order; in worker processes when
     there are several chunks and CPUs, with at most two chunks a worker in flight (memory
-    stays bounded by them, whatever the number of paths)."""
+    stays bounded by them, whatever the number of paths). ``chunk``: ``CHUNK`` images."""
+    chunk = chunk or CHUNK
     starts = range(0, len(paths), chunk)
     workers = min(decode_workers(), len(starts))
     if workers < 2 or len(paths) <= 2 * chunk:

@@ -33,7 +33,8 @@ import numpy as np
 
 from cnnforge.core.errors import CnnforgeWarning
 from cnnforge.core.preprocessing import Preprocessing
-from cnnforge.data.decoding import CHUNK, decode_chunks, decode_files
+from cnnforge.data import decoding
+from cnnforge.data.decoding import decode_chunks, decode_files
 
 MEMORY_ENV = "CNNFORGE_DATA_MEMORY_MB"
 DISK_CACHE_ENV = "CNNFORGE_DATA_DISK_CACHE"
@@ -151,8 +152,8 @@ class ImageFiles:
                 np.random.default_rng([shuffle_seed, next(epochs)]).shuffle(order)
             cache = self._pixel_cache()
             if cache is not None and cache.filled:
-                for start in range(0, len(order), CHUNK):
-                    rows = order[start : start + CHUNK]
+                for start in range(0, len(order), decoding.CHUNK):
+                    rows = order[start : start + decoding.CHUNK]
                     yield cache.read(rows), labels[rows]
                 return
             paths, start = self.paths[order], 0
