@@ -1,4 +1,5 @@
-"""Decoding image files by one ``Preprocessing``, in worker processes.
+"""Reading image files in worker processes: their headers (the folder scan) and their pixels
+by one ``Preprocessing``.
 
 Pillow holds the GIL for most of the work on a small image (opening, header parsing, mode
 conversion, the array copy), so threads decode no faster than one core. Folders of more than
@@ -14,9 +15,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,6 +28,7 @@ CHUNK = 256  # images a worker decodes per task
 WORKERS_ENV = "CNNFORGE_DECODE_WORKERS"
 _NO_ORIENTATION = frozenset({"PNG", "JPEG"})  # formats whose orientation lives in info only
 _ORIENTATION_KEYS = ("exif", "xmp", "XML:com.adobe.xmp")
+T = TypeVar("T")
 
 
 def open_upright(path: Any) -> Any:
@@ -70,25 +73,32 @@ def decode_files(
 def decode_chunks(
     paths: Sequence[str], preprocessing: Preprocessing, *, chunk: int | None = None
 ) -> Iterator[tuple[np.ndarray, dict[int, str]]]:
-    """``decode_files`` of consecutive chunks of ``paths``, in order; in worker processes when
-    there are several chunks and CPUs, with at most two chunks a worker in flight (memory
-    stays bounded by them, whatever the number of paths). ``chunk``: ``CHUNK`` images."""
+    """``decode_files`` of consecutive chunks of ``paths``, in order, by :func:`map_chunks`.
+    ``chunk``: ``CHUNK`` images."""
+    return map_chunks(partial(decode_files, preprocessing=preprocessing), paths, chunk)
+
+
+def map_chunks(
+    function: Callable[[list[Any]], T], items: Sequence[Any], chunk: int | None = None
+) -> Iterator[T]:
+    """``function`` of consecutive chunks of ``items``, in order; in worker processes when
+    there are several chunks and CPUs (``function`` must then be picklable: a module-level
+    function or a ``partial`` of one), with at most two chunks a worker in flight, so memory
+    stays bounded by them whatever the number of items."""
     chunk = chunk or CHUNK
-    starts = range(0, len(paths), chunk)
+    starts = range(0, len(items), chunk)
     workers = min(decode_workers(), len(starts))
-    if workers < 2 or len(paths) <= 2 * chunk:
+    if workers < 2 or len(items) <= 2 * chunk:
         for start in starts:
-            yield decode_files(paths[start : start + chunk], preprocessing)
+            yield function(list(items[start : start + chunk]))
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending: deque[Future[Any]] = deque()
+        pending: deque[Future[T]] = deque()
         try:
             for start in starts:
-                pending.append(
-                    pool.submit(decode_files, list(paths[start : start + chunk]), preprocessing)
-                )
+                pending.append(pool.submit(function, list(items[start : start + chunk])))
                 if len(pending) >= 2 * workers:
                     yield pending.popleft().result()
             while pending:
