@@ -5,18 +5,23 @@ Makes a folder ``train/CLASS``, ``test/CLASS`` of real Fashion-MNIST images (Deb
 ratio 0.7–1.4), tinted, and re-encoded: PNG RGB, PNG grayscale, PNG RGBA, JPEG RGB. Then, in
 one run:
 
-1. images/s of cnnforge's input pipeline (as ``read_image_folder`` reads: headers scanned,
-   every image decoded, made RGB, resized by the one ``Preprocessing``, in threads) against one
-   pass of ``keras.utils.image_dataset_from_directory`` over ``train/`` at the same size
-   (alternated, two passes each, the faster kept);
-2. peak resident memory of a 1-trial, 1-epoch ``cnnforge search`` on the folder (its own
-   process, ``getrusage`` of the child), at two folder sizes, decoded into memory (the fast
-   path) and read from disk every epoch (``CNNFORGE_DATA_MEMORY_MB=0``, the path a folder
-   over the memory bound takes);
+1. images/s of cnnforge's two input paths against ``keras.utils.image_dataset_from_directory``
+   over ``train/`` at the same size, each as its first pass and a later epoch, as ratios to
+   Keras' figure for the same epoch (alternated, two rounds, the best of each kept): in memory
+   (headers scanned, every image decoded once by the one ``Preprocessing`` in worker
+   processes; later epochs are the decoded array) and streamed (``ImageFiles.tf_dataset``:
+   decoded in worker processes in the first epoch, later epochs from the disk cache of the
+   decoded pixels); Keras' loader decodes every epoch;
+2. peak memory of a 1-trial, 1-epoch ``cnnforge search`` on the folder (its own process: the
+   largest process's ``ru_maxrss``, and the proportional set size of the whole process tree,
+   decoding workers included, sampled every 0.1 s), at two folder sizes, decoded into memory
+   (the fast path) and read from disk every epoch (``CNNFORGE_DATA_MEMORY_MB=0``, the path a
+   folder over the memory bound takes);
 3. the accuracy of a short ``cnnforge run`` measured by ``cnnforge predict`` on the original
    test files, beside ``cnnforge evaluate``'s.
 
     python benchmarks/folder_pipeline.py --images 20000 --out runs/folder_pipeline
+    python benchmarks/folder_pipeline.py --images 5000 --throughput-only   # 1. only
 """
 
 from __future__ import annotations
@@ -176,16 +181,50 @@ def _prefixed(keras: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]
     return {f"keras_{k}": v for k, v in keras.items()}
 
 
-def child_peak_rss(command: list[str]) -> tuple[float, float]:
-    """(peak resident MiB, seconds) of ``command`` run as a child process."""
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux ``/proc``)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            pids += _tree(int(child))
+    return pids
+
+
+def _tree_pss_kib(pid: int) -> int:
+    """Proportional set size of ``pid`` and its descendants, in KiB: pages shared between
+    them (a forked worker's copy-on-write pages) are counted once, not once a process."""
+    total = 0
+    for each in _tree(pid):
+        try:
+            lines = Path(f"/proc/{each}/smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in lines if line.startswith("Pss:"))
+    return total
+
+
+def child_peak_rss(command: list[str]) -> tuple[float, float, float]:
+    """(peak resident MiB of the largest process, seconds, peak proportional set size MiB of
+    the whole process tree, sampled every 0.1 s) of ``command`` run as a child process. With
+    decoding worker processes, the tree's figure is the honest one."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    tree_peak = 0
+    while child.poll() is None:
+        tree_peak = max(tree_peak, _tree_pss_kib(child.pid))
+        time.sleep(0.1)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, command)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if peak <= before:
         raise RuntimeError("ru_maxrss of children did not grow; measure in a fresh process")
-    return peak / 1024, seconds
+    return peak / 1024, seconds, tree_peak / 1024
 
 
 def search_memory(root: Path, out: Path, stream: bool = False) -> dict[str, float]:
@@ -199,8 +238,8 @@ def search_memory(root: Path, out: Path, stream: bool = False) -> dict[str, floa
     )
     env = {**os.environ, "CNNFORGE_DATA_MEMORY_MB": "0"} if stream else None
     result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
-    peak, seconds = json.loads(result.stdout.decode().strip().splitlines()[-1])
-    return {"peak_rss_mib": peak, "seconds": seconds}
+    peak, seconds, tree = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    return {"peak_rss_mib": peak, "peak_tree_pss_mib": tree, "seconds": seconds}
 
 
 def deployed_accuracy(root: Path, out: Path, epochs: int) -> dict[str, float]:
