@@ -88,7 +88,8 @@ def map_chunks(
     chunk = chunk or CHUNK
     starts = range(0, len(items), chunk)
     workers = min(decode_workers(), len(starts))
-    if workers < 2 or len(items) <= 2 * chunk:
+    daemon = multiprocessing.current_process().daemon  # may not start processes of its own
+    if workers < 2 or len(items) <= 2 * chunk or daemon:
         for start in starts:
             yield function(list(items[start : start + chunk]))
         return
