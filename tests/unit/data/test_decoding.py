@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from cnnforge import Preprocessing
+from cnnforge import CnnforgeWarning, Preprocessing
 from cnnforge.data import decoding
 from cnnforge.data.decoding import decode_all, decode_files, open_upright
 from cnnforge.data.stream import DISK_CACHE_ENV, ImageFiles
@@ -73,3 +73,17 @@ def test_later_epochs_of_the_streamed_input_come_from_the_disk_cache(paths, tmp_
         assert sorted(y for y, _ in epoch) == list(range(40))
         for y, x in epoch:
             np.testing.assert_array_equal(x, expected[y])
+
+
+def test_without_the_disk_cache_every_epoch_decodes_the_files(paths, tmp_path, monkeypatch):
+    monkeypatch.setenv(DISK_CACHE_ENV, "0")
+    copies = []
+    for i, path in enumerate(paths[:6]):
+        copies.append(tmp_path / f"{i}{Path(path).suffix}")
+        shutil.copy(path, copies[-1])
+    dataset = ImageFiles(copies, WANTED).tf_dataset(np.arange(6))
+    assert [x.numpy().max() for x, _ in dataset] != [0] * 6
+    for copy in copies:
+        copy.unlink()
+    with pytest.warns(CnnforgeWarning, match="fed as a black image"):
+        assert [x.numpy().max() for x, _ in dataset] == [0] * 6
