@@ -5,18 +5,23 @@ Makes a folder ``train/CLASS``, ``test/CLASS`` of real Fashion-MNIST images (Deb
 ratio 0.7–1.4), tinted, and re-encoded: PNG RGB, PNG grayscale, PNG RGBA, JPEG RGB. Then, in
 one run:
 
-1. images/s of cnnforge's input pipeline (as ``read_image_folder`` reads: headers scanned,
-   every image decoded, made RGB, resized by the one ``Preprocessing``, in threads) against one
-   pass of ``keras.utils.image_dataset_from_directory`` over ``train/`` at the same size
-   (alternated, two passes each, the faster kept);
-2. peak resident memory of a 1-trial, 1-epoch ``cnnforge search`` on the folder (its own
-   process, ``getrusage`` of the child), at two folder sizes, decoded into memory (the fast
-   path) and read from disk every epoch (``CNNFORGE_DATA_MEMORY_MB=0``, the path a folder
-   over the memory bound takes);
+1. images/s of cnnforge's two input paths against ``keras.utils.image_dataset_from_directory``
+   over ``train/`` at the same size, each as its first pass and a later epoch, as ratios to
+   Keras' figure for the same epoch (alternated, two rounds, the best of each kept): in memory
+   (headers scanned, every image decoded once by the one ``Preprocessing`` in worker
+   processes; later epochs are the decoded array) and streamed (``ImageFiles.tf_dataset``:
+   decoded in worker processes in the first epoch, later epochs from the disk cache of the
+   decoded pixels); Keras' loader decodes every epoch;
+2. peak memory of a 1-trial, 1-epoch ``cnnforge search`` on the folder (its own process: the
+   largest process's ``ru_maxrss``, and the proportional set size of the whole process tree,
+   decoding workers included, sampled every 0.1 s), at two folder sizes, decoded into memory
+   (the fast path) and read from disk every epoch (``CNNFORGE_DATA_MEMORY_MB=0``, the path a
+   folder over the memory bound takes);
 3. the accuracy of a short ``cnnforge run`` measured by ``cnnforge predict`` on the original
    test files, beside ``cnnforge evaluate``'s.
 
     python benchmarks/folder_pipeline.py --images 20000 --out runs/folder_pipeline
+    python benchmarks/folder_pipeline.py --images 5000 --throughput-only   # 1. only
 """
 
 from __future__ import annotations
@@ -73,41 +78,153 @@ def make_folder(root: Path, images: int, seed: int = 0) -> dict[str, int]:
     return counts
 
 
-def cnnforge_throughput(root: Path) -> dict[str, float]:
+def _epoch(dataset: object) -> int:
+    """Images in one pass over a tf.data dataset of (images, labels) batches."""
+    return sum(int(batch[0].shape[0]) for batch in dataset)
+
+
+def _rate(images: int, seconds: float) -> dict[str, float]:
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+
+
+def cnnforge_throughput(root: Path) -> dict[str, dict[str, float]]:
+    """Both of cnnforge's paths over ``train/``, each as its first pass and a later epoch:
+
+    - in memory (a folder under the memory bound): the first pass is ``read_image_folder``'s
+      work (headers scanned, every image decoded once by the ``Preprocessing``, in worker
+      processes); every later epoch is the training input over the decoded array
+      (``from_tensor_slices``, shuffle, batch 64);
+    - streamed (over the bound): headers scanned, then ``ImageFiles.tf_dataset`` (shuffled,
+      decoded in worker processes every epoch), batch 64; the first epoch and the second.
+    """
+    import tensorflow as tf
+
     from cnnforge import Preprocessing
     from cnnforge.data.folders import decode_images, scan_image_folder
+    from cnnforge.data.stream import ImageFiles
 
     start = time.perf_counter()
     scan = scan_image_folder(root)
     files = scan.splits["train"]
     chosen = scan.preprocessing(Preprocessing(size=(SIZE, SIZE)))
-    x, _ = decode_images(files, chosen, {})
-    seconds = time.perf_counter() - start
-    return {"images": len(x), "seconds": seconds, "images_per_s": len(x) / seconds}
+    x, y = decode_images(files, chosen, {})
+    first = _rate(len(x), time.perf_counter() - start)
+    memory = tf.data.Dataset.from_tensor_slices((x, y))
+    memory = memory.shuffle(len(x), seed=0, reshuffle_each_iteration=True).batch(64)
+    _epoch(memory)  # tf.data's own first-iteration set-up, then a timed epoch
+    start = time.perf_counter()
+    epoch = _rate(_epoch(memory), time.perf_counter() - start)
+
+    start = time.perf_counter()
+    scan = scan_image_folder(root)
+    files = scan.splits["train"]
+    chosen = scan.preprocessing(Preprocessing(size=(SIZE, SIZE)))
+    streamed = ImageFiles([f.path for f in files], chosen)
+    labels = np.array([f.label for f in files])
+    batches = streamed.tf_dataset(labels, shuffle_seed=0).batch(64)
+    stream_first = _rate(_epoch(batches), time.perf_counter() - start)
+    start = time.perf_counter()
+    stream_epoch = _rate(_epoch(batches), time.perf_counter() - start)
+    return {
+        "memory_first_pass": first,
+        "memory_epoch": epoch,
+        "streamed_first_pass": stream_first,
+        "streamed_epoch": stream_epoch,
+    }
 
 
-def keras_throughput(root: Path) -> dict[str, float]:
+def keras_throughput(root: Path) -> dict[str, dict[str, float]]:
+    """``image_dataset_from_directory`` over ``train/`` (it decodes every epoch): the first
+    pass (files listed, then every image decoded and resized) and a second epoch."""
     import keras
 
     start = time.perf_counter()
     data = keras.utils.image_dataset_from_directory(
-        root / "train", image_size=(SIZE, SIZE), batch_size=64, shuffle=False, verbose=False
+        root / "train", image_size=(SIZE, SIZE), batch_size=64, shuffle=True, seed=0, verbose=False
     )
-    images = sum(int(batch[0].shape[0]) for batch in data)
-    seconds = time.perf_counter() - start
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds}
+    first = _rate(_epoch(data), time.perf_counter() - start)
+    start = time.perf_counter()
+    epoch = _rate(_epoch(data), time.perf_counter() - start)
+    return {"first_pass": first, "epoch": epoch}
 
 
-def child_peak_rss(command: list[str]) -> tuple[float, float]:
-    """(peak resident MiB, seconds) of ``command`` run as a child process."""
+def throughput(root: Path, rounds: int = 2) -> dict[str, object]:
+    """cnnforge's paths and Keras' loader, alternated ``rounds`` times (the first round warms
+    the page cache for both), the best of each kept; ratios of cnnforge's images/s to Keras'
+    per epoch (its first pass against Keras' first pass, a later epoch against Keras' later
+    epoch)."""
+    rounds_run = [(cnnforge_throughput(root), keras_throughput(root)) for _ in range(rounds)]
+
+    def best(side: int, key: str) -> dict[str, float]:
+        return max((r[side][key] for r in rounds_run), key=lambda v: v["images_per_s"])
+
+    ours = {key: best(0, key) for key in rounds_run[0][0]}
+    keras = {key: best(1, key) for key in rounds_run[0][1]}
+    against = {
+        "memory_first_pass": "first_pass",
+        "memory_epoch": "epoch",
+        "streamed_first_pass": "first_pass",
+        "streamed_epoch": "epoch",
+    }
+    ratios = {
+        key: round(ours[key]["images_per_s"] / keras[against[key]]["images_per_s"], 2)
+        for key in ours
+    }
+    passes = [
+        {k: round(v["images_per_s"]) for k, v in {**r[0], **_prefixed(r[1])}.items()}
+        for r in rounds_run
+    ]
+    return {"cnnforge": ours, "keras": keras, "ratio_to_keras": ratios, "rounds": passes}
+
+
+def _prefixed(keras: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {f"keras_{k}": v for k, v in keras.items()}
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux ``/proc``)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            pids += _tree(int(child))
+    return pids
+
+
+def _tree_pss_kib(pid: int) -> int:
+    """Proportional set size of ``pid`` and its descendants, in KiB: pages shared between
+    them (a forked worker's copy-on-write pages) are counted once, not once a process."""
+    total = 0
+    for each in _tree(pid):
+        try:
+            lines = Path(f"/proc/{each}/smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in lines if line.startswith("Pss:"))
+    return total
+
+
+def child_peak_rss(command: list[str]) -> tuple[float, float, float]:
+    """(peak resident MiB of the largest process, seconds, peak proportional set size MiB of
+    the whole process tree, sampled every 0.1 s) of ``command`` run as a child process. With
+    decoding worker processes, the tree's figure is the honest one."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    tree_peak = 0
+    while child.poll() is None:
+        tree_peak = max(tree_peak, _tree_pss_kib(child.pid))
+        time.sleep(0.1)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, command)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if peak <= before:
         raise RuntimeError("ru_maxrss of children did not grow; measure in a fresh process")
-    return peak / 1024, seconds
+    return peak / 1024, seconds, tree_peak / 1024
 
 
 def search_memory(root: Path, out: Path, stream: bool = False) -> dict[str, float]:
@@ -121,8 +238,8 @@ def search_memory(root: Path, out: Path, stream: bool = False) -> dict[str, floa
     )
     env = {**os.environ, "CNNFORGE_DATA_MEMORY_MB": "0"} if stream else None
     result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
-    peak, seconds = json.loads(result.stdout.decode().strip().splitlines()[-1])
-    return {"peak_rss_mib": peak, "seconds": seconds}
+    peak, seconds, tree = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    return {"peak_rss_mib": peak, "peak_tree_pss_mib": tree, "seconds": seconds}
 
 
 def deployed_accuracy(root: Path, out: Path, epochs: int) -> dict[str, float]:
@@ -157,17 +274,19 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20000, help="training images")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the short run")
     parser.add_argument("--out", type=Path, default=Path("runs/folder_pipeline"))
+    parser.add_argument(
+        "--throughput-only", action="store_true", help="measure the input pipelines only"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, object] = {"cpus": os.cpu_count(), "size": SIZE}
     small, large = args.out / "folder_small", args.out / "folder"
     results["folder"] = make_folder(large, args.images)
+    results["throughput"] = throughput(large)
+    if args.throughput_only:
+        print(json.dumps(results, indent=2))
+        return
     results["folder_small"] = make_folder(small, max(1000, args.images // 4), seed=1)
-    # alternated, twice each: the first pass warms the page cache for both; the faster is kept
-    passes = [(cnnforge_throughput(large), keras_throughput(large)) for _ in range(2)]
-    results["cnnforge"] = max((p[0] for p in passes), key=lambda r: r["images_per_s"])
-    results["keras"] = max((p[1] for p in passes), key=lambda r: r["images_per_s"])
-    results["passes_images_per_s"] = [[round(r["images_per_s"]) for r in p] for p in passes]
     results["search_small"] = search_memory(small, args.out / "search_small")
     results["search"] = search_memory(large, args.out / "search")
     # the same searches with the folder read from disk every epoch (the larger-than-memory path)

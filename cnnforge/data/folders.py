@@ -3,8 +3,8 @@ images of any sizes and modes → raw arrays at one size, by one ``Preprocessing
 
 Scanning reads only file headers (size, mode, EXIF orientation): hidden files and folders and
 files that are not images are ignored and counted, images whose header cannot be read are
-skipped with the reason. Decoding (threads: Pillow releases the GIL while it decodes and
-resizes) skips images whose pixels cannot be read. Skipped images are a warning with their
+skipped with the reason. Decoding (in worker processes, ``cnnforge.data.decoding``) skips
+images whose pixels cannot be read. Skipped images are a warning with their
 count, or with ``strict`` an error; ``FolderRead.skipped`` lists them for the run directory.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ import numpy as np
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.data.dataset import RawData, stratified_split
-from cnnforge.data.stream import MEMORY_ENV, ImageFiles, memory_bound_bytes, open_upright
+from cnnforge.data.decoding import decode_all, reason
+from cnnforge.data.stream import MEMORY_ENV, ImageFiles, memory_bound_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
@@ -175,7 +175,7 @@ def _header(path: Path, label: int, skipped: dict[str, str]) -> ImageFile | None
                 path, label, (height, width) if turned else (width, height), image.mode
             )
     except Exception as exc:  # noqa: BLE001 - any unreadable header is a skipped file
-        skipped[str(path)] = _reason(exc)
+        skipped[str(path)] = reason(exc)
         return None
 
 
@@ -213,30 +213,20 @@ def _count(counts: dict[str, int], reason: str) -> None:
     counts[reason] = counts.get(reason, 0) + 1
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
-
-
 def decode_images(
     files: list[ImageFile], preprocessing: Preprocessing, skipped: dict[str, str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W, C) uint8 images and int64 labels of ``files`` by ``preprocessing``, decoded in
-    threads; files that fail to decode go into ``skipped`` and are left out."""
-    height, width = preprocessing.size
-    x = np.empty((len(files), height, width, preprocessing.channels), dtype=np.uint8)
-    ok = np.zeros(len(files), dtype=bool)
-
-    def decode(index: int) -> None:
-        try:
-            x[index] = preprocessing.apply(open_upright(files[index].path))
-            ok[index] = True
-        except Exception as exc:  # noqa: BLE001 - any undecodable image is a skipped file
-            skipped[str(files[index].path)] = _reason(exc)
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        list(pool.map(decode, range(len(files))))
+    worker processes (``cnnforge.data.decoding``); files that fail to decode go into
+    ``skipped`` and are left out."""
+    x, failed = decode_all([str(f.path) for f in files], preprocessing)
+    for index, why in failed.items():
+        skipped[str(files[index].path)] = why
     labels = np.array([f.label for f in files], dtype=np.int64)
+    if not failed:
+        return x, labels
+    ok = np.ones(len(files), dtype=bool)
+    ok[list(failed)] = False
     return x[ok], labels[ok]
 
 

@@ -7,19 +7,24 @@ that behaves enough like a (N, H, W, C) uint8 array for every stage:
 
 - ``x[index_array]`` and ``np.concatenate`` of them stay lazy (splits, subsets, train+val);
 - ``x[i]``, ``x[a:b]``, ``x.astype`` and ``np.asarray(x)`` decode what they name;
-- ``x.tf_dataset(labels, shuffle_seed=...)`` is the training input: a ``tf.data`` pipeline that
-  shuffles the file indices (16 bytes an image), then decodes in parallel
-  (``num_parallel_calls=AUTOTUNE``) by the same ``Preprocessing`` as everywhere; the training
-  code batches and prefetches it and augments training batches only. Nothing is cached.
+- ``x.tf_dataset(labels, shuffle_seed=...)`` is the training input: a ``tf.data`` pipeline fed
+  by a generator that shuffles the file indices (8 bytes an image) every epoch, then decodes
+  them a chunk at a time in worker processes (``cnnforge.data.decoding``: Pillow holds the GIL,
+  so threads would not go faster than one core) by the same ``Preprocessing`` as everywhere;
+  the training code batches and prefetches it and augments training batches only. Nothing is
+  cached.
 
-Memory of a search over ``ImageFiles`` is bounded by the batches in flight plus the index (16
-bytes an image), not by the decoded images. An image that fails to decode while streaming is
+Memory of a search over ``ImageFiles`` is bounded by the batches and decoding chunks in flight
+(two a worker, ``decoding.CHUNK`` images each) plus the index (8 bytes an image), not by the
+decoded images. An image that fails to decode while streaming is
 fed as black, and warned about once.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -28,18 +33,13 @@ import numpy as np
 
 from cnnforge.core.errors import CnnforgeWarning
 from cnnforge.core.preprocessing import Preprocessing
+from cnnforge.data import decoding
+from cnnforge.data.decoding import decode_chunks, decode_files
 
 MEMORY_ENV = "CNNFORGE_DATA_MEMORY_MB"
+DISK_CACHE_ENV = "CNNFORGE_DATA_DISK_CACHE"
+DISK_CACHE_MARGIN = 1 << 30  # free disk the pixel cache leaves
 MAX_IN_MEMORY = 4 << 30
-
-
-def open_upright(path: Any) -> Any:
-    """The decoded Pillow image of ``path``, turned as its EXIF orientation says."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as image:
-        image.load()
-        return ImageOps.exif_transpose(image)
 
 
 def memory_bound_bytes() -> int:
@@ -63,6 +63,7 @@ class ImageFiles:
         self.paths = np.asarray([str(p) for p in paths], dtype=object)
         self.preprocessing = preprocessing
         self._warned: set[str] = set()
+        self._cache: PixelCache | None = None
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -101,40 +102,99 @@ class ImageFiles:
     def transpose(self, *axes: int) -> np.ndarray:
         return np.asarray(self).transpose(*axes)
 
+    def _pixel_cache(self) -> PixelCache | None:
+        """The disk cache of these files' decoded pixels, made on first use when the disk has
+        room for it and ``CNNFORGE_DATA_DISK_CACHE`` is not 0."""
+        if self._cache is None and os.environ.get(DISK_CACHE_ENV, "1") != "0":
+            folder = tempfile.gettempdir()
+            if shutil.disk_usage(folder).free > self.nbytes + DISK_CACHE_MARGIN:
+                self._cache = PixelCache(folder, self.shape[1:], len(self))
+        return self._cache
+
     def _decode(self, path: str) -> np.ndarray:
-        try:
-            return self.preprocessing.apply(open_upright(path))
-        except Exception as exc:  # noqa: BLE001 - a file that broke after the scan: fed black
-            if path not in self._warned:
-                self._warned.add(path)
-                warnings.warn(
-                    f"cannot read image {path} ({exc}); fed as a black image",
-                    CnnforgeWarning,
-                    stacklevel=2,
-                )
-            return np.zeros(self.shape[1:], np.uint8)
+        pixels, failed = decode_files([path], self.preprocessing)
+        self._warn_black([path], failed)
+        return pixels[0]
 
     def _decode_all(self, paths: np.ndarray) -> np.ndarray:
         out = np.empty((len(paths), *self.shape[1:]), np.uint8)
-        for i, path in enumerate(paths):
-            out[i] = self._decode(path)
+        start = 0
+        for pixels, failed in decode_chunks(paths, self.preprocessing):
+            self._warn_black(paths[start : start + len(pixels)], failed)
+            out[start : start + len(pixels)] = pixels
+            start += len(pixels)
         return out
 
+    def _warn_black(self, paths: Sequence[str], failed: dict[int, str]) -> None:
+        """Files that broke after the scan are fed black, and warned about once each."""
+        for index, why in failed.items():
+            path = str(paths[index])
+            if path not in self._warned:
+                self._warned.add(path)
+                warnings.warn(
+                    f"cannot read image {path} ({why}); fed as a black image",
+                    CnnforgeWarning,
+                    stacklevel=3,
+                )
+
     def tf_dataset(self, labels: np.ndarray, *, shuffle_seed: int | None = None) -> Any:
-        """(image uint8, label) elements: the file indices shuffled (reshuffled every epoch)
-        when ``shuffle_seed`` is given, then decoded in parallel, in order."""
+        """(image uint8, label) elements: the files in a new seeded order every epoch when
+        ``shuffle_seed`` is given, else in order; decoded in worker processes, a chunk at a
+        time (``cnnforge.data.decoding.decode_chunks``), by a generator tf.data prefetches."""
         import tensorflow as tf
 
-        index = tf.data.Dataset.from_tensor_slices((np.arange(len(self)), np.asarray(labels)))
-        if shuffle_seed is not None:
-            index = index.shuffle(len(self), seed=shuffle_seed, reshuffle_each_iteration=True)
-        shape = self.shape[1:]
+        labels = np.asarray(labels, dtype=np.int64)
+        epochs = iter(range(1 << 62))
 
-        def decode(i: Any, label: Any) -> Any:
-            image = tf.numpy_function(
-                lambda k: self._decode(self.paths[int(k)]), [i], tf.uint8, stateful=False
-            )
-            image.set_shape(shape)
-            return image, label
+        def chunks() -> Any:
+            order = np.arange(len(self))
+            if shuffle_seed is not None:
+                np.random.default_rng([shuffle_seed, next(epochs)]).shuffle(order)
+            cache = self._pixel_cache()
+            if cache is not None and cache.filled:
+                for start in range(0, len(order), decoding.CHUNK):
+                    rows = order[start : start + decoding.CHUNK]
+                    yield cache.read(rows), labels[rows]
+                return
+            paths, start = self.paths[order], 0
+            for pixels, failed in decode_chunks(paths, self.preprocessing):
+                self._warn_black(paths[start : start + len(pixels)], failed)
+                rows = order[start : start + len(pixels)]
+                if cache is not None:
+                    cache.write(rows, pixels)
+                yield pixels, labels[rows]
+                start += len(pixels)
+            if cache is not None:
+                cache.filled = True
 
-        return index.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        signature = (
+            tf.TensorSpec((None, *self.shape[1:]), tf.uint8),
+            tf.TensorSpec((None,), tf.int64),
+        )
+        batches = tf.data.Dataset.from_generator(chunks, output_signature=signature)
+        return batches.prefetch(1).unbatch()
+
+
+class PixelCache:
+    """Decoded images of an ``ImageFiles``, one row of H×W×C bytes each, in an anonymous
+    temporary file (gone when it is closed or the process ends). Rows are written and read
+    with ``pwrite``/``pread``, not mapped, so they take page cache the system can reclaim,
+    not resident memory of this process."""
+
+    def __init__(self, folder: str, shape: tuple[int, ...], rows: int) -> None:
+        # held open for the life of the cache: closing it deletes it
+        self.file = tempfile.TemporaryFile(dir=folder, prefix="cnnforge-pixels-")  # noqa: SIM115
+        self.shape = shape
+        self.row = int(np.prod(shape))
+        self.filled = False
+        os.ftruncate(self.file.fileno(), self.row * rows)
+
+    def write(self, rows: np.ndarray, pixels: np.ndarray) -> None:
+        fd = self.file.fileno()
+        for row, image in zip(rows, pixels, strict=True):
+            os.pwrite(fd, image.tobytes(), int(row) * self.row)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        fd, size = self.file.fileno(), self.row
+        data = b"".join(os.pread(fd, size, int(row) * size) for row in rows)
+        return np.frombuffer(data, np.uint8).reshape(len(rows), *self.shape)

@@ -16,7 +16,8 @@ import numpy as np
 
 from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.data.dataset import load_dataset, parse_source
-from cnnforge.data.folders import FolderScan, open_upright, scan_image_folder
+from cnnforge.data.decoding import open_upright
+from cnnforge.data.folders import FolderScan, scan_image_folder
 
 # A class this many times smaller than the largest is flagged as imbalanced.
 IMBALANCE_RATIO = 3.0
