@@ -261,27 +261,9 @@ def read_image_folder(
     skipped = dict(scan.skipped)
     arrays = {split: decode_images(files, chosen, skipped) for split, files in scan.splits.items()}
     refuse_if_strict(skipped, strict)
-    if "all" in arrays:
-        x, y = arrays.pop("all")
-        train_idx, test_idx = stratified_split(y, test_fraction, seed)
-        arrays["train"], arrays["test"] = (x[train_idx], y[train_idx]), (x[test_idx], y[test_idx])
-    elif "test" not in arrays:
-        x, y = arrays["train"]
-        train_idx, test_idx = stratified_split(y, test_fraction, seed)
-        arrays["train"], arrays["test"] = (x[train_idx], y[train_idx]), (x[test_idx], y[test_idx])
     if skipped:
         warnings.warn(skipped_summary(skipped), CnnforgeWarning, stacklevel=2)
-    val = arrays.get("val")
-    return FolderData(
-        *arrays["train"],
-        *arrays["test"],
-        scan.class_names,
-        x_val=val[0] if val and len(val[0]) else None,
-        y_val=val[1] if val and len(val[0]) else None,
-        preprocessing=chosen,
-        skipped=skipped,
-        ignored=scan.ignored,
-    )
+    return _folder_data(scan, arrays, chosen, skipped, test_fraction, seed)
 
 
 def _streamed(
@@ -302,6 +284,19 @@ def _streamed(
         split: (ImageFiles([f.path for f in files], chosen), np.array([f.label for f in files]))
         for split, files in scan.splits.items()
     }
+    return _folder_data(scan, splits, chosen, dict(scan.skipped), test_fraction, seed)
+
+
+def _folder_data(
+    scan: FolderScan,
+    splits: dict[str, tuple[Any, np.ndarray]],
+    chosen: Preprocessing,
+    skipped: dict[str, str],
+    test_fraction: float,
+    seed: int,
+) -> FolderData:
+    """The splits (arrays or ``ImageFiles``) as ``FolderData``: a folder without ``test/``
+    has a stratified, seeded ``test_fraction`` of its training images held out."""
     source = splits.pop("all", None) or (splits["train"] if "test" not in splits else None)
     if source is not None:
         x, y = source
@@ -315,7 +310,7 @@ def _streamed(
         x_val=val[0] if val and len(val[0]) else None,
         y_val=val[1] if val and len(val[0]) else None,
         preprocessing=chosen,
-        skipped=dict(scan.skipped),
+        skipped=skipped,
         ignored=scan.ignored,
     )
 
