@@ -49,9 +49,13 @@ def data_command(
         table.add_row(escape(name), *map(str, row), str(sum(row)))
     console.print(table)
     totals = summary.class_totals
+    ratio = (
+        "a class has no images"
+        if summary.imbalance is None
+        else f"largest/smallest {summary.imbalance:.1f}"
+    )
     flag = (
-        f" [bold yellow]imbalanced[/] (largest/smallest {summary.imbalance:.1f}): consider "
-        "--class-weight auto"
+        f" [bold yellow]imbalanced[/] ({ratio}): consider --class-weight auto"
         if summary.imbalanced
         else ""
     )

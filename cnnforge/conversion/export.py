@@ -200,7 +200,7 @@ def reference_data(
     if not data:
         return None, f"{source.keras_path} is not in a run directory; give --data"
     expected = tuple(model.inputs[0].shape[1:])
-    dataset = as_dataset(data, preprocessing=model_preprocessing(source, expected))
+    dataset = as_dataset(data, preprocessing=image_preprocessing(source, expected))
     data = dataset.spec.name
     if dataset.x_test.shape[1:] != expected:
         return None, f"{data} has images of shape {dataset.x_test.shape[1:]}, the model {expected}"
@@ -210,20 +210,18 @@ def reference_data(
     return dataset, ""
 
 
-def model_preprocessing(source: ExportSource, input_shape: tuple) -> Preprocessing:
-    """How images become this model's input: as its run read its data, else stretched
-    (bilinear) to its input shape."""
-    if source.preprocessing is not None and source.preprocessing.complete:
-        return source.preprocessing
-    return Preprocessing.for_shape(input_shape)
-
-
 def image_preprocessing(source: ExportSource, input_shape: tuple) -> Preprocessing | None:
-    """The model's preprocessing, or None for a model whose input is not an image file's
-    (say 6 channels): it still exports and is checked, with no preprocessing to record."""
+    """How images become this model's input (:meth:`Preprocessing.of_model`): as its run read
+    its data, else stretched (bilinear) to its input shape. None for a model whose input is not
+    an image file's (say 6 channels): it still exports and is checked, with nothing to record."""
     if input_shape[-1] not in IMAGE_MODES:
         return None
-    return model_preprocessing(source, input_shape)
+    return Preprocessing.of_model(
+        {"preprocessing": source.preprocessing},
+        input_shape,
+        model=f"the run of {source.keras_path} (its data.json)",
+        remedy="the model is not that run's; export a copy of it from outside the run directory",
+    )
 
 
 def _parity_images(dataset: Any, input_shape: tuple, count: int = 256) -> tuple[np.ndarray, str]:

@@ -6,18 +6,24 @@ metadata (``cnnforge.preprocessing``), so every place turns a file into the same
 Pillow and numpy only (Pillow imported when an image is touched): deployment imports this.
 
 The steps, in order: EXIF orientation (done by whoever opens the file), mode normalisation
-(16-bit and 32-bit integers scaled to 8 bits, palette/CMYK/YCbCr/… to RGB, transparency
+(:func:`to_mode`: 16-bit integers scaled to 8 bits, palette/CMYK/YCbCr/… to RGB, transparency
 flattened onto black), conversion to the colour mode, then the resize policy:
 
 - ``stretch`` (the default, as Keras' ``image_dataset_from_directory``): resize to H×W,
   ignoring the aspect ratio; nothing of the image is lost;
 - ``crop``: centre-crop to the aspect ratio of H×W, then resize;
 - ``pad``: resize to fit inside H×W keeping the aspect ratio, pad with black (letterbox).
+
+It makes raw 0–255 pixels. The range a model's input takes is the model's, not the image
+file's: the export records it once, as ``cnnforge.pixel_range``, and :func:`scale` maps raw
+pixels to it (a model exported before this keeps a copy inside ``cnnforge.preprocessing``,
+which is read and ignored).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -37,15 +43,14 @@ IMAGE_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels of an image file → Pil
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Size (H, W), resize policy, interpolation, colour mode (``L`` or ``RGB``) and the pixel
-    range the model's input takes. ``size`` or ``color_mode`` ``None``: not decided yet (the
-    reader decides them from the data, :meth:`resolved`)."""
+    """Size (H, W), resize policy, interpolation and colour mode (``L``, ``RGB``, or ``RGBA``
+    for models trained on 4-channel arrays). ``size`` or ``color_mode`` ``None``: not decided
+    yet (the reader decides them from the data, :meth:`resolved`)."""
 
     size: tuple[int, int] | None = None
     policy: str = "stretch"
     interpolation: str = "bilinear"
     color_mode: str | None = None
-    pixel_range: tuple[float, float] = (0.0, 255.0)
 
     def __post_init__(self) -> None:
         if self.policy not in RESIZE_POLICIES:
@@ -66,7 +71,6 @@ class Preprocessing:
             if len(size) != 2 or min(size) < 1:
                 raise CnnforgeError(f"image size must be two positive numbers, got {self.size}")
             object.__setattr__(self, "size", size)
-        object.__setattr__(self, "pixel_range", tuple(float(v) for v in self.pixel_range))
 
     @property
     def channels(self) -> int:
@@ -88,22 +92,50 @@ class Preprocessing:
     def to_json(self) -> dict[str, Any]:
         saved = asdict(self)
         saved["size"] = list(self.size) if self.size else None
-        saved["pixel_range"] = list(self.pixel_range)
         return saved
 
     @classmethod
     def from_json(cls, saved: dict[str, Any] | str) -> Preprocessing:
+        """``saved`` as :meth:`to_json` wrote it (a dict or its JSON text). Keys it does not
+        know are ignored: models exported before carry a ``pixel_range`` copy here."""
         saved = json.loads(saved) if isinstance(saved, str) else saved
-        known = {"size", "policy", "interpolation", "color_mode", "pixel_range"}
+        known = {"size", "policy", "interpolation", "color_mode"}
         values = {k: v for k, v in saved.items() if k in known}
         if values.get("size") is not None:
             values["size"] = tuple(values["size"])
-        if values.get("pixel_range") is not None:
-            values["pixel_range"] = tuple(values["pixel_range"])
         return cls(**values)
 
     @classmethod
-    def for_shape(cls, input_shape: tuple[int, ...], **options: Any) -> Preprocessing:
+    def of_model(
+        cls,
+        metadata: Mapping[str, Any],
+        input_shape: Sequence[int],
+        *,
+        model: str = "the model",
+        remedy: str = "export it again",
+    ) -> Preprocessing:
+        """The preprocessing of a model taking (H, W, C) ``input_shape`` images: the one its
+        ``metadata`` records (``preprocessing``: JSON text, a dict, or a Preprocessing; the
+        ``cnnforge.*`` metadata of an ONNX model, or what a Keras model's run recorded),
+        else, for a model without it, stretched (bilinear) to the input shape.
+
+        Every place that turns files into a model's input asks this: ``predict``,
+        ``Classifier``, ``evaluate``, the report's figures, the export. A recorded size or
+        colour mode the input does not take is an error naming ``model`` and ``remedy``."""
+        shape = tuple(int(v) for v in input_shape)
+        saved = metadata.get("preprocessing")
+        if not saved:
+            return cls.for_shape(shape)
+        recorded = saved if isinstance(saved, Preprocessing) else cls.from_json(saved)
+        if not recorded.complete or (*recorded.size, recorded.channels) != shape:
+            raise CnnforgeError(
+                f"{model} records preprocessing to {recorded.describe()} but takes {shape} "
+                f"images (H, W, C); {remedy}"
+            )
+        return recorded
+
+    @classmethod
+    def for_shape(cls, input_shape: Sequence[int], **options: Any) -> Preprocessing:
         """The preprocessing of a model taking (H, W, C) raw images: stretch, bilinear."""
         height, width, channels = input_shape
         mode = IMAGE_MODES.get(channels)
@@ -128,13 +160,20 @@ class Preprocessing:
         image = resize(image, self.size, self.policy, self.interpolation)
         return np.asarray(image, dtype=np.uint8).reshape(*self.size, self.channels)
 
-    def scale(self, pixels: np.ndarray) -> np.ndarray:
-        """Raw 0–255 pixels as float32 in the model's pixel range."""
-        low, high = self.pixel_range
-        pixels = np.asarray(pixels, dtype=np.float32)
-        if (low, high) == (0.0, 255.0):
-            return pixels
-        return (low + pixels * ((high - low) / 255.0)).astype(np.float32)
+
+def pixel_range_of(metadata: Mapping[str, Any]) -> tuple[float, float]:
+    """The pixel range a model's input takes: its ``pixel_range`` metadata, else raw 0–255."""
+    low, high = metadata.get("pixel_range") or (0, 255)
+    return low, high
+
+
+def scale(pixels: np.ndarray, pixel_range: Sequence[float] = (0, 255)) -> np.ndarray:
+    """Raw 0–255 pixels as float32 in ``pixel_range`` (the model's :func:`pixel_range_of`)."""
+    low, high = (float(v) for v in pixel_range)
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if (low, high) == (0.0, 255.0):
+        return pixels
+    return (low + pixels * ((high - low) / 255.0)).astype(np.float32)
 
 
 def parse_size(text: str | int | None) -> tuple[int, int] | None:
@@ -173,15 +212,18 @@ def color_mode_of(modes: list[str]) -> str:
 
 
 def to_mode(image: Any, mode: str) -> Any:
-    """A Pillow image in ``mode`` (L or RGB), converted predictably: 16/32-bit integers scaled
-    to 8 bits (not clipped), floats clipped to 0–255, transparency flattened onto black,
-    palette, CMYK and other modes converted by Pillow to RGB first."""
+    """A Pillow image in ``mode`` (L, RGB or RGBA), converted predictably:
+
+    - 16-bit integers (``I;16*``) scaled to 8 bits (÷257); 32-bit integers (``I``) likewise
+      when a value exceeds 255, values above 65535 clipped to 255 first, and taken as 8-bit
+      values (kept) when none exceeds 255; floats (``F``) clipped to 0–255. This holds for
+      every target mode, RGBA included;
+    - into L or RGB: transparency flattened onto black; palette, CMYK and other modes
+      converted by Pillow to RGB first. Into RGBA: Pillow's conversion, alpha kept."""
     from PIL import Image
 
     if image.mode == mode:
         return image
-    if mode == "RGBA":
-        return image.convert("RGBA")
     if image.mode.startswith("I") or image.mode == "F":
         array = np.asarray(image)
         if image.mode == "F":
@@ -189,7 +231,9 @@ def to_mode(image: Any, mode: str) -> Any:
         elif array.max(initial=0) > 255 or image.mode.startswith("I;16"):
             array = np.clip(array, 0, 65535) / 257.0
         image = Image.fromarray(np.round(array).astype(np.uint8), "L")
-    elif image.mode == "P" and "transparency" in image.info or image.mode == "PA":
+    if mode == "RGBA" or image.mode == mode:
+        return image.convert(mode)
+    if image.mode == "P" and "transparency" in image.info or image.mode == "PA":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "RGBa", "La"):
         image = image.convert("RGBA")

@@ -31,6 +31,7 @@ from typing import Any
 
 from cnnforge.core.atomic import atomic_write_text
 from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.preprocessing import Preprocessing
 
 CONFIG = "config.json"
 DATA = "data.json"
@@ -189,6 +190,12 @@ class RunDir:
             return []
         with self.trials.open(newline="") as f:
             return list(csv.DictReader(f))
+
+    def read_preprocessing(self) -> Preprocessing | None:
+        """The preprocessing the run's data was read with (data.json); None where it records
+        none (no data.json: a run made before it existed)."""
+        saved = (self.read_json(self.data) or {}).get("preprocessing")
+        return Preprocessing.from_json(saved) if saved else None
 
     def read_cost(self, trial_id: str) -> dict[str, Any]:
         """What cnnforge recorded beside a trial (cost, history, failure); empty if nothing."""

@@ -48,14 +48,16 @@ class DataSummary:
         return [int(sum(t)) for t in zip(*self.counts.values(), strict=True)]
 
     @property
-    def imbalance(self) -> float:
-        """The largest class's count over the smallest's (inf when one is empty)."""
+    def imbalance(self) -> float | None:
+        """The largest class's count over the smallest's; None when a class has no images
+        (no ratio, and JSON has no infinity)."""
         totals = self.class_totals
-        return float("inf") if min(totals) == 0 else max(totals) / min(totals)
+        return None if min(totals) == 0 else max(totals) / min(totals)
 
     @property
     def imbalanced(self) -> bool:
-        return self.imbalance >= IMBALANCE_RATIO
+        """A class has :data:`IMBALANCE_RATIO` times the images of another, or one has none."""
+        return self.imbalance is None or self.imbalance >= IMBALANCE_RATIO
 
     def as_dict(self) -> dict[str, Any]:
         saved = asdict(self)

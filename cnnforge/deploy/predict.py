@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
-from cnnforge.core.preprocessing import IMAGE_MODES, Preprocessing
+from cnnforge.core.preprocessing import IMAGE_MODES, Preprocessing, pixel_range_of, scale
 from cnnforge.deploy.images import fit_image, load_image
 from cnnforge.deploy.onnxinfo import layout_from_shape
 from cnnforge.deploy.quantize import warn_if_slow
@@ -78,9 +78,9 @@ class Classifier:
                 f"{model} takes {self.channels}-channel images; cnnforge predict reads 1 "
                 "(grayscale), 3 (RGB) or 4 (RGBA)"
             )
-        self.pixel_range = tuple(self.metadata.get("pixel_range") or (0, 255))
-        self.preprocessing = model_preprocessing(
-            self.metadata, (self.height, self.width, self.channels), self.pixel_range, model
+        self.pixel_range = pixel_range_of(self.metadata)
+        self.preprocessing = Preprocessing.of_model(
+            self.metadata, (self.height, self.width, self.channels), model=str(model)
         )
         self.precision = self.metadata.get("precision")
         names = self.metadata.get("class_names")
@@ -127,7 +127,7 @@ class Classifier:
                     image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
                 )
             array = fit_image(image, self.preprocessing).pixels
-        return self.preprocessing.scale(array)
+        return scale(array, self.pixel_range)
 
     def probabilities(self, images: Sequence[ImageLike]) -> np.ndarray:
         """(images × classes) probabilities; every image is decoded before any is run."""
@@ -154,26 +154,6 @@ class Classifier:
                 )
             )
         return results
-
-
-def model_preprocessing(
-    metadata: dict[str, Any],
-    input_shape: tuple[int, int, int],
-    pixel_range: tuple[float, float],
-    model: Path | str,
-) -> Preprocessing:
-    """The preprocessing a model records (``cnnforge.preprocessing``) in its pixel range; a
-    model without it: stretched (bilinear) to its (H, W, C) input shape."""
-    saved = metadata.get("preprocessing")
-    if not saved:
-        return Preprocessing.for_shape(input_shape, pixel_range=pixel_range)
-    preprocessing = replace(Preprocessing.from_json(saved), pixel_range=pixel_range)
-    if (*preprocessing.size, preprocessing.channels) != tuple(input_shape):
-        raise CnnforgeError(
-            f"{model} records preprocessing to {preprocessing.describe()} but takes "
-            f"{input_shape} images; export it again"
-        )
-    return preprocessing
 
 
 def _describe(image: ImageLike) -> str:

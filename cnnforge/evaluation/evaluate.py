@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from cnnforge.core.errors import CnnforgeError
-from cnnforge.core.preprocessing import Preprocessing
+from cnnforge.core.preprocessing import IMAGE_MODES, Preprocessing, pixel_range_of, scale
 from cnnforge.data.dataset import Dataset, as_dataset
 from cnnforge.deploy.onnxinfo import image_input
 from cnnforge.deploy.runtime import metadata, open_session, predict, to_layout
@@ -75,17 +75,20 @@ def predict_images(
             f"images of shape {images.shape[1:]} (NHWC); give it the data it was trained for"
         )
     session = session if session is not None else open_session(onnx_path)
-    pixel_range = tuple(metadata(session).get("pixel_range") or (0, 255))
-    if pixel_range != (0, 255):  # the model takes other than raw pixels: as predict scales them
-        images = Preprocessing(pixel_range=pixel_range).scale(images)
+    low, high = pixel_range_of(metadata(session))
+    if (low, high) != (0, 255):  # the model takes other than raw pixels: as predict scales them
+        images = scale(images, (low, high))  # (raw ones are made float32 a batch at a time)
     return predict(session, to_layout(images, image.layout), batch_size)
 
 
-def recorded_preprocessing(session: Any) -> Preprocessing | None:
-    """The preprocessing the model records (``cnnforge.preprocessing``), so a data source is
-    read for it exactly as its training data was; None for a model without it."""
-    saved = metadata(session).get("preprocessing")
-    return Preprocessing.from_json(saved) if saved else None
+def source_preprocessing(onnx_path: Path | str, session: Any) -> Preprocessing | None:
+    """How a data source is read for the model, as ``predict`` reads a file for it
+    (:meth:`Preprocessing.of_model`): its recorded preprocessing, else stretched to its input
+    shape. None for an input that is not an image file's (say 6 channels): arrays as they are."""
+    shape = image_input(onnx_path).nhwc_shape
+    if shape[-1] not in IMAGE_MODES:
+        return None
+    return Preprocessing.of_model(metadata(session), shape, model=str(onnx_path))
 
 
 def evaluate(model_path: Path | str, data: str | Dataset) -> Evaluation:
@@ -93,7 +96,7 @@ def evaluate(model_path: Path | str, data: str | Dataset) -> Evaluation:
     loaded) with onnxruntime, in the model's own input layout (NHWC or NCHW, from its metadata
     or its graph: :func:`predict_images`)."""
     session = open_session(model_path)
-    dataset = as_dataset(data, preprocessing=recorded_preprocessing(session))
+    dataset = as_dataset(data, preprocessing=source_preprocessing(model_path, session))
     data = dataset.spec.name
     probabilities = predict_images(model_path, dataset.x_test, session=session, source=data)
     outputs = probabilities.shape[1]

@@ -40,13 +40,12 @@ def resolve_source(source: Path | str) -> ExportSource:
     if not run.is_run():
         return ExportSource(keras_path, None, None, None)
     config = run.read_config()
-    data = run.read_json(run.data) if run.data.is_file() else {}
     return ExportSource(
         keras_path,
         run.path,
         config["search"]["data"],
         tuple(config["data_spec"]["class_names"]),
-        Preprocessing.from_json(data["preprocessing"]) if data.get("preprocessing") else None,
+        run.read_preprocessing(),
     )
 
 

@@ -21,7 +21,7 @@ from cnnforge.evaluation.evaluate import (
     class_scores,
     confusion_matrix,
     predict_images,
-    recorded_preprocessing,
+    source_preprocessing,
 )
 
 
@@ -69,9 +69,11 @@ class Predictions:
 def predict_test_split(model_path: Path, data: str | Dataset) -> Predictions:
     """The ONNX model's predictions on the test split of ``data`` (onnxruntime, in the model's
     own layout, as ``evaluate`` makes them: :func:`cnnforge.evaluation.evaluate.predict_images`)."""
-    recorded = recorded_preprocessing(open_session(model_path)) if isinstance(data, str) else None
-    dataset = as_dataset(data, preprocessing=recorded)
-    probabilities = predict_images(model_path, dataset.x_test)
+    session = open_session(model_path)
+    dataset = as_dataset(data, preprocessing=source_preprocessing(model_path, session))
+    probabilities = predict_images(
+        model_path, dataset.x_test, session=session, source=dataset.spec.name
+    )
     return Predictions(
         dataset.x_test,
         dataset.y_test,

@@ -241,13 +241,11 @@ def _training_part(run_dir: Path, best_id: str | None, finished: bool) -> str:
 DataLoader = Callable[[str], Dataset]
 
 
-def _data_loader(dataset: Dataset | None, recorded: dict[str, Any] | None = None) -> DataLoader:
+def _data_loader(dataset: Dataset | None, preprocessing: Preprocessing | None) -> DataLoader:
     """The page's data by source, each source loaded once (two parts read the test split):
-    ``dataset`` when the caller has it, else loaded on first use, read by the preprocessing the
-    run ``recorded`` (its data.json) so the images are the model's."""
+    ``dataset`` when the caller has it, else loaded on first use, read by ``preprocessing``
+    (what the run recorded, :meth:`RunDir.read_preprocessing`) so the images are the model's."""
     loaded = {dataset.spec.name: dataset} if dataset is not None else {}
-    saved = (recorded or {}).get("preprocessing")
-    preprocessing = Preprocessing.from_json(saved) if saved else None
 
     def data(source: str) -> Dataset:
         if source not in loaded:
@@ -364,7 +362,7 @@ def render_html(run_dir: Path, dataset: Dataset | None = None) -> str:
     the caller has it loaded already)."""
     run_dir = Path(run_dir)
     run = RunDir(run_dir).read()
-    data = _data_loader(dataset, run.get("data"))
+    data = _data_loader(dataset, RunDir(run_dir).read_preprocessing())
     markdown = {title: lines for title, lines in report_sections(run)}
     class_names = tuple(run["config"]["data_spec"]["class_names"])
     best_id, finished = figures.best_trial(run)

@@ -112,3 +112,37 @@ def test_missing_source_and_bad_output_name(tmp_path, finished_run):
         export(tmp_path)
     with pytest.raises(CnnforgeError, match=r"must end in \.onnx"):
         export(finished_run.run_dir, tmp_path / "model.txt")
+
+
+def _small_model() -> keras.Model:
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3)(keras.layers.Rescaling(1 / 255)(inputs))
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs)
+
+
+def test_export_records_the_pixel_range_once_and_the_preprocessing_without_it(tmp_path):
+    from cnnforge.core.preprocessing import Preprocessing
+
+    result = export(_save(_small_model(), tmp_path), tmp_path / "m.onnx")
+    meta = metadata(open_session(result.onnx_path))
+    assert meta["pixel_range"] == [0, 255]
+    assert "pixel_range" not in meta["preprocessing"]
+    assert Preprocessing.of_model(meta, (16, 16, 3)) == Preprocessing.for_shape((16, 16, 3))
+
+
+def test_a_run_whose_data_json_does_not_fit_its_model_is_refused_not_exported(tmp_path):
+    """data.json records 20×20 images, best.keras takes 16×16: exporting would record a
+    preprocessing predict then refuses; the export says so instead, and writes nothing."""
+    from cnnforge.core.preprocessing import Preprocessing
+    from cnnforge.core.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    _save(_small_model(), run.path, "best.keras")
+    run.write_config({"data": "elsewhere.npz"}, {"class_names": ["a", "b", "c"]}, {})
+    recorded = Preprocessing(size=(20, 20), color_mode="RGB")
+    run.write_json(run.data, {"preprocessing": recorded.to_json()})
+    with pytest.raises(CnnforgeError, match=r"run of .*best\.keras \(its data\.json\) records "):
+        export(run.path)
+    assert not run.onnx.exists()

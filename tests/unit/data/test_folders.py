@@ -222,3 +222,28 @@ def test_class_weights_balance_the_classes(tmp_path):
         _save(tmp_path / "val" / name / "0.png", _gray(8, 8))
     weights = cnnforge.load_dataset(f"dir:{tmp_path}").class_weights()
     assert weights == pytest.approx({0: 12 / 18, 1: 12 / 6})
+
+
+def test_data_json_of_a_source_with_an_empty_class_is_valid_json(tmp_path):
+    """A class without images has no imbalance ratio: JSON null, flagged, never ``Infinity``."""
+    import json
+
+    from click.testing import CliRunner
+
+    from cnnforge.cli import cli
+
+    x = np.zeros((12, 8, 8, 1), dtype=np.uint8)
+    y = np.array([0] * 8 + [1] * 4)  # "c" has no images
+    np.savez(
+        tmp_path / "d.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=["a", "b", "c"]
+    )
+    out = tmp_path / "s.json"
+    result = CliRunner().invoke(cli, ["data", str(tmp_path / "d.npz"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "imbalanced (a class has no images)" in result.output
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    saved = json.loads(out.read_text(), parse_constant=refuse)
+    assert saved["imbalance"] is None and saved["imbalanced"] is True

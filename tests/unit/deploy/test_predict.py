@@ -183,3 +183,62 @@ def test_prediction_needs_neither_tensorflow_nor_keras(variants, test_images, tm
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(tmp_path)
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def _legacy_model(tmp_path, metadata: dict, name: str) -> Path:
+    import tiny_onnx
+
+    entries = {  # as the export stamps them: strings as they are, the rest as JSON
+        f"cnnforge.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()
+    }
+    return tiny_onnx.save(
+        tiny_onnx.conv_classifier(layout="NHWC", metadata=entries), tmp_path / name
+    )
+
+
+@pytest.mark.parametrize(
+    "metadata, pixel_range",
+    [
+        # exported before the pixel range was recorded once: a copy inside the preprocessing
+        ({"pixel_range": [0, 1], "preprocessing": {"pixel_range": [0, 255]}}, (0, 1)),
+        ({"pixel_range": [0, 255], "preprocessing": {"pixel_range": [0, 255]}}, (0, 255)),
+        ({"pixel_range": [0, 255], "preprocessing": {}}, (0, 255)),  # as exported now
+        ({}, (0, 255)),  # before any pixel range
+    ],
+)
+def test_models_exported_before_are_read_by_predict_and_evaluate_alike(
+    metadata, pixel_range, tmp_path
+):
+    """The model's ``cnnforge.pixel_range`` is the one range: predict and evaluate scale the
+    recorded (padded) pixels to it, whatever copy an older export left inside the preprocessing."""
+    from cnnforge.core.preprocessing import Preprocessing
+    from cnnforge.evaluation.evaluate import evaluate
+
+    recorded = Preprocessing(size=(16, 16), policy="pad", interpolation="nearest", color_mode="RGB")
+    if "preprocessing" in metadata:
+        metadata = {
+            **metadata,
+            "preprocessing": {**recorded.to_json(), **metadata["preprocessing"]},
+        }
+    model = _legacy_model(tmp_path, {"input_layout": "NHWC", **metadata}, "old.onnx")
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (8, 12, 20, 3), dtype=np.uint8)
+    y = np.arange(8) % 4
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CnnforgeWarning)
+        classifier = Classifier(model)
+    shape = (16, 16, 3)
+    expected = Preprocessing.of_model(metadata, shape).apply(Image.fromarray(x[0])) * (
+        pixel_range[1] / 255
+    )
+    np.testing.assert_allclose(classifier.pixels(x[0]), expected, rtol=1e-6)
+    probabilities = classifier.probabilities(list(x))
+    direct = predict(open_session(model), np.stack([classifier.pixels(i) for i in x]))
+    np.testing.assert_allclose(probabilities, direct, rtol=1e-6)
+    result = evaluate(model, str(tmp_path / "d.npz"))
+    predicted = probabilities.argmax(axis=1)
+    assert result.accuracy == pytest.approx(float(np.mean(predicted == y)))
+    assert np.array(result.confusion).sum() == 8

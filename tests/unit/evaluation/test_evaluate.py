@@ -68,3 +68,38 @@ def test_predict_images_feeds_each_model_its_own_layout(tmp_path):
     np.testing.assert_allclose(predict_images(nchw, images, batch_size=2), from_nhwc, atol=1e-5)
     with pytest.raises(CnnforgeError, match=r"takes images of shape \(3, 16, 16\) \(NCHW\)"):
         predict_images(nchw, images[..., :1])
+
+
+def photo_folder(root, size: tuple[int, int] = (24, 20), classes: int = 4):
+    """train/ and test/ folders of random RGB photos of (W, H) ``size``, classes c0, c1, …"""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for split, count in (("train", 3), ("test", 3)):
+        for c in range(classes):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_a_model_without_recorded_preprocessing_is_evaluated_as_predict_reads_it(layout, tmp_path):
+    """A model exported by another tool (no ``cnnforge.preprocessing``) on photos of another
+    size: evaluate stretches them to its input as Classifier does, and scores what it says."""
+    import tiny_onnx
+
+    from cnnforge import Classifier
+    from cnnforge.core.errors import CnnforgeWarning
+
+    model = tiny_onnx.save(tiny_onnx.conv_classifier(layout=layout), tmp_path / "bare.onnx")
+    root = photo_folder(tmp_path / "photos")
+    result = evaluate(model, str(root))
+    with pytest.warns(CnnforgeWarning, match="no cnnforge metadata"):
+        classifier = Classifier(model)
+    files = sorted((root / "test").glob("*/*.png"))
+    truth = np.array([int(f.parent.name[1:]) for f in files])
+    predicted = classifier.probabilities(files).argmax(axis=1)
+    assert result.images == len(files) == 12
+    assert result.confusion == confusion_matrix(truth, predicted, 4).tolist()

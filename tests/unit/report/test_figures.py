@@ -162,3 +162,28 @@ def test_test_split_figures_of_an_nchw_model_match_the_nhwc_ones(finished_run, s
     assert "Test images unavailable" not in page
     for figure in ("confusion matrix on the test split", "misclassified test images"):
         assert figure in figures
+
+
+def test_test_split_of_a_model_without_recorded_preprocessing_is_read_as_evaluate_reads_it(
+    tmp_path,
+):
+    """A model exported by another tool, on photos of another size: the report's test-split
+    figures stretch them to its input, as ``evaluate`` (and ``predict``) do."""
+    import tiny_onnx
+    from PIL import Image
+
+    from cnnforge.evaluation.evaluate import evaluate
+
+    rng = np.random.default_rng(5)
+    for split in ("train", "test"):
+        for c in range(4):
+            (tmp_path / "photos" / split / f"c{c}").mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "photos" / split / f"c{c}" / f"{i}.png")
+    model = tiny_onnx.save(tiny_onnx.conv_classifier(), tmp_path / "bare.onnx")
+    source = str(tmp_path / "photos")
+    predictions = predict_test_split(model, source)
+    assert predictions.images.shape == (12, 16, 16, 3)
+    names = ("c0", "c1", "c2", "c3")
+    assert class_table(predictions, names)["confusion"] == evaluate(model, source).confusion
