@@ -18,8 +18,11 @@ import tiny_onnx
 CLASSES = [f"class{i}" for i in range(10)]
 
 
-def model(path: Path, *, size: int = 28, channels: int = 1, layout: str = "NHWC") -> Path:
-    """A conv classifier with cnnforge metadata (class names, layout, pixels, accuracy)."""
+def model(
+    path: Path, *, size: int = 28, channels: int = 1, layout: str = "NHWC", batch: int | str = "n"
+) -> Path:
+    """A conv classifier with cnnforge metadata (class names, layout, pixels, accuracy); its
+    batch axis open, or fixed to ``batch``."""
     metadata = {
         "cnnforge.class_names": json.dumps(CLASSES),
         "cnnforge.input_layout": layout,
@@ -28,7 +31,12 @@ def model(path: Path, *, size: int = 28, channels: int = 1, layout: str = "NHWC"
         "cnnforge.accuracy": json.dumps({"onnx": 0.5}),
     }
     proto = tiny_onnx.conv_classifier(
-        layout=layout, channels=channels, size=size, classes=len(CLASSES), metadata=metadata
+        layout=layout,
+        channels=channels,
+        size=size,
+        classes=len(CLASSES),
+        metadata=metadata,
+        batch=batch,
     )
     return tiny_onnx.save(proto, path)
 

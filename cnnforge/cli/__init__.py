@@ -10,6 +10,7 @@ import warnings
 from typing import Any
 
 import click
+from rich.markup import escape
 
 from cnnforge import registry
 from cnnforge.cli import (
@@ -56,7 +57,9 @@ class CnnforgeGroup(click.Group):
     def _fail(ctx: click.Context, message: str, code: int = 1) -> None:
         if ctx.obj and ctx.obj.get("debug"):
             raise
-        err_console.print(f"[bold red]Error:[/] {message}".replace("\n", " "), soft_wrap=True)
+        # escaped: a message's own brackets (pip install 'cnnforge[serve]') are not markup
+        line = f"[bold red]Error:[/] {escape(message)}".replace("\n", " ")
+        err_console.print(line, soft_wrap=True)
         ctx.exit(code)
 
 

@@ -9,6 +9,7 @@ import click
 from cnnforge.cli.options import provider_choice
 from cnnforge.cli.output import console, quiet_tensorflow
 from cnnforge.core.contract import EXPORT_PRECISIONS, LAYOUTS
+from cnnforge.deploy.triton import DEFAULT_MAX_BATCH as TRITON_MAX_BATCH
 
 
 @click.command()
@@ -88,7 +89,7 @@ from cnnforge.core.contract import EXPORT_PRECISIONS, LAYOUTS
 @click.option(
     "--triton-max-batch",
     type=click.IntRange(min=1),
-    default=32,
+    default=TRITON_MAX_BATCH,
     show_default=True,
     help="max_batch_size of the Triton config (the model's batch axis is open).",
 )

@@ -10,6 +10,7 @@ from cnnforge.cli.options import provider_choice
 from cnnforge.deploy.server import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BODY,
+    DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_QUEUE,
     DEFAULT_MAX_WAIT_MS,
     TOKEN_ENV,
@@ -49,6 +50,13 @@ from cnnforge.deploy.server import (
     metavar="BYTES",
     help="Largest request body.",
 )
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    help="Largest image (width × height), refused from its header before it is decoded.",
+)
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
 @click.option(
     "--token",
@@ -64,6 +72,7 @@ def serve(
     max_wait_ms: float,
     max_queue: int,
     max_body: int,
+    max_pixels: int,
     threads: int | None,
     token: str | None,
     provider: str,
@@ -79,6 +88,7 @@ def serve(
         max_wait_ms=max_wait_ms,
         max_queue=max_queue,
         max_body=max_body,
+        max_pixels=max_pixels,
         threads=threads,
         token=token or None,
         provider=provider,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +22,16 @@ import numpy as np
 
 from cnnforge.core.errors import CnnforgeError
 
+log = logging.getLogger(__name__)
+STOP_TIMEOUT_S = 30.0
+
 
 class Overloaded(Exception):
     """The queue is full: the caller should come back later (HTTP 503 with Retry-After)."""
+
+
+class Stopped(Exception):
+    """The batcher stopped before this job was answered."""
 
 
 @dataclass
@@ -64,6 +72,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnnforge-batch")
         self._worker: asyncio.Task | None = None
         self._busy = False  # a batch is gathered and not yet answered
+        self._current: list[_Job] = []  # the jobs being gathered or answered
 
     @property
     def depth(self) -> int:
@@ -73,15 +82,25 @@ class Batcher:
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._work())
 
-    async def stop(self) -> None:
-        """Answer every job already queued, then stop the worker."""
-        while self.depth or self._busy:
+    async def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Answer every job already queued (for at most ``timeout`` seconds, and only while the
+        worker lives), then stop the worker; a job still unanswered gets :class:`Stopped`."""
+        deadline = time.monotonic() + timeout
+        while (self.depth or self._busy) and time.monotonic() < deadline:
+            if self._worker is None or self._worker.done():
+                break
             await asyncio.sleep(0.01)
+        running = self._busy  # a batch past the timeout: its thread is left to finish
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        self._executor.shutdown(wait=True)
+        leftover = self._current + ([self._held] if self._held is not None else [])
+        self._held = None
+        while not self._queue.empty():
+            leftover.append(self._queue.get_nowait())
+        _fail(leftover, Stopped("the server stopped before answering; send it again"))
+        self._executor.shutdown(wait=not running, cancel_futures=True)
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
         """The rows of ``run`` for ``images`` (at most ``max_batch``); :class:`Overloaded` when
@@ -108,9 +127,11 @@ class Batcher:
         except asyncio.TimeoutError:
             return None
 
-    async def _gather(self) -> list[_Job]:
+    async def _gather(self, jobs: list[_Job]) -> None:
+        """Fill ``jobs`` (the caller's, so a failure midway still knows whom to answer)."""
         first = await self._next(None)
-        jobs, count = [first], len(first.images)
+        jobs.append(first)
+        count = len(first.images)
         deadline = time.monotonic() + self.max_wait
         while count < self.max_batch:
             if self.arriving is not None and not self.depth and not self.arriving():
@@ -123,28 +144,28 @@ class Batcher:
                 break
             jobs.append(job)
             count += len(job.images)
-        return jobs
 
     async def _work(self) -> None:
+        """Batch after batch until cancelled; a failure fails that batch's jobs, not the loop
+        (a dead worker would leave every later caller waiting forever)."""
         while True:
-            jobs = await self._gather()
-            self._busy = True
+            jobs: list[_Job] = []
+            self._current = jobs
             try:
+                await self._gather(jobs)
+                self._busy = True
                 await self._answer(jobs)
+            except Exception as exc:
+                log.exception("a batch of %d jobs failed", len(jobs))
+                _fail(jobs, exc)
             finally:
                 self._busy = False
 
     async def _answer(self, jobs: list[_Job]) -> None:
         batch = np.concatenate([job.images for job in jobs])
         start = time.perf_counter()
-        try:
-            loop = asyncio.get_running_loop()
-            rows = await loop.run_in_executor(self._executor, self.run, batch)
-        except Exception as exc:  # every caller of this batch hears of it
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
-            return
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(self._executor, self.run, batch)
         if self.on_batch is not None:
             self.on_batch(len(batch), time.perf_counter() - start)
         offset = 0
@@ -153,3 +174,10 @@ class Batcher:
             if not job.future.done():  # a caller that went away has a cancelled future
                 job.future.set_result(rows[offset : offset + size])
             offset += size
+
+
+def _fail(jobs: list[_Job], exc: BaseException) -> None:
+    """Every caller of ``jobs`` still waiting hears of ``exc``."""
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(exc)

@@ -29,10 +29,12 @@ class LoadedImage:
     notes: list[str] = field(default_factory=list)
 
 
-def open_image(path: Path | str | bytes) -> tuple[Any, list[str]]:
+def open_image(path: Path | str | bytes, max_pixels: int | None = None) -> tuple[Any, list[str]]:
     """The decoded Pillow image of ``path`` (or of encoded image bytes) turned upright (EXIF
     orientation applied), and a note where it was turned; a missing or undecodable file, or one
-    over Pillow's pixel limit (a decompression bomb), is one clear line."""
+    over the pixel limit (a decompression bomb), is one clear line. The limit is Pillow's
+    (``Image.MAX_IMAGE_PIXELS``) or ``max_pixels`` where lower, checked from the header,
+    before anything is decoded."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(path, bytes):
@@ -46,9 +48,9 @@ def open_image(path: Path | str | bytes) -> tuple[Any, list[str]]:
         label, name, source = f"image {path}", path.name, path
     try:
         with Image.open(source) as image:
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit and image.size[0] * image.size[1] > limit:
-                raise _too_large(label, f" ({image.size[0]}×{image.size[1]})")
+            limit = min(x for x in (Image.MAX_IMAGE_PIXELS, max_pixels, float("inf")) if x)
+            if image.size[0] * image.size[1] > limit:
+                raise _too_large(label, f" ({image.size[0]}×{image.size[1]})", limit)
             image.load()
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
             upright = ImageOps.exif_transpose(image)
@@ -67,12 +69,13 @@ def open_image(path: Path | str | bytes) -> tuple[Any, list[str]]:
     return upright, notes
 
 
-def _too_large(label: str, size: str = "") -> CnnforgeError:
+def _too_large(label: str, size: str = "", limit: float | None = None) -> CnnforgeError:
     from PIL import Image
 
+    whose = "Pillow's limit" if limit in (None, Image.MAX_IMAGE_PIXELS) else "the limit"
     return CnnforgeError(
-        f"{label} is too large{size}: over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
-        "(a possible decompression bomb); give a smaller image"
+        f"{label} is too large{size}: over {whose} of {int(limit or Image.MAX_IMAGE_PIXELS):,} "
+        "pixels (a possible decompression bomb); give a smaller image"
     )
 
 

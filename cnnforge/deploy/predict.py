@@ -129,31 +129,39 @@ class Classifier:
             array = fit_image(image, self.preprocessing).pixels
         return scale(array, self.pixel_range)
 
+    def batch(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """(H, W, C) pixels of :meth:`pixels` stacked into one batch in the model's layout."""
+        return to_layout(np.stack(pixels), self.layout)
+
     def probabilities(self, images: Sequence[ImageLike]) -> np.ndarray:
         """(images × classes) probabilities; every image is decoded before any is run."""
         if not len(images):
             raise CnnforgeError("no images given; pass one or more image files")
-        batch = np.stack([self.pixels(image) for image in images])
-        return predict(self.session, to_layout(batch, self.layout))
+        return predict(self.session, self.batch([self.pixels(image) for image in images]))
+
+    def top(self, names: Sequence[str], rows: np.ndarray, top_k: int) -> list[Prediction]:
+        """The ``top_k`` most probable labels of each row of probabilities (``names``: the
+        images'); ties keep the class order, and ``top_k`` past the classes gives them all."""
+        if top_k < 1:
+            raise CnnforgeError(f"top_k must be at least 1, got {top_k}")
+        classes = self.class_names or tuple(str(i) for i in range(rows.shape[1]))
+        k = min(top_k, rows.shape[1])
+        results = []
+        for name, row in zip(names, rows, strict=True):
+            best = np.argsort(-row, kind="stable")[:k]
+            results.append(
+                Prediction(
+                    name, tuple(classes[i] for i in best), tuple(float(row[i]) for i in best)
+                )
+            )
+        return results
 
     def predict(self, images: Sequence[ImageLike], top_k: int = 5) -> list[Prediction]:
         """The ``top_k`` most probable labels of each image."""
         if top_k < 1:
             raise CnnforgeError(f"top_k must be at least 1, got {top_k}")
-        probabilities = self.probabilities(images)
-        names = self.class_names or tuple(str(i) for i in range(probabilities.shape[1]))
-        k = min(top_k, probabilities.shape[1])
-        results = []
-        for image, row in zip(images, probabilities, strict=True):
-            best = np.argsort(-row, kind="stable")[:k]
-            results.append(
-                Prediction(
-                    _describe(image),
-                    tuple(names[i] for i in best),
-                    tuple(float(row[i]) for i in best),
-                )
-            )
-        return results
+        rows = self.probabilities(images)
+        return self.top([_describe(image) for image in images], rows, top_k)
 
 
 def _describe(image: ImageLike) -> str:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib
 import ipaddress
+import logging
 import signal
 import socket
 import threading
@@ -36,18 +38,34 @@ import numpy as np
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.deploy.batching import Batcher, Overloaded
 from cnnforge.deploy.images import open_image
-from cnnforge.deploy.predict import Classifier, Prediction
-from cnnforge.deploy.runtime import predict, to_layout
+from cnnforge.deploy.predict import Classifier
+from cnnforge.deploy.runtime import predict
+
+log = logging.getLogger(__name__)
 
 TOKEN_ENV = "CNNFORGE_SERVE_TOKEN"
 DEFAULT_MAX_BODY = 16 * 2**20  # bytes of one request body; documented in docs/deployment.md
 DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_WAIT_MS = 2.0
-DEFAULT_MAX_QUEUE = 256  # requests waiting for a batch; beyond it a 503
+DEFAULT_MAX_QUEUE = 256  # requests read, decoded or waiting for a batch; beyond it a 503
+# pixels of one image (4096×4096), well below Pillow's 89 M: a decoded RGBA image ≤ 64 MiB
+DEFAULT_MAX_PIXELS = 4096 * 4096
+DECODERS = 2  # images decoded at once, whatever the number of requests
 RETRY_AFTER_S = 1
 GRACEFUL_TIMEOUT_S = 30
 RAW_TYPES = ("application/octet-stream",)  # and every image/* type
 ROUTES = ("/predict", "/health", "/metadata", "/metrics", "/openapi.json")
+
+
+def _require_serve() -> None:
+    """One line naming the extra when the serving packages are not installed."""
+    for module in ("starlette", "uvicorn", "prometheus_client"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise CnnforgeError(
+                f"serving needs {module}, which is not installed: pip install 'cnnforge[serve]'"
+            ) from None
 
 
 class RequestError(Exception):
@@ -161,15 +179,24 @@ class Service:
         threads: int | None,
         max_body: int,
         provider: str,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        decoders: int = DECODERS,
     ) -> None:
-        if max_body < 1:
-            raise CnnforgeError(f"max_body must be at least 1 byte, got {max_body}")
+        if max_body < 1 or max_pixels < 1 or decoders < 1:
+            raise CnnforgeError(
+                f"max_body ({max_body}), max_pixels ({max_pixels}) and decoders ({decoders}) "
+                "must be at least 1"
+            )
         self.classifier = Classifier(model, provider=provider, threads=threads)
-        self.max_batch, self.max_body = max_batch, max_body
+        self.fixed_batch = _fixed_batch(self.classifier, max_batch)
+        max_batch = min(max_batch, self.fixed_batch or max_batch)
+        self.max_batch, self.max_body, self.max_queue = max_batch, max_body, max_queue
+        self.max_pixels = max_pixels
         self.arriving = 0  # /predict requests being read and decoded, not yet queued
+        self.decoding = asyncio.Semaphore(decoders)  # bounds the decoded images in memory
         self.metrics = Metrics(max_batch)
         self.batcher = Batcher(
-            lambda batch: predict(self.classifier.session, batch),
+            self.run,
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
@@ -178,27 +205,28 @@ class Service:
         )
         self.metrics.queue.set_function(lambda: self.batcher.depth)
 
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """One onnxruntime call; a model with a fixed batch size gets its batch padded to it."""
+        size = len(batch)
+        if self.fixed_batch and size < self.fixed_batch:
+            padding = np.zeros((self.fixed_batch - size, *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, padding])
+        return predict(self.classifier.session, batch)[:size]
+
     def pixels(self, images: list[tuple[str, bytes]]) -> np.ndarray:
-        """The images as one batch in the model's layout: each decoded and turned upright, then
-        :meth:`Classifier.pixels`, as ``cnnforge predict`` does."""
+        """The images as one batch in the model's layout: each decoded (at most ``max_pixels``)
+        and turned upright, then :meth:`Classifier.pixels`, as ``cnnforge predict`` does."""
         arrays = []
         for name, data in images:
             try:
-                image, _ = open_image(data)
+                image, _ = open_image(data, self.max_pixels)
             except CnnforgeError as exc:
                 raise RequestError(422, "bad_image", f"{name}: {exc}") from None
             arrays.append(self.classifier.pixels(image))
-        return to_layout(np.stack(arrays), self.classifier.layout)
+        return self.classifier.batch(arrays)
 
     def answer(self, names: list[str], rows: np.ndarray, top_k: int) -> list[dict]:
-        classes = self.classifier.class_names or tuple(str(i) for i in range(rows.shape[1]))
-        k = min(top_k, rows.shape[1])
-        answers = []
-        for name, row in zip(names, rows, strict=True):
-            best = np.argsort(-row, kind="stable")[:k]
-            labels = tuple(classes[i] for i in best)
-            answers.append(Prediction(name, labels, tuple(float(row[i]) for i in best)).as_dict())
-        return answers
+        return [p.as_dict() for p in self.classifier.top(names, rows, top_k)]
 
     def metadata(self) -> dict[str, Any]:
         c = self.classifier
@@ -218,9 +246,39 @@ class Service:
             "output": {"name": graph_output.name, "shape": graph_output.shape},
             "precision": c.precision,
             "metrics": {"accuracy": c.metadata["accuracy"]} if "accuracy" in c.metadata else {},
-            "limits": {"max_images": self.max_batch, "max_body_bytes": self.max_body},
+            "limits": {
+                "max_images": self.max_batch,
+                "max_body_bytes": self.max_body,
+                "max_pixels": self.max_pixels,
+            },
             "versions": c.metadata.get("versions", {}),
         }
+
+
+def _fixed_batch(classifier: Classifier, max_batch: int) -> int | None:
+    """The model's batch size where its graph fixes one (``max_batch`` is capped to it, with a
+    warning), else None."""
+    size = classifier.session.get_inputs()[0].shape[0]
+    if not isinstance(size, int) or size < 1:
+        return None
+    if max_batch > size:
+        warnings.warn(
+            f"{Path(classifier.model).name} takes batches of exactly {size} image"
+            f"{'s' if size > 1 else ''}; serving at most {size} per onnxruntime call and per "
+            "request (export it again for dynamic batching)",
+            CnnforgeWarning,
+            stacklevel=4,
+        )
+    return size
+
+
+def _overloaded() -> RequestError:
+    return RequestError(
+        503,
+        "overloaded",
+        "the server's queue is full; retry after a second",
+        {"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 async def _read_body(request: Any, limit: int) -> bytes:
@@ -297,9 +355,13 @@ def create_app(
     token: str | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     provider: str = "cpu",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    decoders: int = DECODERS,
 ) -> Any:
     """The ASGI app (Starlette) serving ``model``; the model is loaded now, so a bad file fails
-    here, before anything listens. A request may carry at most ``max_batch`` images."""
+    here, before anything listens. A request may carry at most ``max_batch`` images of at most
+    ``max_pixels`` pixels each; at most ``decoders`` images are decoded at once."""
+    _require_serve()
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
@@ -314,31 +376,36 @@ def create_app(
         threads=threads,
         max_body=max_body,
         provider=provider,
+        max_pixels=max_pixels,
+        decoders=decoders,
     )
 
     async def predict_route(request: Any) -> Any:
         try:
             top_k = _top_k(request)
+            # refused before the body is read: memory holds at most max_queue requests
+            if service.batcher.depth + service.arriving >= service.max_queue:
+                raise _overloaded()
             service.arriving += 1
             try:
                 images = await _images(request, service.max_body, service.max_batch)
-                batch = await asyncio.to_thread(service.pixels, images)
+                async with service.decoding:
+                    batch = await asyncio.to_thread(service.pixels, images)
             finally:
                 service.arriving -= 1
             try:
                 rows = await service.batcher.submit(batch)
             except Overloaded:
-                raise RequestError(
-                    503,
-                    "overloaded",
-                    "the server's queue is full; retry after a second",
-                    {"Retry-After": str(RETRY_AFTER_S)},
-                ) from None
+                raise _overloaded() from None
+            names = [name for name, _ in images]
+            return JSONResponse({"predictions": service.answer(names, rows, top_k)})
         except RequestError as exc:
             service.metrics.errors.labels(exc.reason).inc()
             return JSONResponse({"error": str(exc)}, exc.status, headers=exc.headers)
-        names = [name for name, _ in images]
-        return JSONResponse({"predictions": service.answer(names, rows, top_k)})
+        except Exception:  # onnxruntime, Pillow, a bug: logged, counted, still one JSON line
+            log.exception("/predict failed")
+            service.metrics.errors.labels("internal").inc()
+            return JSONResponse({"error": "internal error; see the server's log"}, 500)
 
     async def health(request: Any) -> Any:
         return JSONResponse({"status": "ok"})
@@ -431,6 +498,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                                 ("413", "body over the limit, or too many images"),
                                 ("415", "content type not accepted"),
                                 ("422", "an image that does not decode or is over the pixel limit"),
+                                ("500", "an unexpected failure (logged)"),
                                 ("503", "queue full; retry after Retry-After seconds"),
                             )
                         },
@@ -449,6 +517,7 @@ def server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_level: st
     """A uvicorn server for ``app`` (call ``.run()``; set ``.should_exit`` to stop it). Unlike
     uvicorn's own, a signal ends it with a drained, clean return (exit status 0) instead of
     raising the signal again after the shutdown."""
+    _require_serve()
     import uvicorn
 
     class Server(uvicorn.Server):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cnnforge.core.errors import CnnforgeError
-from cnnforge.deploy.batching import Batcher, Overloaded
+from cnnforge.deploy.batching import Batcher, Overloaded, Stopped
 
 
 def identify(batch: np.ndarray) -> np.ndarray:
@@ -132,3 +132,49 @@ def test_limits_are_checked():
             await batcher.submit(images(1, 2, 3))
 
     asyncio.run(main())
+
+
+def test_a_batch_that_cannot_be_stacked_fails_its_callers_and_the_worker_lives():
+    async def main():
+        batcher = Batcher(identify, max_batch=8, max_wait_ms=200, max_queue=8)
+        batcher.start()
+        # gathered into one batch: images of two shapes, np.concatenate fails
+        odd = np.zeros((1, 3), np.float32)
+        results = await asyncio.wait_for(
+            asyncio.gather(batcher.submit(images(1)), batcher.submit(odd), return_exceptions=True),
+            10,
+        )
+        rows = await asyncio.wait_for(batcher.submit(images(6)), 10)
+        await asyncio.wait_for(batcher.stop(), 10)
+        return results, rows
+
+    results, rows = asyncio.run(main())
+    assert all(isinstance(r, ValueError) for r in results), results
+    assert rows.tolist() == [[6, 1]]
+
+
+def test_stop_returns_within_its_timeout_and_fails_what_it_could_not_answer():
+    release = threading.Event()
+
+    def stuck(batch: np.ndarray) -> np.ndarray:
+        release.wait(30)
+        return identify(batch)
+
+    async def main():
+        batcher = Batcher(stuck, max_batch=1, max_wait_ms=0, max_queue=4)
+        batcher.start()
+        jobs = [asyncio.ensure_future(batcher.submit(images(i))) for i in (1, 2)]
+        await asyncio.sleep(0.05)  # job 1 runs (stuck), job 2 waits
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.wait_for(batcher.stop(timeout=0.2), 10)
+        elapsed = loop.time() - start
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        return elapsed, results
+
+    try:
+        elapsed, results = asyncio.run(main())
+    finally:
+        release.set()
+    assert elapsed < 5
+    assert all(isinstance(r, Stopped) for r in results), results

@@ -242,3 +242,23 @@ def test_models_exported_before_are_read_by_predict_and_evaluate_alike(
     predicted = probabilities.argmax(axis=1)
     assert result.accuracy == pytest.approx(float(np.mean(predicted == y)))
     assert np.array(result.confusion).sum() == 8
+
+
+def test_top_and_batch_are_the_one_top_k_and_batch_predict_and_serve_use(tmp_path):
+    import serving
+
+    classifier = Classifier(serving.model(tmp_path / "nchw.onnx", layout="NCHW"))
+    rows = np.array([[0.1, 0.4, 0.4, 0.1] + [0.0] * 6, [0.0] * 9 + [1.0]], np.float32)
+    first, second = classifier.top(["a.png", "b.png"], rows, 2)
+    assert first.labels == ("class1", "class2")  # a tie keeps the class order
+    assert second.top == [("class9", 1.0), ("class0", 0.0)]
+    assert len(classifier.top(["a"], rows[:1], 99)[0].labels) == 10
+    with pytest.raises(CnnforgeError, match="top_k"):
+        classifier.top(["a"], rows[:1], 0)
+    pixels = [np.full((28, 28, 1), v, np.float32) for v in (0.0, 1.0)]
+    batch = classifier.batch(pixels)
+    assert batch.shape == (2, 1, 28, 28) and batch[1].min() == 1.0  # stacked, in NCHW
+    image = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    (prediction,) = classifier.predict([image], top_k=3)
+    expected = classifier.top([prediction.image], classifier.probabilities([image]), 3)
+    assert [prediction] == expected

@@ -5,6 +5,10 @@ server goes on, the token, the bounded queue, metrics, metadata and OpenAPI."""
 from __future__ import annotations
 
 import io
+import socket
+import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,9 +17,9 @@ import pytest
 import serving
 from PIL import Image
 
-from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.deploy.predict import Classifier
-from cnnforge.deploy.server import create_app
+from cnnforge.deploy.server import DEFAULT_MAX_PIXELS, create_app
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -195,7 +199,11 @@ def test_metadata_metrics_and_openapi(url, image_files):
     assert meta["classes"] == serving.CLASSES
     assert meta["input"]["layout"] == "NHWC" and meta["input"]["height"] == 28
     assert meta["precision"] == "fp32" and meta["metrics"] == {"accuracy": {"onnx": 0.5}}
-    assert meta["limits"] == {"max_images": 4, "max_body_bytes": 300_000}
+    assert meta["limits"] == {
+        "max_images": 4,
+        "max_body_bytes": 300_000,
+        "max_pixels": DEFAULT_MAX_PIXELS,
+    }
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     files = [("images", (f"{i}.png", image_files[0].read_bytes())) for i in range(3)]
     assert httpx.post(f"{url}/predict", files=files).status_code == 200
@@ -208,7 +216,7 @@ def test_metadata_metrics_and_openapi(url, image_files):
     assert float(count.split()[-1]) >= 3
     spec = httpx.get(f"{url}/openapi.json").json()
     assert set(spec["paths"]) == {"/predict", "/health", "/metadata", "/metrics", "/openapi.json"}
-    assert {"400", "413", "415", "422", "503"} <= set(
+    assert {"400", "413", "415", "422", "500", "503"} <= set(
         spec["paths"]["/predict"]["post"]["responses"]
     )
 
@@ -258,3 +266,156 @@ def test_a_bad_model_fails_before_anything_listens(tmp_path):
     (tmp_path / "broken.onnx").write_bytes(b"not onnx")
     with pytest.raises(CnnforgeError, match="broken.onnx.*complete .onnx file"):
         create_app(tmp_path / "broken.onnx")
+
+
+def half_sent(port: int, body: bytes) -> socket.socket:
+    """A raw-bytes request whose headers and first half of the body are sent, the rest not."""
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n"
+    )
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    connection.sendall(head.encode() + body[: len(body) // 2])
+    return connection
+
+
+def wait_for(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_full_server_refuses_before_reading_the_body(model, image_files):
+    app = create_app(model, max_queue=1)
+    service = app.state.service
+    data = image_files[0].read_bytes()
+    with serving.running(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        connection = half_sent(port, data)
+        wait_for(lambda: service.arriving == 1)  # its body is being read
+        refused = httpx.post(f"{base}/predict", content=b"\0" * 100_000, headers=_raw)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "queue is full" in refused.json()["error"]
+        connection.sendall(data[len(data) // 2 :])
+        answer = connection.recv(65536)
+        connection.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert httpx.post(f"{base}/predict", content=data, headers=_raw).status_code == 200
+
+
+def test_images_over_the_servers_pixel_limit_are_refused_before_decoding(model):
+    assert DEFAULT_MAX_PIXELS * 4 < Image.MAX_IMAGE_PIXELS  # well below Pillow's own limit
+    with serving.running(create_app(model, max_pixels=10_000)) as base:
+        large = encode(Image.new("L", (101, 100)))
+        response = httpx.post(f"{base}/predict", content=large, headers=_raw)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert "101×100" in error and "limit of 10,000 pixels" in error
+        small = encode(Image.new("L", (100, 100)))
+        assert httpx.post(f"{base}/predict", content=small, headers=_raw).status_code == 200
+
+
+def test_decoding_is_bounded_however_many_requests_arrive(model):
+    app = create_app(model, decoders=1)
+    service = app.state.service
+    decode, active, most = service.pixels, [0], [0]
+    lock = threading.Lock()
+
+    def counted(images):  # the real decoder, counting how many run at once
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            return decode(images)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    service.pixels = counted
+    rng = np.random.default_rng(2)
+    data = encode(Image.fromarray(rng.integers(0, 256, (600, 600), dtype=np.uint8)))
+    with (
+        serving.running(app) as base,
+        httpx.Client(timeout=60) as client,
+        ThreadPoolExecutor(8) as pool,
+    ):
+        statuses = list(
+            pool.map(
+                lambda _: client.post(f"{base}/predict", content=data, headers=_raw).status_code,
+                range(16),
+            )
+        )
+    assert statuses == [200] * 16
+    assert most[0] == 1
+
+
+def test_a_model_with_a_fixed_batch_size_serves_concurrent_requests(tmp_path, image_files):
+    one = serving.model(tmp_path / "one.onnx", batch=1)
+    with pytest.warns(CnnforgeWarning, match="batches of exactly 1 image;"):
+        app = create_app(one, max_batch=8, max_wait_ms=20)
+    data = [p.read_bytes() for p in image_files]
+    with serving.running(app) as base, httpx.Client(timeout=60) as client:
+        assert httpx.get(f"{base}/metadata").json()["limits"]["max_images"] == 1
+
+        def call(n):
+            return client.post(f"{base}/predict", content=data[n % len(data)], headers=_raw)
+
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(call, range(24)))
+        assert [r.status_code for r in responses] == [200] * 24, responses[0].text
+    # a fixed batch of 4: a lone request is padded to it, and answers as the open model does
+    four = serving.model(tmp_path / "four.onnx", batch=4)
+    expected = Classifier(serving.model(tmp_path / "open.onnx")).predict(image_files, top_k=3)
+    with pytest.warns(CnnforgeWarning, match="batches of exactly 4 images;"):
+        app = create_app(four)
+    with serving.running(app) as base:
+        files = [("images", (p.name, p.read_bytes())) for p in image_files[:2]]
+        response = httpx.post(f"{base}/predict?top_k=3", files=files)
+        assert response.status_code == 200, response.text
+        for answer, want in zip(response.json()["predictions"], expected[:2], strict=False):
+            assert_same(answer, want)
+
+
+def failing_over_one_image(path):
+    """The test classifier, but its graph reshapes the answer to one row: onnxruntime fails at
+    run time on a batch of two or more (as a model with a broken batch axis does)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(serving.model(path)))
+    graph = proto.graph
+    graph.node[-1].output[0] = "softmax"
+    graph.initializer.append(numpy_helper.from_array(np.array([1, 10], np.int64), "one_row"))
+    graph.node.append(helper.make_node("Reshape", ["softmax", "one_row"], ["probabilities"]))
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_an_unexpected_failure_is_a_counted_json_500_and_the_server_goes_on(
+    tmp_path, image_files, caplog
+):
+    app = create_app(failing_over_one_image(tmp_path / "broken.onnx"))
+    data = image_files[0].read_bytes()
+    with serving.running(app) as base:
+        files = [("images", (f"{i}.png", data)) for i in range(2)]
+        response = httpx.post(f"{base}/predict", files=files)
+        assert response.status_code == 500
+        assert response.json() == {"error": "internal error; see the server's log"}
+        text = httpx.get(f"{base}/metrics").text
+        assert 'cnnforge_errors_total{reason="internal"} 1.0' in text
+        assert 'cnnforge_requests_total{route="/predict",status="500"} 1.0' in text
+        assert httpx.post(f"{base}/predict", content=data, headers=_raw).status_code == 200
+    assert "/predict failed" in caplog.text
+
+
+def test_serving_without_the_serve_extra_is_one_line(model, monkeypatch):
+    from click.testing import CliRunner
+
+    from cnnforge.cli import cli
+
+    monkeypatch.setitem(sys.modules, "starlette", None)  # as if it were not installed
+    result = CliRunner().invoke(cli, ["serve", str(model)])
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "starlette" in line and "pip install 'cnnforge[serve]'" in line

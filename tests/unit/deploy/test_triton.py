@@ -70,3 +70,11 @@ def test_bad_names_and_inputs_are_one_line(tmp_path):
     with pytest.raises(CnnforgeError, match="does not exist"):
         write_triton_repository(tmp_path / "missing.onnx", tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+def test_export_triton_max_batch_defaults_to_the_triton_constant():
+    from cnnforge.cli.export_command import export
+    from cnnforge.deploy.triton import DEFAULT_MAX_BATCH
+
+    (option,) = [p for p in export.params if p.name == "triton_max_batch"]
+    assert option.default is DEFAULT_MAX_BATCH
