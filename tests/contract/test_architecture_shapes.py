@@ -251,6 +251,13 @@ def test_the_readmes_hypermodel_searches_fitting_what_the_same_instance_built(sm
     assert result.best_trial.hyperparameters["batch_size"] in (16, 32)
     cls = cnnforge.get("architecture", "readme_hypermodel").fn  # the registered class
     assert cls.fitted_what_it_built is True
+    # its fit picked its own batch size: no throughput from the search's batch size
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trial = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "trial_0"))
+    trial.Reload()
+    tags = set(trial.Tags()["tensors"])
+    assert "epoch/loss" in tags and "epoch/images_per_s" not in tags
 
 
 def test_a_hypermodels_own_fit_on_streamed_images_is_refused(tmp_path, monkeypatch):
