@@ -73,6 +73,8 @@ class SearchResult:
     spec: DataSpec
     objective: str
     final_training: FinalTraining | None = None
+    # the trackers that logged the search to its end (not those that failed to start or stopped)
+    tracked: tuple[str, ...] = ()
 
 
 def resolve_plugin(config: SearchConfig) -> Plugin:
@@ -425,7 +427,14 @@ def _finish(
     save_model_atomic(best_model, run.best_model)
     run.write_json(run.search, {**asdict(best), "final_training": asdict(final) if final else None})
     return SearchResult(
-        config.run_dir, run.best_model, best, records, dataset.spec, config.objective, final
+        config.run_dir,
+        run.best_model,
+        best,
+        records,
+        dataset.spec,
+        config.objective,
+        final,
+        tracked=tuple(tuner.tracking.names),
     )
 
 
