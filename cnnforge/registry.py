@@ -174,6 +174,14 @@ def architecture(
     def decorator(obj: F) -> F:
         plugin_name = name or _default_name(obj)
         extra = architecture_form(obj, plugin_name)
+        if extra["form"] == FEATURES and (pixel_range is not None or recipe):
+            given = "pixel_range" if pixel_range is not None else "recipe"
+            raise CnnforgeError(
+                f"architecture plugin {plugin_name!r} (from {_current_source}): {given}= is for "
+                "a whole model (build(hp) or build(hp, spec), or a HyperModel); a build(hp, "
+                "inputs, spec) plugin always takes pixels scaled to 0-1 and the searched recipe: "
+                f"drop {given}="
+            )
         if pixel_range is not None:
             extra["pixel_range"] = _pixel_range(pixel_range, plugin_name)
         if recipe:

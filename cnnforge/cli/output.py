@@ -18,7 +18,6 @@ from cnnforge.core.objectives import best_first
 
 if TYPE_CHECKING:
     from cnnforge.bench.results import BenchReport
-    from cnnforge.tuning.config import SearchConfig
     from cnnforge.tuning.records import TrialRecord
     from cnnforge.tuning.search import SearchResult
 
@@ -180,15 +179,16 @@ def print_bench(report: BenchReport) -> None:
         print_table(BEST_HEADERS, best, title="Best thread count per batch size")
 
 
-def print_tracking(config: SearchConfig) -> None:
-    """How to look at the search's trials in the trackers it logged to."""
+def print_tracking(result: SearchResult) -> None:
+    """How to look at the search's trials in the trackers that logged it to its end (one that
+    failed to start or stopped was a warning already, and has nothing to look at)."""
     from cnnforge.core.rundir import RunDir
     from cnnforge.tracking.mlflow import tracking_uri
 
-    run = RunDir(config.run_dir)
-    if "tensorboard" in (config.track or []):
+    run = RunDir(result.run_dir)
+    if "tensorboard" in result.tracked:
         console.print(f"tensorboard: tensorboard --logdir {run.tensorboard}", soft_wrap=True)
-    if "mlflow" in (config.track or []):
+    if "mlflow" in result.tracked:
         uri = tracking_uri(run.path)
         line = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri
         console.print(f"mlflow:      {line}", soft_wrap=True)

@@ -70,7 +70,7 @@ def search(**options: Any) -> None:
     print_trials(result)
     trials_csv = RunDir(result.run_dir).trials
     console.print(f"best model: {result.best_model}\ntrials:     {trials_csv}")
-    print_tracking(config)
+    print_tracking(result)
 
 
 @click.command()
@@ -106,7 +106,7 @@ def run(**options: Any) -> None:
     )
     for name, path in result.artifacts().items():
         console.print(f"  {name:<16} {path}", soft_wrap=True)  # long paths stay whole
-    print_tracking(config)
+    print_tracking(result.search)
 
 
 # trials.csv columns shown by ``trials``, under these headers (the score under the objective's

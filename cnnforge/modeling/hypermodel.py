@@ -29,6 +29,7 @@ import numpy as np
 from cnnforge.core.contract import INPUT_NAME, OUTPUT_NAME
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.data.dataset import DataSpec
+from cnnforge.data.stream import MEMORY_ENV
 from cnnforge.modeling import training, transfer, whole
 from cnnforge.registry import FEATURES, Plugin
 
@@ -145,7 +146,8 @@ class PluginHyperModel(keras_tuner.HyperModel):
 
     def __init__(self, plugin: Plugin, spec: DataSpec, seed: int = 0) -> None:
         super().__init__(name=plugin.name, tunable=True)
-        self.plugin = plugin
+        # a HyperModel class is made once: the instance that builds a trial's model fits it
+        self.plugin = whole.with_hypermodel_instance(plugin)
         self.spec = spec
         self.seed = seed
         self.last_fit: dict[str, Any] = {}
@@ -180,9 +182,10 @@ class PluginHyperModel(keras_tuner.HyperModel):
             training.compile_model(model, recipe, steps=steps)
         clock = TrainingClock()
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), clock]
-        if whole.overrides_fit(self.plugin):
+        own_fit = whole.overrides_fit(self.plugin)
+        if own_fit:
             history = self._plugins_fit(
-                hp, model, x, y, validation_data, batch_size, epochs, initial_epoch, kwargs
+                hp, model, x, y, validation_data, epochs, initial_epoch, kwargs
             )
         else:
             train = training.training_data(
@@ -210,7 +213,8 @@ class PluginHyperModel(keras_tuner.HyperModel):
             "train_seconds": clock.seconds,  # the training passes alone, not validation
             "epoch_start_seconds": clock.start_seconds / max(1, clock.epochs),
             "steady_seconds": clock.steady_seconds,
-            "steady_examples": clock.steady_steps * batch_size,
+            # a plugin's own fit picks its own batch size: its pace is not known
+            "steady_examples": None if own_fit else clock.steady_steps * batch_size,
             # KerasTuner keeps only each metric's best epoch; the report plots every epoch.
             "history": {k: [float(v) for v in values] for k, values in history.history.items()},
         }
@@ -223,14 +227,23 @@ class PluginHyperModel(keras_tuner.HyperModel):
         x: Any,
         y: Any,
         validation_data: tuple[Any, Any] | None,
-        batch_size: int,
         epochs: int,
         initial_epoch: int,
         kwargs: dict[str, Any],
     ) -> Any:
         """A HyperModel's own ``fit``, given what KerasTuner tutorials give it: float pixels
-        (the model scales them) and one-hot labels; its History (or the model's last one)."""
+        (the model scales them) and one-hot labels; its History (or the model's last one).
+
+        No ``batch_size`` is passed: a HyperModel's ``fit`` that sets its own (KerasTuner's
+        tutorials tune it) would get it twice; one that does not trains with Keras's default."""
         classes = self.spec.num_classes
+        if hasattr(x, "tf_dataset"):  # image files read from disk: cnnforge.data.stream
+            raise CnnforgeError(
+                f"architecture plugin {self.plugin.name!r} has its own fit(), which takes arrays "
+                "in memory, but these images are streamed from disk (they exceed the memory "
+                f"bound, {MEMORY_ENV}): raise {MEMORY_ENV}, pass a smaller --image-size, or drop "
+                "the plugin's fit() to train through cnnforge"
+            )
         if validation_data is not None:
             x_val, y_val = validation_data
             kwargs["validation_data"] = (
@@ -242,7 +255,6 @@ class PluginHyperModel(keras_tuner.HyperModel):
             model,
             np.asarray(x, "float32"),
             keras.utils.to_categorical(y, classes),
-            batch_size=batch_size,
             epochs=epochs,
             initial_epoch=initial_epoch,
             **kwargs,

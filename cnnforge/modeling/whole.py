@@ -26,6 +26,7 @@ cnnforge's searched training recipe like any other architecture.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from typing import Any
 
@@ -48,6 +49,20 @@ def _where(plugin: Plugin) -> str:
 def hypermodel_of(plugin: Plugin) -> Any:
     """The plugin's ``keras_tuner.HyperModel``: the registered instance, or one of its class."""
     return plugin.fn() if isinstance(plugin.fn, type) else plugin.fn
+
+
+def with_hypermodel_instance(plugin: Plugin) -> Plugin:
+    """``plugin`` with its HyperModel class made into one instance, so that the instance that
+    builds a trial's model is the one that fits it (a ``fit`` may use what ``build`` set)."""
+    if plugin.info.get("form") != HYPERMODEL or not isinstance(plugin.fn, type):
+        return plugin
+    try:
+        instance = plugin.fn()
+    except Exception as exc:
+        raise CnnforgeError(
+            f"{_where(plugin)}: {plugin.fn.__name__}() failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    return dataclasses.replace(plugin, fn=instance)
 
 
 def overrides_fit(plugin: Plugin) -> bool:

@@ -61,6 +61,9 @@ class MlflowTracker:
         self.ids.setdefault("tracking_uri", self.uri)
         self.ids.setdefault("trials", {})
         self._open: set[str] = set()  # runs this process set RUNNING and has not ended
+        # trial id → the last epoch its run has logged already (a trial re-run after an
+        # interruption logs only the epochs beyond it: no step twice)
+        self._logged_to: dict[str, int] = {}
 
     # --- runs --------------------------------------------------------------------------
 
@@ -119,6 +122,7 @@ class MlflowTracker:
 
     def trial_started(self, trial_id: str, hyperparameters: Mapping[str, Any]) -> None:
         if self._continue(self.ids["trials"].get(trial_id)):
+            self._logged_to[trial_id] = self._last_epoch(self.ids["trials"][trial_id])
             return
         tags = {"mlflow.parentRunId": self.parent_id, "cnnforge.trial_id": trial_id}
         self.ids["trials"][trial_id] = self._create(f"trial_{trial_id}", tags)
@@ -127,6 +131,8 @@ class MlflowTracker:
         self._log(self.ids["trials"][trial_id], params=params)
 
     def epoch_ended(self, trial_id: str, epoch: int, scalars: Mapping[str, float]) -> None:
+        if epoch <= self._logged_to.get(trial_id, -1):
+            return
         self._log(self.ids["trials"][trial_id], metrics=scalars, step=epoch)
 
     def trial_ended(self, trial: Mapping[str, Any]) -> None:
@@ -168,6 +174,12 @@ class MlflowTracker:
             self._end(run_id, "KILLED")
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _last_epoch(self, run_id: str) -> int:
+        """The last epoch step ``run_id`` holds a metric for; -1 if none."""
+        keys = set(self.client.get_run(run_id).data.metrics) - set(TRIAL_METRICS)
+        steps = [m.step for k in keys for m in self.client.get_metric_history(run_id, k)]
+        return max(steps, default=-1)
 
     def _end(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)

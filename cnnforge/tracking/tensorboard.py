@@ -35,6 +35,9 @@ class TensorBoardTracker:
         self.logdir = RunDir(run_dir).tensorboard
         self.logdir.mkdir(parents=True, exist_ok=True)
         self._writers: dict[str, Any] = {}
+        # trial id → the last epoch its folder holds already (a trial re-run after an
+        # interruption logs only the epochs beyond it: no step twice)
+        self._logged_to: dict[str, int] = {}
 
     def _writer(self, trial_id: str) -> Any:
         if trial_id not in self._writers:
@@ -58,11 +61,14 @@ class TensorBoardTracker:
     def trial_started(self, trial_id: str, hyperparameters: Mapping[str, Any]) -> None:
         from tensorboard.plugins.hparams import api as hp
 
+        self._logged_to[trial_id] = self._last_epoch(self.logdir / f"trial_{trial_id}")
         values = {k: _hparam_value(v) for k, v in hyperparameters.items()}
         with self._writer(trial_id).as_default():
             hp.hparams(values, trial_id=f"trial_{trial_id}")
 
     def epoch_ended(self, trial_id: str, epoch: int, scalars: Mapping[str, float]) -> None:
+        if epoch <= self._logged_to.get(trial_id, -1):
+            return
         writer = self._writer(trial_id)
         with writer.as_default():
             for name, value in scalars.items():
@@ -93,6 +99,15 @@ class TensorBoardTracker:
 
     def winner(self, artifacts: Sequence[Path], onnx: Path | None) -> None:
         pass  # TensorBoard keeps no files
+
+    def _last_epoch(self, folder: Path) -> int:
+        """The last ``epoch/*`` step in ``folder``'s event files; -1 if none (a new trial)."""
+        last = -1
+        for path in sorted(folder.glob("events.out.tfevents.*")):
+            for event in self._tf.compat.v1.train.summary_iterator(str(path)):
+                if any(v.tag.startswith("epoch/") for v in event.summary.value):
+                    last = max(last, event.step)
+        return last
 
     def close(self) -> None:
         for writer in self._writers.values():

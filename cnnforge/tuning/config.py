@@ -14,6 +14,7 @@ from typing import Any
 from cnnforge.core.contract import TRAINING_PRECISIONS, TUNERS
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.preprocessing import Preprocessing, parse_size
+from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, load_dataset
 from cnnforge.tracking import parse_track
 from cnnforge.tuning.candidate import LIMITS, Budget, Target
@@ -258,9 +259,26 @@ class SearchConfig:
             self.data,
             val_fraction=self.val_fraction,
             seed=self.seed,
-            preprocessing=self.preprocessing(),
+            preprocessing=self.data_preprocessing(),
             strict=self.strict_data,
         )
+
+    def data_preprocessing(self) -> Preprocessing:
+        """The preprocessing to read the data with: the one the run directory recorded in
+        data.json when it is what was asked for, so a resumed search, a worker sharing the run
+        directory or ``trial_model`` gets the input shape of the checkpoints even if the folder
+        changed (a size chosen from the data is not chosen again); else the one asked for."""
+        asked = self.preprocessing()
+        run = RunDir(self.run_dir)
+        saved = (run.read_json(run.data) or {}).get("preprocessing") if run.is_run() else None
+        if not saved:
+            return asked
+        recorded = Preprocessing.from_json(saved)
+        same = asked.size in (None, recorded.size) and (asked.policy, asked.interpolation) == (
+            recorded.policy,
+            recorded.interpolation,
+        )
+        return recorded if same else asked  # another search: the run directory check refuses it
 
     def preprocessing(self) -> Preprocessing:
         """The preprocessing asked for (what it leaves open is chosen from the data)."""

@@ -90,7 +90,16 @@ def train_again(
     keras.backend.clear_session()  # as KerasTuner does before a trial: the same layer names
     model = hypermodel.build(hp)
     x, y = trial_training_data(dataset, config)
-    hypermodel.fit(hp, model, x, y, epochs=epochs, batch_size=config.batch_size, verbose=0)
+    hypermodel.fit(
+        hp,
+        model,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=config.batch_size,
+        verbose=0,
+        **class_weight(config, dataset),
+    )
     return model
 
 

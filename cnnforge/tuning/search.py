@@ -73,6 +73,8 @@ class SearchResult:
     spec: DataSpec
     objective: str
     final_training: FinalTraining | None = None
+    # the trackers that logged the search to its end (not those that failed to start or stopped)
+    tracked: tuple[str, ...] = ()
 
 
 def resolve_plugin(config: SearchConfig) -> Plugin:
@@ -218,16 +220,18 @@ def _prepare(
     progress: SearchProgress | None,
     time_budget: TimeBudget | None = None,
 ) -> RecordingTuner:
-    """Check everything, write config.json, build the tuner: what chief, worker and a local
+    """Check everything, write config.json and data.json (not a worker: it shares the chief's
+    run directory and must not overwrite them), build the tuner: what chief, worker and a local
     search share."""
     plugin = resolve_plugin(config)
     _check_run_dir(config)
     keras.utils.set_random_seed(config.seed)
     hps = constrained_hyperparameters(config, default_space(plugin, dataset.spec))
-    config.track = resolved_track(config)  # recorded in config.json: a resume keeps it
     run = RunDir(config.run_dir)
-    run.write_config(config.to_json(), asdict(dataset.spec), library_versions())
-    run.write_json(run.data, dataset.record())
+    if config.distributed != "worker":  # a worker's settings are not the run's: the chief's are
+        config.track = resolved_track(config)  # recorded in config.json: a resume keeps it
+        run.write_config(config.to_json(), asdict(dataset.spec), library_versions())
+        run.write_json(run.data, dataset.record())
     return make_tuner(
         config.tuner,
         objective=config.objective,
@@ -423,7 +427,14 @@ def _finish(
     save_model_atomic(best_model, run.best_model)
     run.write_json(run.search, {**asdict(best), "final_training": asdict(final) if final else None})
     return SearchResult(
-        config.run_dir, run.best_model, best, records, dataset.spec, config.objective, final
+        config.run_dir,
+        run.best_model,
+        best,
+        records,
+        dataset.spec,
+        config.objective,
+        final,
+        tracked=tuple(tuner.tracking.names),
     )
 
 

@@ -33,6 +33,7 @@ from cnnforge.core.atomic import atomic_write_text
 from cnnforge.core.contract import TUNERS
 from cnnforge.core.objectives import objective_direction
 from cnnforge.core.rundir import RunDir
+from cnnforge.modeling import whole
 from cnnforge.tracking import Tracking
 from cnnforge.tuning.candidate import Budget, Target, measure_candidate
 from cnnforge.tuning.records import SearchProgress, trial_record, trial_records, write_trials_csv
@@ -340,7 +341,11 @@ class RecordingTuner(keras_tuner.Tuner):
             stop = StopAtDeadline(lambda: getattr(self.oracle, "deadline", None))
             kwargs["callbacks"] = [*kwargs.get("callbacks", []), stop]
             if self.tracking.names:
-                tracked = self.tracking.callback(trial.trial_id, kwargs.get("batch_size"))
+                # a plugin's own fit picks its own batch size: no throughput from ours
+                plugin = getattr(self.hypermodel, "plugin", None)
+                own_fit = plugin is not None and whole.overrides_fit(plugin)
+                batch = None if own_fit else kwargs.get("batch_size")
+                tracked = self.tracking.callback(trial.trial_id, batch)
                 kwargs["callbacks"].append(tracked)
             result = super().run_trial(trial, *args, **kwargs)
             deadline = getattr(self.oracle, "deadline", None)

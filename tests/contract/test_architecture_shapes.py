@@ -211,3 +211,70 @@ def test_pixel_range_is_applied_before_the_model():
     model = build_model(plugin, GRAY, keras_tuner.HyperParameters())
     scaled = model.get_layer("pixel_scaling")(np.array([[0.0, 127.5, 255.0]]))
     np.testing.assert_allclose(np.asarray(scaled), [[-1.0, 0.0, 1.0]], atol=1e-6)
+
+
+README_HYPERMODEL = """
+import keras_tuner
+
+
+@cnnforge.architecture("readme_hypermodel", pixel_range=(0, 1))
+class MyHyperModel(keras_tuner.HyperModel):  # the README's example, with a build and bookkeeping
+    def build(self, hp):
+        model = keras.Sequential(
+            [layers.Flatten(), layers.Dense(hp.Int("units", 8, 16, step=8), activation="relu"),
+             layers.Dense(10, activation="softmax")]
+        )
+        model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+        self.built_model = model
+        return model
+
+    def fit(self, hp, model, *args, **kwargs):  # used when overridden
+        # the user's model as built by this same instance (inside cnnforge's wrapper)
+        MyHyperModel.fitted_what_it_built = self.built_model in model.layers
+        return model.fit(*args, batch_size=hp.Choice("batch_size", [16, 32]), **kwargs)
+"""
+
+
+def test_the_readmes_hypermodel_searches_fitting_what_the_same_instance_built(small_npz, tmp_path):
+    _register(tmp_path, README_HYPERMODEL)
+    config = SearchConfig(
+        data=str(small_npz),
+        arch="readme_hypermodel",
+        run_dir=tmp_path / "run",
+        max_trials=1,
+        epochs=1,
+        patience=0,
+        retrain=False,
+    )
+    result = search(config)
+    assert [t.status for t in result.trials] == ["COMPLETED"], result.trials
+    assert result.best_trial.hyperparameters["batch_size"] in (16, 32)
+    cls = cnnforge.get("architecture", "readme_hypermodel").fn  # the registered class
+    assert cls.fitted_what_it_built is True
+    # its fit picked its own batch size: no throughput from the search's batch size
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trial = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "trial_0"))
+    trial.Reload()
+    tags = set(trial.Tags()["tensors"])
+    assert "epoch/loss" in tags and "epoch/images_per_s" not in tags
+
+
+def test_a_hypermodels_own_fit_on_streamed_images_is_refused(tmp_path, monkeypatch):
+    import sys
+
+    from cnnforge.data.stream import MEMORY_ENV
+    from cnnforge.modeling.hypermodel import PluginHyperModel
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "unit" / "evaluation"))
+    from test_agreement import tinted_folder
+
+    monkeypatch.setenv(MEMORY_ENV, "0")
+    with pytest.warns(cnnforge.CnnforgeWarning, match="read from disk"):
+        data = cnnforge.load_dataset(f"dir:{tinted_folder(tmp_path / 'photos')}")
+    spec = DataSpec("photos", data.x_train.shape[1:], tuple("abcdefghij"))  # its 10 classes
+    hypermodel = PluginHyperModel(cnnforge.get("architecture", "shape_hypermodel_class"), spec)
+    hp = keras_tuner.HyperParameters()
+    model = hypermodel.build(hp)
+    with pytest.raises(CnnforgeError, match="own fit.*streamed from disk.*CNNFORGE_DATA_MEMORY_MB"):
+        hypermodel.fit(hp, model, data.x_train, data.y_train)

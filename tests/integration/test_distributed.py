@@ -61,6 +61,9 @@ def test_chief_and_two_workers_complete_every_trial_once(small_npz, tmp_path):
     assert (run_dir / "best.keras").is_file()
     assert "best model:" in out
     assert_logged_by_the_chief_only(run_dir)
+    # the workers (no --track) left the chief's settings alone: a resume keeps its trackers
+    saved = json.loads((run_dir / "config.json").read_text())["search"]
+    assert saved["distributed"] == "chief" and saved["track"] == ["tensorboard", "mlflow"]
 
 
 def assert_logged_by_the_chief_only(run_dir: Path) -> None:

@@ -134,3 +134,13 @@ def test_plugins_from_the_environment_variable_are_loaded_in_a_fresh_process(tmp
         check=True,
     )
     assert "from_env" in out.stdout
+
+
+@pytest.mark.parametrize("option", [{"pixel_range": (0, 1)}, {"recipe": True}])
+def test_whole_model_options_on_a_features_plugin_are_refused(option):
+    def body(hp, inputs, spec):
+        return inputs
+
+    with pytest.raises(CnnforgeError, match=f"{next(iter(option))}= is for a whole model"):
+        cnnforge.architecture("features_with_whole_model_option", **option)(body)
+    assert "features_with_whole_model_option" not in {p.name for p in cnnforge.list_plugins()}
