@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cnnforge.core.errors import CnnforgeWarning
@@ -35,7 +36,8 @@ def quiet_tensorflow() -> None:
 def show_warning(fallback: Callable, message: Any, category: type, *args: Any) -> None:
     """cnnforge's warnings as one yellow line on stderr; other warnings as Python shows them."""
     if issubclass(category, CnnforgeWarning):
-        err_console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+        # escaped: a message's own brackets (cnnforge[mlflow], a path) are not markup
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", soft_wrap=True)
     else:
         fallback(message, category, *args)
 

@@ -441,3 +441,14 @@ def test_the_kerastuner_tutorial_runs_as_written_with_only_the_decorator(small_n
     config = json.loads((run_dir / "config.json").read_text())
     assert config["search"]["arch"] == "build_model"
     assert (run_dir / "model.onnx").is_file() and (run_dir / "report.md").is_file()
+
+
+def test_warnings_and_errors_keep_their_brackets(capsys):
+    """Rich would read ``cnnforge[mlflow]`` as markup and drop it from the line."""
+    import warnings
+
+    from cnnforge.cli.output import show_warning
+    from cnnforge.core.errors import CnnforgeWarning
+
+    show_warning(warnings.showwarning, "pip install 'cnnforge[mlflow]'", CnnforgeWarning, "f", 1)
+    assert "cnnforge[mlflow]" in capsys.readouterr().err
