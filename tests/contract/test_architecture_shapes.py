@@ -75,16 +75,7 @@ def test_each_shape_searches_exports_and_keeps_parity(name, small_npz, tmp_path)
 
 
 def test_a_compiled_model_trains_with_its_own_optimizer(small_npz, tmp_path):
-    config = SearchConfig(
-        data=str(small_npz),
-        arch="shape_model_spec",
-        run_dir=tmp_path / "run",
-        max_trials=1,
-        epochs=1,
-        patience=0,
-        retrain=False,
-    )
-    result = search(config)
+    result = _one_trial(small_npz, tmp_path, "shape_model_spec")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         best = keras.models.load_model(result.best_model)
@@ -94,16 +85,7 @@ def test_a_compiled_model_trains_with_its_own_optimizer(small_npz, tmp_path):
 
 
 def test_a_hypermodels_own_fit_is_called_with_one_hot_labels(small_npz, tmp_path):
-    config = SearchConfig(
-        data=str(small_npz),
-        arch="shape_hypermodel_class",
-        run_dir=tmp_path / "run",
-        max_trials=1,
-        epochs=1,
-        patience=0,
-        retrain=False,
-    )
-    result = search(config)
+    result = _one_trial(small_npz, tmp_path, "shape_hypermodel_class")
     # the batch size is declared inside its fit: it reached the trial's hyperparameters
     assert result.best_trial.hyperparameters["batch_size"] in (16, 32)
 
@@ -237,16 +219,7 @@ class MyHyperModel(keras_tuner.HyperModel):  # the README's example, with a buil
 
 def test_the_readmes_hypermodel_searches_fitting_what_the_same_instance_built(small_npz, tmp_path):
     _register(tmp_path, README_HYPERMODEL)
-    config = SearchConfig(
-        data=str(small_npz),
-        arch="readme_hypermodel",
-        run_dir=tmp_path / "run",
-        max_trials=1,
-        epochs=1,
-        patience=0,
-        retrain=False,
-    )
-    result = search(config)
+    result = _one_trial(small_npz, tmp_path, "readme_hypermodel")
     assert [t.status for t in result.trials] == ["COMPLETED"], result.trials
     assert result.best_trial.hyperparameters["batch_size"] in (16, 32)
     cls = cnnforge.get("architecture", "readme_hypermodel").fn  # the registered class
@@ -278,3 +251,17 @@ def test_a_hypermodels_own_fit_on_streamed_images_is_refused(tmp_path, monkeypat
     model = hypermodel.build(hp)
     with pytest.raises(CnnforgeError, match="own fit.*streamed from disk.*CNNFORGE_DATA_MEMORY_MB"):
         hypermodel.fit(hp, model, data.x_train, data.y_train)
+
+
+def _one_trial(small_npz, tmp_path, arch: str):
+    """A one-trial, one-epoch search of ``arch`` on the small data, not retrained."""
+    config = SearchConfig(
+        data=str(small_npz),
+        arch=arch,
+        run_dir=tmp_path / "run",
+        max_trials=1,
+        epochs=1,
+        patience=0,
+        retrain=False,
+    )
+    return search(config)
