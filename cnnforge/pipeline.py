@@ -4,7 +4,7 @@ report. The dataset is loaded once here and handed to every stage."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,9 +53,10 @@ def export_trial(
     )
 
 
-def _track_winner(config: SearchConfig, run_dir: RunDir) -> None:
-    """The winner's files to the search's trackers, its ONNX model registered (MLflow)."""
-    tracking = open_tracking(run_dir.path, config.track or [], model_name=config.model_name)
+def _track_winner(run_dir: RunDir, tracked: Sequence[str], model_name: str) -> None:
+    """The winner's files to the trackers that logged the search to its end (``tracked``: one
+    that failed during the search is not opened again), its ONNX model registered (MLflow)."""
+    tracking = open_tracking(run_dir.path, tracked, model_name=model_name)
     files = [run_dir.onnx, RunDir.parity_for(run_dir.onnx), run_dir.bench, run_dir.report_html]
     tracking.winner(files, run_dir.onnx)
     tracking.close()
@@ -103,5 +104,5 @@ def run(
     run_dir.write_json(run_dir.evaluation, asdict(scored))
     stage("report")
     reports = write_reports(run_dir.path, dataset)
-    _track_winner(config, run_dir)
+    _track_winner(run_dir, found.tracked, config.model_name)
     return RunResult(found, exported, timing, scored, reports.markdown)

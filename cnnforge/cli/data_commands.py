@@ -86,7 +86,9 @@ def data_command(
     if summary.epoch_read_s is not None:
         console.print(
             f"one epoch reads in about {summary.epoch_read_s:.1f} s "
-            f"({summary.read_images_per_s:.0f} images/s, decode + resize, measured on a sample)"
+            f"({summary.read_images_per_s:.0f} images/s in {summary.read_workers} "
+            f"process{'es' if summary.read_workers != 1 else ''}, decode + resize, measured "
+            "on a sample)"
         )
     else:
         console.print("held in memory: reading an epoch costs no decoding")

@@ -78,6 +78,17 @@ def decode_chunks(
     return map_chunks(partial(decode_files, preprocessing=preprocessing), paths, chunk)
 
 
+def pool_workers(items: int, chunk: int | None = None) -> int:
+    """The processes :func:`map_chunks` decodes ``items`` in: 1 (this process) for at most two
+    chunks, one CPU, or inside a daemon process (it may not start processes of its own); else
+    :func:`decode_workers`, at most one a chunk."""
+    chunk = chunk or CHUNK
+    workers = min(decode_workers(), -(-items // chunk))
+    if workers < 2 or items <= 2 * chunk or multiprocessing.current_process().daemon:
+        return 1
+    return workers
+
+
 def map_chunks(
     function: Callable[[list[Any]], T], items: Sequence[Any], chunk: int | None = None
 ) -> Iterator[T]:
@@ -87,9 +98,8 @@ def map_chunks(
     stays bounded by them whatever the number of items."""
     chunk = chunk or CHUNK
     starts = range(0, len(items), chunk)
-    workers = min(decode_workers(), len(starts))
-    daemon = multiprocessing.current_process().daemon  # may not start processes of its own
-    if workers < 2 or len(items) <= 2 * chunk or daemon:
+    workers = pool_workers(len(items), chunk)
+    if workers < 2:
         for start in starts:
             yield function(list(items[start : start + chunk]))
         return

@@ -16,7 +16,7 @@ import numpy as np
 
 from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.data.dataset import load_dataset, parse_source
-from cnnforge.data.decoding import open_upright
+from cnnforge.data.decoding import decode_all, pool_workers
 from cnnforge.data.folders import FolderScan, scan_image_folder
 
 # A class this many times smaller than the largest is flagged as imbalanced.
@@ -38,6 +38,7 @@ class DataSummary:
     ignored: dict[str, int] = field(default_factory=dict)
     epoch_read_s: float | None = None  # None: held in memory
     read_images_per_s: float | None = None
+    read_workers: int | None = None  # the processes the reader decodes its largest split in
 
     @property
     def images(self) -> int:
@@ -66,13 +67,11 @@ class DataSummary:
         return saved
 
 
-def summarize(
-    source: str, preprocessing: Preprocessing | None = None, *, threads: int | None = None
-) -> DataSummary:
+def summarize(source: str, preprocessing: Preprocessing | None = None) -> DataSummary:
     """What ``source`` holds and how it would be read (``preprocessing``: what is asked for)."""
     name, path = parse_source(source)
     if name == "dir" and path:
-        return _folder_summary(source, scan_image_folder(path), preprocessing, threads)
+        return _folder_summary(source, scan_image_folder(path), preprocessing)
     data = load_dataset(source, preprocessing=preprocessing)
     classes = data.spec.num_classes
     counts = {
@@ -89,9 +88,7 @@ def summarize(
     )
 
 
-def _folder_summary(
-    source: str, scan: FolderScan, requested: Preprocessing | None, threads: int | None
-) -> DataSummary:
+def _folder_summary(source: str, scan: FolderScan, requested: Preprocessing | None) -> DataSummary:
     chosen = scan.preprocessing(requested)
     images = scan.images
     sizes = np.array([image.size for image in images])
@@ -99,7 +96,9 @@ def _folder_summary(
     for image in images:
         modes[image.mode] = modes.get(image.mode, 0) + 1
     per_image = _time_reading(images, chosen)
-    workers = threads or _default_threads()
+    # the reader decodes each split apart, in as many processes as pool_workers gives it
+    workers = {split: pool_workers(len(files)) for split, files in scan.splits.items()}
+    epoch_s = sum(per_image * len(files) / workers[s] for s, files in scan.splits.items())
     return DataSummary(
         source,
         scan.class_names,
@@ -113,30 +112,20 @@ def _folder_summary(
         longer_side_histogram=_histogram(sizes.max(axis=1)),
         skipped=scan.skipped,
         ignored=scan.ignored,
-        epoch_read_s=per_image * len(images) / workers,
-        read_images_per_s=workers / per_image if per_image else None,
+        epoch_read_s=epoch_s,
+        read_images_per_s=len(images) / epoch_s if epoch_s else None,
+        read_workers=max(workers.values()),
     )
 
 
-def _default_threads() -> int:
-    import os
-
-    return min(8, os.cpu_count() or 1)
-
-
 def _time_reading(images: list, preprocessing: Preprocessing) -> float:
-    """Seconds one thread takes to decode and preprocess one image (an evenly spread sample)."""
+    """Seconds one process takes to decode and preprocess one image (an evenly spread sample),
+    by the function the reader decodes with (unreadable images are skipped, as it skips them)."""
     step = max(1, len(images) // TIMED_SAMPLE)
-    sample = images[::step][:TIMED_SAMPLE]
+    sample = [str(image.path) for image in images[::step][:TIMED_SAMPLE]]
     start = time.perf_counter()
-    read = 0
-    for image in sample:
-        try:
-            preprocessing.apply(open_upright(image.path))
-            read += 1
-        except Exception:  # noqa: BLE001,S112 - an unreadable image is skipped when read
-            continue
-    return (time.perf_counter() - start) / max(1, read)
+    _, failed = decode_all(sample, preprocessing)
+    return (time.perf_counter() - start) / max(1, len(sample) - len(failed))
 
 
 def _histogram(longer_sides: np.ndarray) -> dict[str, int]:

@@ -78,6 +78,9 @@ class Classifier:
                 f"{model} takes {self.channels}-channel images; cnnforge predict reads 1 "
                 "(grayscale), 3 (RGB) or 4 (RGBA)"
             )
+        batch = graph_input.shape[0]
+        # a graph exported with a fixed batch size takes exactly that many images per call
+        self.fixed_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
         self.pixel_range = pixel_range_of(self.metadata)
         self.preprocessing = Preprocessing.of_model(
             self.metadata, (self.height, self.width, self.channels), model=str(model)
@@ -137,7 +140,16 @@ class Classifier:
         """(images × classes) probabilities; every image is decoded before any is run."""
         if not len(images):
             raise CnnforgeError("no images given; pass one or more image files")
-        return predict(self.session, self.batch([self.pixels(image) for image in images]))
+        return self.run(self.batch([self.pixels(image) for image in images]))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities of a batch of :meth:`batch`; a model with a fixed batch size gets it in
+        chunks of exactly that size, the last padded with zeros and the padding's rows dropped."""
+        if not self.fixed_batch:
+            return predict(self.session, batch)
+        size, chunk = len(batch), self.fixed_batch
+        padding = np.zeros(((-size) % chunk, *batch.shape[1:]), batch.dtype)
+        return predict(self.session, np.concatenate([batch, padding]), batch_size=chunk)[:size]
 
     def top(self, names: Sequence[str], rows: np.ndarray, top_k: int) -> list[Prediction]:
         """The ``top_k`` most probable labels of each row of probabilities (``names``: the

@@ -39,7 +39,6 @@ from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.deploy.batching import Batcher, Overloaded
 from cnnforge.deploy.images import open_image
 from cnnforge.deploy.predict import Classifier
-from cnnforge.deploy.runtime import predict
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +205,9 @@ class Service:
         self.metrics.queue.set_function(lambda: self.batcher.depth)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """One onnxruntime call; a model with a fixed batch size gets its batch padded to it."""
-        size = len(batch)
-        if self.fixed_batch and size < self.fixed_batch:
-            padding = np.zeros((self.fixed_batch - size, *batch.shape[1:]), batch.dtype)
-            batch = np.concatenate([batch, padding])
-        return predict(self.classifier.session, batch)[:size]
+        """One onnxruntime call (``max_batch`` is capped to a fixed batch size, which
+        :meth:`Classifier.run` pads a smaller batch up to)."""
+        return self.classifier.run(batch)
 
     def pixels(self, images: list[tuple[str, bytes]]) -> np.ndarray:
         """The images as one batch in the model's layout: each decoded (at most ``max_pixels``)
@@ -258,8 +254,8 @@ class Service:
 def _fixed_batch(classifier: Classifier, max_batch: int) -> int | None:
     """The model's batch size where its graph fixes one (``max_batch`` is capped to it, with a
     warning), else None."""
-    size = classifier.session.get_inputs()[0].shape[0]
-    if not isinstance(size, int) or size < 1:
+    size = classifier.fixed_batch
+    if size is None:
         return None
     if max_batch > size:
         warnings.warn(

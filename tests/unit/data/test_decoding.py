@@ -87,3 +87,30 @@ def test_without_the_disk_cache_every_epoch_decodes_the_files(paths, tmp_path, m
         copy.unlink()
     with pytest.warns(CnnforgeWarning, match="fed as a black image"):
         assert [x.numpy().max() for x, _ in dataset] == [0] * 6
+
+
+def _folder(root: Path, per_class: int) -> Path:
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("L", (8, 8), i).save(root / name / f"{i}.png")
+    return root
+
+
+def test_the_epoch_estimate_of_cnnforge_data_counts_the_processes_the_reader_decodes_in(
+    tmp_path, monkeypatch
+):
+    """`cnnforge data` times its sample by the reader's own decoding function and divides by
+    the processes the reader would use: a pool for a folder of many chunks, this process alone
+    for a small one (whatever the CPUs)."""
+    from cnnforge.data import folders, summary
+
+    monkeypatch.setattr(decoding, "CHUNK", 8)
+    monkeypatch.setenv(decoding.WORKERS_ENV, "3")
+    assert summary.decode_all is folders.decode_all  # the reader's path, timed
+    big = summary.summarize(f"dir:{_folder(tmp_path / 'big', 20)}")
+    assert big.read_workers == 3 and big.epoch_read_s > 0
+    assert big.epoch_read_s == pytest.approx(40 / big.read_images_per_s)
+    small = summary.summarize(f"dir:{_folder(tmp_path / 'small', 4)}")  # one chunk: no pool
+    assert small.read_workers == 1 and small.epoch_read_s > 0
+    assert small.epoch_read_s == pytest.approx(8 / small.read_images_per_s)

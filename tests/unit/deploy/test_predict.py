@@ -262,3 +262,20 @@ def test_top_and_batch_are_the_one_top_k_and_batch_predict_and_serve_use(tmp_pat
     (prediction,) = classifier.predict([image], top_k=3)
     expected = classifier.top([prediction.image], classifier.probabilities([image]), 3)
     assert [prediction] == expected
+
+
+@pytest.mark.parametrize("fixed", [1, 4])
+def test_a_model_with_a_fixed_batch_size_predicts_any_number_of_images(tmp_path, fixed):
+    """Three images through a batch-1 model (three calls) or a batch-4 one (one padded call)
+    give the dynamic-batch model's answer, one row per image."""
+    import serving
+
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (28, 28), np.uint8) for _ in range(3)]
+    dynamic = Classifier(serving.model(tmp_path / "dynamic.onnx")).probabilities(images)
+    classifier = Classifier(serving.model(tmp_path / "fixed.onnx", batch=fixed))
+    assert classifier.fixed_batch == fixed
+    np.testing.assert_allclose(classifier.probabilities(images), dynamic, rtol=1e-5, atol=1e-6)
+    assert [p.labels for p in classifier.predict(images, top_k=2)] == [
+        p.labels for p in Classifier(tmp_path / "dynamic.onnx").predict(images, top_k=2)
+    ]
