@@ -78,11 +78,8 @@ def run(
     stage("search")
     if dataset is None:
         dataset = config.load_data()
-    keep_after = (
-        max(AFTER_SEARCH_MIN_S, AFTER_SEARCH_SHARE * config.time_budget)
-        if config.time_budget
-        else 0
-    )
+    budget = config.effective_time_budget()
+    keep_after = max(AFTER_SEARCH_MIN_S, AFTER_SEARCH_SHARE * budget) if budget else 0
     found = search(
         config, dataset=dataset, progress=progress, keep_after=keep_after, started=started
     )

@@ -149,11 +149,24 @@ def _pixel_range(value: Any, name: str) -> tuple[float, float]:
     return (low, high)
 
 
+def _priors(value: Any, name: str) -> Any:
+    if callable(value) or (
+        isinstance(value, (list, tuple)) and all(isinstance(p, dict) for p in value)
+    ):
+        return value
+    raise CnnforgeError(
+        f"architecture plugin {name!r} (from {_current_source}): priors= takes a list of "
+        "{hyperparameter: value} dicts or a function of the DataSpec returning one, got "
+        f"{type(value).__name__}"
+    )
+
+
 def architecture(
     name: str | None = None,
     *,
     pixel_range: tuple[float, float] | None = None,
     recipe: bool = False,
+    priors: Any = None,
     **info: Any,
 ) -> Callable[[F], F]:
     """Register an architecture in any of the shapes Keras and KerasTuner users write:
@@ -169,6 +182,10 @@ def architecture(
     (raw 0–255 pixels) or by ``pixel_range=(low, high)``: cnnforge scales raw 0–255 pixels to it.
     A compiled whole model trains with its own optimizer and loss; ``recipe=True`` (or leaving
     it uncompiled) searches cnnforge's training recipe instead.
+
+    ``priors``: known-good settings the ``auto`` search tries first, best first: a list of
+    ``{hyperparameter: value}`` dicts (names left out take their defaults), or a function of
+    the ``DataSpec`` returning one (to adapt them to the image size and channels).
     """
 
     def decorator(obj: F) -> F:
@@ -186,6 +203,8 @@ def architecture(
             extra["pixel_range"] = _pixel_range(pixel_range, plugin_name)
         if recipe:
             extra["recipe"] = True
+        if priors is not None:
+            extra["priors"] = _priors(priors, plugin_name)
         return register("architecture", plugin_name, **info, **extra)(obj)
 
     return decorator

@@ -74,7 +74,10 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, small_npz: Path):
     from cnnforge.tuning.search import SearchConfig, search
 
     run_dir = tmp_path_factory.mktemp("runs") / "run"
-    config = SearchConfig(data=str(small_npz), run_dir=run_dir, max_trials=2, epochs=2, patience=0)
+    # KerasTuner's random search: its first trial is the plugin's default build (tests read it)
+    config = SearchConfig(
+        data=str(small_npz), run_dir=run_dir, tuner="random", max_trials=2, epochs=2, patience=0
+    )
     result = search(config)
     export(run_dir)
     return result

@@ -170,17 +170,20 @@ def search_options(defaults: dict[str, Any]) -> Callable[[Callable], Callable]:
         click.option(
             "--max-trials",
             type=click.IntRange(min=1),
-            default=defaults["max_trials"],
-            show_default=True,
+            help="Trials at most  [default: auto: as the time budget's plan holds; other "
+            "tuners: 10].",
         ),
         click.option(
             "--epochs",
             type=click.IntRange(min=1),
-            default=defaults["epochs"],
-            show_default=True,
-            help="Epochs per trial (Hyperband: the most a trial gets).",
+            help="Epochs per trial (auto: of its top rung; Hyperband: the most a trial gets)  "
+            "[default: auto: planned; other tuners: 10].",
         ),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            help="[default: 128, or less where that leaves under 50 steps an epoch]",
+        ),
         click.option(
             "--objective",
             default="val_accuracy",
@@ -193,7 +196,8 @@ def search_options(defaults: dict[str, Any]) -> Callable[[Callable], Callable]:
             type=click.IntRange(min=0),
             default=defaults["patience"],
             show_default=True,
-            help="Early-stopping patience in epochs (0: off).",
+            help="Early-stopping patience in epochs (0: off); not applied to a trial "
+            "whose learning rate follows a schedule (cosine does its best at its end).",
         ),
         click.option(
             "--fix",
@@ -219,7 +223,9 @@ def search_options(defaults: dict[str, Any]) -> Callable[[Callable], Callable]:
             callback=duration,
             metavar="DURATION",
             help="Wall time for the whole job, final training included (e.g. 30m, 1h): "
-            "trials stop in time for the final training.",
+            "the auto search plans its trials and final training to fill it; others stop "
+            "trials in time for the final training  [default: auto without --max-trials or "
+            "--epochs: 4m30s].",
         ),
         click.option(
             "--retrain/--no-retrain",

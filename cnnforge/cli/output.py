@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cnnforge.core.errors import CnnforgeWarning
-from cnnforge.core.objectives import best_first
+from cnnforge.core.objectives import best_first, higher_is_better
 
 if TYPE_CHECKING:
     from cnnforge.bench.results import BenchReport
@@ -71,12 +72,21 @@ def write_json(path: Path, data: Any) -> None:
 
 
 class RichSearchProgress:
-    """Prints a line per trial and a live epoch counter."""
+    """Prints one line per trial (its score, the best so far, time spent and left) and a live
+    epoch counter where the output is a terminal."""
 
     def __init__(self, objective: str) -> None:
         self.objective = objective
         self.status: Any = None
         self.label = "trial"  # a distributed chief hears of trials only when they end
+        self.started = time.time()
+        self.ends_at: float | None = None
+        self.best: float | None = None
+
+    def search_planned(self, summary: str, ends_at: float | None) -> None:
+        self.ends_at = ends_at
+        left = f", {_clock(ends_at - time.time())} budget left" if ends_at else ""
+        console.print(f"plan: {summary}{left}")
 
     def trial_started(
         self, number: int, total: int | None, hyperparameters: dict[str, Any]
@@ -95,28 +105,32 @@ class RichSearchProgress:
         if self.status:
             self.status.stop()
         if record.score is not None:
-            score = f"{self.objective} {record.score:.4f}"
+            higher = higher_is_better(self.objective)
+            if self.best is None or (record.score > self.best) == higher:
+                self.best = record.score
+            score = f"{self.objective} {record.score:.4f} (best {self.best:.4f})"
         else:
             score = (
                 record.message if record.status == "OVER_BUDGET" else "failed: " + record.message
             )
-        seconds = f", {record.duration_s:.0f}s" if record.duration_s else ""
-        latency = f", {record.latency_ms:.3g} ms" if record.latency_ms is not None else ""
-        console.print(
-            f"{self.label} (#{record.trial_id}): {score}, {record.params or '?'} params"
-            f"{latency}{seconds}"
-        )
+        epochs = f", {record.epochs} ep" if record.epochs else ""
+        seconds = f" in {record.duration_s:.0f}s" if record.duration_s else ""
+        console.print(f"{self.label} #{record.trial_id}{epochs}: {score}{seconds}; {self._clock()}")
+
+    def _clock(self) -> str:
+        elapsed = f"{_clock(time.time() - self.started)} elapsed"
+        return f"{elapsed}, {_clock(self.ends_at - time.time())} left" if self.ends_at else elapsed
 
     def final_training_started(self, epochs: int, epochs_found: int, examples: int) -> None:
         cut = (
-            f" of the {epochs_found} the search found, as the time budget holds them now "
+            f" of the {epochs_found} planned, as the time budget holds them now "
             "(planned again after each epoch)"
             if epochs < epochs_found
             else ""
         )
         console.print(
             f"final training: the best trial again on train+validation ({examples} images), "
-            f"{epochs} epochs{cut}"
+            f"{epochs} epochs{cut}; {self._clock()}"
         )
         self.label = "final training"
         self.status = console.status(f"{self.label}: building")
@@ -125,40 +139,57 @@ class RichSearchProgress:
     def final_training_ended(self, epochs: int, seconds: float) -> None:
         if self.status:
             self.status.stop()
-        console.print(f"final training: {epochs} epochs in {seconds:.0f}s")
+        console.print(f"final training: {epochs} epochs in {seconds:.0f}s; {self._clock()}")
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+TRIAL_LINE_HYPERPARAMETERS = 3  # shown per trial: those that differ from the winner's, first
 
 
 def print_trials(result: SearchResult) -> None:
-    """The 15 best trials of a search, failed and unscored ones last."""
-    table = Table(
-        "trial",
-        "status",
-        result.objective,
-        "params",
-        "ms",
-        "epochs",
-        "seconds",
-        "hyperparameters",
-        title="Trials, best first",
-        box=None,
-        pad_edge=False,
-    )
-    for r in best_first(result.trials, result.objective)[:15]:
-        hps = ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+    """The winner, then the 14 best other trials, one plain line each (readable in a log as in
+    a terminal): score, size, time, and up to three hyperparameters where the trial differs
+    from the winner (all of them: trials.csv). The winner is the search's (the auto search's
+    is the best at the longest length run, not always the highest score)."""
+    best = result.best_trial
+    others = [r for r in best_first(result.trials, result.objective) if r.trial_id != best.trial_id]
+    ranked = [best, *others][:15]
+    winner = best.hyperparameters
+    rows = []
+    for r in ranked:
+        differs = [
+            _setting(k, v)
             for k, v in r.hyperparameters.items()
+            if not k.startswith("tuner/") and winner.get(k) != v
+        ]
+        more = len(differs) - TRIAL_LINE_HYPERPARAMETERS
+        shown = ", ".join(differs[:TRIAL_LINE_HYPERPARAMETERS]) + (f", +{more}" if more > 0 else "")
+        rows.append(
+            [
+                f"#{r.trial_id}",
+                r.status if r.status != "COMPLETED" else "ok",
+                "" if r.score is None else f"{r.score:.4f}",
+                str(r.params or ""),
+                "" if r.latency_ms is None else f"{r.latency_ms:.3g}",
+                str(r.epochs or ""),
+                f"{r.duration_s:.0f}" if r.duration_s else "",
+                "(winner)" if r is best else shown or "(same)",
+            ]
         )
-        table.add_row(
-            r.trial_id,
-            r.status,
-            "" if r.score is None else f"{r.score:.4f}",
-            str(r.params or ""),
-            "" if r.latency_ms is None else f"{r.latency_ms:.3g}",
-            str(r.epochs or ""),
-            f"{r.duration_s:.1f}" if r.duration_s else "",
-            hps,
-        )
-    console.print(table)
+    headers = ["trial", "status", result.objective, "params", "ms", "ep", "s", "vs winner"]
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=False)]
+    console.print("[bold]Trials, best first[/] (all hyperparameters: trials.csv)")
+    for line in [headers, *rows]:
+        cells = [str(c).ljust(w) for c, w in zip(line[:-1], widths, strict=False)]
+        console.print(escape(" ".join([*cells, line[-1]])), soft_wrap=True)
+
+
+def _setting(name: str, value: Any) -> str:
+    return f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
 
 
 def print_bench(report: BenchReport) -> None:

@@ -27,9 +27,7 @@ from cnnforge.cli.output import (
         "data": "fashion_mnist_small",
         "arch": "simple_cnn",
         "run_dir": Path("runs/search"),
-        "tuner": "random",
-        "max_trials": 10,
-        "epochs": 10,
+        "tuner": "auto",
         "patience": 3,
     }
 )
@@ -79,9 +77,7 @@ def search(**options: Any) -> None:
         "data": "fashion_mnist_small",
         "arch": "simple_cnn",
         "run_dir": Path("runs/latest"),
-        "tuner": "random",
-        "max_trials": 6,
-        "epochs": 12,
+        "tuner": "auto",
         "patience": 3,
     }
 )

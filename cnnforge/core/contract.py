@@ -25,7 +25,7 @@ PLUGIN_KINDS = ("architecture", "backbone", "dataset")
 # The entry-point group that both the built-in and third-party plugins register through.
 PLUGIN_ENTRY_POINT_GROUP = "cnnforge.plugins"
 
-TUNERS = ("random", "bayesian", "grid", "hyperband")
+TUNERS = ("auto", "random", "bayesian", "grid", "hyperband")
 # How a search trains: mixed float16 on a GPU and float32 on a CPU ("auto"), or as named.
 TRAINING_PRECISIONS = ("auto", "float32", "mixed")
 # What an export's weights are stored as.

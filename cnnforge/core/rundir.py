@@ -3,6 +3,7 @@
 ```
 RUN/
   config.json      the resolved search configuration, the DataSpec, library versions
+  plan.json        the auto search's plan (rungs, final epochs, batch size, how it was made)
   tuner/           KerasTuner state; tuner/trial_ID/cnnforge_cost.json per trial
   trials.csv       one row per trial
   search.json      the best trial, and how it was trained again
@@ -35,6 +36,7 @@ from cnnforge.core.preprocessing import Preprocessing
 
 CONFIG = "config.json"
 DATA = "data.json"
+PLAN = "plan.json"
 TUNER = "tuner"
 TRIALS = "trials.csv"
 SEARCH = "search.json"
@@ -58,6 +60,7 @@ ARTIFACTS = (CONFIG, TRIALS, BEST_MODEL, ONNX, PARITY, BENCH, EVALUATION, REPORT
 _JSON_FILES = {
     "config": CONFIG,
     "data": DATA,
+    "plan": PLAN,
     "search": SEARCH,
     "parity": PARITY,
     "bench": BENCH,
@@ -94,6 +97,10 @@ class RunDir:
     @property
     def tuner(self) -> Path:
         return self.path / TUNER
+
+    @property
+    def plan(self) -> Path:
+        return self.path / PLAN
 
     @property
     def trials(self) -> Path:
@@ -202,8 +209,8 @@ class RunDir:
         return self.read_json(self.trial_dir(trial_id) / COST) or {}
 
     def read(self) -> dict[str, Any]:
-        """The JSON files that exist (``config``, ``search``, ``parity``, ``bench``,
-        ``evaluation``) and the trials as rows: everything a report is made from."""
+        """The JSON files that exist (``config``, ``data``, ``plan``, ``search``, ``parity``,
+        ``bench``, ``evaluation``) and the trials as rows: everything a report is made from."""
         self.require()
         found = {
             key: self.read_json(self.path / name)

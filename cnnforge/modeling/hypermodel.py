@@ -90,6 +90,25 @@ def uses_recipe(plugin: Plugin, users_model: keras.Model | None = None) -> bool:
     return bool(plugin.info.get("recipe")) or not whole.compiled_by_user(users_model)
 
 
+def plugin_priors(plugin: Plugin, spec: DataSpec) -> list[dict[str, Any]]:
+    """The plugin's priors for ``spec`` (``priors=`` at registration), best first; none: []."""
+    priors = plugin.info.get("priors") or []
+    if callable(priors):
+        try:
+            priors = priors(spec)
+        except Exception as exc:
+            raise CnnforgeError(
+                f"plugin {plugin.name!r} (from {plugin.source}): its priors function failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+    if not isinstance(priors, (list, tuple)) or not all(isinstance(p, dict) for p in priors):
+        raise CnnforgeError(
+            f"plugin {plugin.name!r} (from {plugin.source}): priors must be a list of "
+            "{hyperparameter: value} dicts"
+        )
+    return [dict(p) for p in priors]
+
+
 def default_space(
     plugin: Plugin, spec: DataSpec
 ) -> list[keras_tuner.engine.hyperparameters.HyperParameter]:
@@ -124,20 +143,23 @@ class TrainingClock(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._begin = self._first = self._last = time.perf_counter()
-        self._steps = 0
+        self._steps = self._first_steps = 0
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # Several steps run per call (steps_per_execution); ``batch`` is the call's last step
+        # as if the call were full (the epoch's last one may not be): capped at the epoch's.
         self._last = time.perf_counter()
-        self._steps += 1
-        if self._steps == 1:
-            self._first = self._last
+        steps = min(batch + 1, self.params.get("steps") or batch + 1)
+        if self._steps == 0:
+            self._first, self._first_steps = self._last, steps
+        self._steps = steps
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.epochs += 1
         self.seconds += self._last - self._begin
         self.start_seconds += self._first - self._begin
         self.steady_seconds += self._last - self._first
-        self.steady_steps += max(0, self._steps - 1)
+        self.steady_steps += max(0, self._steps - self._first_steps)
 
 
 class PluginHyperModel(keras_tuner.HyperModel):

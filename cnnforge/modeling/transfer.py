@@ -199,7 +199,11 @@ def _adapt_channels(plugin: Plugin, x: Any, spec: DataSpec, channels: int) -> An
 
 
 def backbone_features(plugin: Plugin, hp: Any, inputs: Any, spec: DataSpec) -> Any:
-    """Raw pixels → resize → RGB → frozen backbone → pooling → head: the classifier's features."""
+    """Raw pixels → resize → RGB → backbone → pooling → head: the classifier's features.
+
+    A backbone with pretrained weights is frozen (its top layers may be fine-tuned after); one
+    initialised at random (``--weights none``) has learned nothing to keep, so it trains whole,
+    its batch normalisation in training mode, and no second stage follows."""
     if "input_shape" in plugin.info:  # a run: backbone takes exactly its own input shape
         height, width, channels = plugin.info["input_shape"]
     else:
@@ -217,8 +221,10 @@ def backbone_features(plugin: Plugin, hp: Any, inputs: Any, spec: DataSpec) -> A
         options["output_layer"] = hp.Choice("backbone_layer", layers, default=layers[0])
     backbone = build_backbone(plugin, (height, width, channels), **options)
     wrapped = keras.Model(backbone.inputs[0], backbone.outputs[0], name=BACKBONE_LAYER)
-    wrapped.trainable = False
-    x = wrapped(x, training=False)  # BatchNormalization stays in inference mode, even fine-tuned
+    pretrained = "input_shape" in plugin.info or plugin.info.get("weights") is not None
+    wrapped.trainable = not pretrained
+    # a pretrained backbone's BatchNormalization stays in inference mode, even fine-tuned
+    x = wrapped(x, training=False) if pretrained else wrapped(x)
     if len(x.shape) == 4:
         pooling = hp.Choice("pooling", ["avg", "max"], default="avg")
         pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}
@@ -285,7 +291,7 @@ def fine_tune(
 ) -> keras.callbacks.History:
     """The second stage: unfreeze the top ``fine_tune_layers`` and train on; one merged history."""
     count = hp.get("fine_tune_layers")
-    if not count:
+    if not count or model.get_layer(BACKBONE_LAYER).trainable:  # trained whole from the start
         return history
     if not unfreeze_top(model.get_layer(BACKBONE_LAYER), count):
         return history

@@ -23,6 +23,7 @@ from cnnforge.evaluation.evaluate import (
     predict_images,
     source_preprocessing,
 )
+from cnnforge.tuning.plan import COUNT_DEFAULTS, SearchPlan
 
 
 def latency_column(trials: list[dict[str, str]]) -> str | None:
@@ -109,7 +110,13 @@ def missing_artifacts(run_dir: Path, run: dict[str, Any]) -> list[Missing]:
     """What a run directory lacks for a full report, what that leaves out, how to make it."""
     rundir = RunDir(run_dir)
     config = run["config"]["search"]
-    trials, asked = len(run["trials"]), config["max_trials"]
+    trials = len(run["trials"])
+    plan = run.get("plan")
+    asked = (
+        SearchPlan.from_json(plan).trials
+        if plan
+        else config["max_trials"] or COUNT_DEFAULTS["max_trials"]
+    )
     onnx = rundir.onnx
     wanted = [
         (

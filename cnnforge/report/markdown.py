@@ -14,6 +14,7 @@ from cnnforge.core.atomic import atomic_write_text
 from cnnforge.core.markdown import markdown_table
 from cnnforge.core.objectives import sorted_trials
 from cnnforge.core.rundir import RunDir
+from cnnforge.tuning.plan import COUNT_DEFAULTS, SearchPlan
 
 
 def _model(search: dict[str, Any]) -> str:
@@ -23,15 +24,23 @@ def _model(search: dict[str, Any]) -> str:
     return f"backbone: `{search['backbone']}` (weights: {search.get('weights') or default})"
 
 
+def _asked(run: dict[str, Any]) -> str:
+    """What the search was asked to run: its plan (auto), or its counts."""
+    search = run["config"]["search"]
+    if "plan" in run:
+        return f"planned: {SearchPlan.from_json(run['plan']).summary()}"
+    trials = search["max_trials"] or COUNT_DEFAULTS["max_trials"]
+    epochs = search["epochs"] or COUNT_DEFAULTS["epochs"]
+    asked = "" if search["tuner"] == "hyperband" else f"asked for {trials}, "
+    return f"{asked}up to {epochs} epochs, batch size {search['batch_size']}"
+
+
 def _summary(run: dict[str, Any]) -> list[str]:
     search = run["config"]["search"]
     lines = [
         f"- data: `{search['data']}`, {_model(search)}, tuner: `{search['tuner']}`, "
         f"seed {search['seed']}",
-        f"- trials: {len(run['trials'])}"
-        + ("" if search["tuner"] == "hyperband" else f" (asked for {search['max_trials']})")
-        + ", "
-        f"up to {search['epochs']} epochs, batch size {search['batch_size']}",
+        f"- trials: {len(run['trials'])} ({_asked(run)})",
     ]
     if "search" in run:
         best = run["search"]

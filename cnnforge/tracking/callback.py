@@ -33,7 +33,9 @@ class EpochScalars(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self._last = time.perf_counter()
-        self._steps += 1
+        # several steps run per call; ``batch`` is the last one's index, as if the call were
+        # full (the epoch's last call may not be)
+        self._steps = min(batch + 1, self.params.get("steps") or batch + 1)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         scalars = {k: float(v) for k, v in (logs or {}).items() if _is_number(v)}

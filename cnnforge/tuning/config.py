@@ -18,6 +18,7 @@ from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, load_dataset
 from cnnforge.tracking import parse_track
 from cnnforge.tuning.candidate import LIMITS, Budget, Target
+from cnnforge.tuning.plan import COUNT_DEFAULTS, DEFAULT_BUDGET_S
 
 # Settings that define a search; a run directory is resumed only with the same ones. The
 # latency target is one: CPU and GPU latencies on one Pareto front would mean nothing.
@@ -86,10 +87,14 @@ class SearchConfig:
     backbone: str | None = None
     weights: str | None = None
     run_dir: Path = Path("runs/latest")
-    tuner: str = "random"
-    max_trials: int = 10
-    epochs: int = 10
-    batch_size: int = 32
+    # "auto" (the default): a planned successive halving over the plugin's priors
+    # (``cnnforge.tuning.plan``); or one of KerasTuner's oracles. Counts and batch size left
+    # None are chosen: by the plan, or KerasTuner's 10 trials of 10 epochs; the batch size from
+    # the number of training images.
+    tuner: str = "auto"
+    max_trials: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
     objective: str = "val_accuracy"
     seed: int = 0
     patience: int = 3
@@ -192,6 +197,24 @@ class SearchConfig:
         return {key: saved.get(key) for key in IDENTITY_KEYS}
 
     @property
+    def trial_count(self) -> int:
+        """The most trials (KerasTuner's oracles; the auto plan counts its own)."""
+        return self.max_trials or COUNT_DEFAULTS["max_trials"]
+
+    @property
+    def trial_epochs(self) -> int:
+        """Epochs per trial (Hyperband: the most; the auto plan sets each trial's)."""
+        return self.epochs or COUNT_DEFAULTS["epochs"]
+
+    def effective_time_budget(self) -> float | None:
+        """Seconds the search may take: the budget given, or, for an auto search given neither
+        a budget nor counts (``--max-trials``, ``--epochs``), the default one."""
+        if self.time_budget is not None:
+            return self.time_budget
+        counted = self.max_trials is not None or self.epochs is not None
+        return DEFAULT_BUDGET_S if self.tuner == "auto" and not counted else None
+
+    @property
     def model_name(self) -> str:
         """The architecture or backbone searched."""
         return self.backbone or self.arch or "simple_cnn"
@@ -206,7 +229,7 @@ class SearchConfig:
         if self.tuner not in TUNERS:
             raise CnnforgeError(f"unknown tuner {self.tuner!r}; choose one of {', '.join(TUNERS)}")
         for name in ("max_trials", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise CnnforgeError(
                     f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )

@@ -19,9 +19,12 @@ from cnnforge.data.dataset import Dataset, stratified_split
 from cnnforge.modeling import training
 from cnnforge.modeling.hypermodel import PluginHyperModel
 from cnnforge.tuning.config import SearchConfig
+from cnnforge.tuning.plan import FINAL_EPOCHS_MAX, SearchPlan, auto_batch_size
 from cnnforge.tuning.records import SearchProgress, TrialRecord
 from cnnforge.tuning.timebudget import pace
 from cnnforge.tuning.tuners import NonFiniteLoss, RecordingTuner, StopAtDeadline
+
+LONGER_WHEN_IMPROVING = 1.5  # the most a final training grows when the winner still improved
 
 
 @dataclass
@@ -52,11 +55,17 @@ def class_weight(config: SearchConfig, dataset: Dataset) -> dict[str, Any]:
     return {"class_weight": dataset.class_weights()} if config.class_weight == "auto" else {}
 
 
-def trial_training_data(dataset: Dataset, config: SearchConfig) -> tuple[np.ndarray, np.ndarray]:
-    """What each trial trains on: the training split, or its stratified ``search_fraction``."""
-    if config.search_fraction >= 1:
+def trial_training_data(
+    dataset: Dataset, config: SearchConfig, plan: SearchPlan | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """What each trial trains on: the training split, or a stratified share of it (the auto
+    plan's search images, or ``search_fraction``)."""
+    fraction = config.search_fraction
+    if plan is not None:
+        fraction = min(fraction, plan.search_examples / max(1, len(dataset.y_train)))
+    if fraction >= 1:
         return dataset.x_train, dataset.y_train
-    _, subset = stratified_split(dataset.y_train, config.search_fraction, config.seed)
+    _, subset = stratified_split(dataset.y_train, fraction, config.seed)
     return dataset.x_train[subset], dataset.y_train[subset]
 
 
@@ -78,25 +87,32 @@ def trial_checkpoint_or_retrained(
         best_trial.hyperparameters,
         dataset,
         config,
-        epochs=record.epochs or config.epochs,
+        epochs=record.epochs or config.trial_epochs,
+        plan=tuner.plan,
     )
 
 
 def train_again(
-    hypermodel: PluginHyperModel, hp: Any, dataset: Dataset, config: SearchConfig, *, epochs: int
+    hypermodel: PluginHyperModel,
+    hp: Any,
+    dataset: Dataset,
+    config: SearchConfig,
+    *,
+    epochs: int,
+    plan: SearchPlan | None = None,
 ) -> keras.Model:
     """A trial's model trained once more, as the trial trained it, when its checkpoint is not
     at hand."""
     keras.backend.clear_session()  # as KerasTuner does before a trial: the same layer names
     model = hypermodel.build(hp)
-    x, y = trial_training_data(dataset, config)
+    x, y = trial_training_data(dataset, config, plan)
     hypermodel.fit(
         hp,
         model,
         x,
         y,
         epochs=epochs,
-        batch_size=config.batch_size,
+        batch_size=config.batch_size or auto_batch_size(len(dataset.y_train)),
         verbose=0,
         **class_weight(config, dataset),
     )
@@ -112,13 +128,20 @@ def final_training(
     progress: SearchProgress | None,
 ) -> tuple[keras.Model, FinalTraining]:
     """The best trial's hyperparameters trained from scratch on train+validation, for the epochs
-    the trial took to its best, or, under a time budget, as many as fit (planned again after
-    every epoch, the schedule fitted to the plan)."""
-    found = record.best_epoch or record.epochs or config.epochs
+    the auto plan gives it (else the epochs the trial took to its best), or, under a time
+    budget, as many of them as fit (planned again after every epoch, the schedule fitted to
+    the plan)."""
+    found = tuner.final_epochs(
+        {"best_epoch": record.best_epoch, "epochs": record.epochs or config.trial_epochs}
+    )
     x = np.concatenate([dataset.x_train, dataset.x_val])
     y = np.concatenate([dataset.y_train, dataset.y_val])
     budget = tuner.time_budget
-    planned = budget.epochs_that_fit(pace(tuner.best_cost()), found) if budget else found
+    most = found
+    if budget and tuner.plan is not None and record.best_epoch == record.epochs:
+        # still improving at its last epoch: longer, where the time the search left allows
+        most = max(found, min(FINAL_EPOCHS_MAX, round(found * LONGER_WHEN_IMPROVING)))
+    planned = budget.epochs_that_fit(pace(tuner.best_cost()), most) if budget else found
     callbacks: list[keras.callbacks.Callback] = [NonFiniteLoss()]
     plan = None
     if budget:
@@ -126,7 +149,7 @@ def final_training(
         plan = training.FitToDeadline(
             lambda: deadline,
             planned=planned,
-            most=found,
+            most=most,
             steps_per_epoch=training.steps_per_epoch(len(x), config.batch_size),
         )
         callbacks += [plan, StopAtDeadline(lambda: deadline)]
@@ -143,7 +166,7 @@ def final_training(
         model,
         x,
         y,
-        epochs=found,
+        epochs=most,
         batch_size=config.batch_size,
         callbacks=callbacks,
         verbose=0,

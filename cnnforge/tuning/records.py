@@ -31,11 +31,13 @@ class TrialRecord:
     flops: int | None = None
     size_mb: float | None = None
     measure_s: float | None = None
+    train_gflops: float | None = None  # the trainer's pace: 3 x forward FLOPs over steady steps
     pareto: bool = False  # on the front of (objective, latency, size) among completed trials
 
 
 class SearchProgress(Protocol):
-    """What a front end hears while a search runs."""
+    """What a front end hears while a search runs. It may also have ``search_planned(summary,
+    ends_at)``: what the search will run, and when its budget ends (``time.time()``; None)."""
 
     def trial_started(
         self, number: int, total: int | None, hyperparameters: dict[str, Any]
@@ -72,6 +74,7 @@ def trial_record(trial: Any, run: RunDir) -> TrialRecord:
         flops=cost.get("flops"),
         size_mb=cost.get("size_mb"),
         measure_s=cost.get("measure_s"),
+        train_gflops=cost.get("train_gflops"),
     )
 
 
@@ -98,7 +101,7 @@ def trial_records(oracle: Any) -> list[TrialRecord]:
     return records
 
 
-MEASURED = ("latency_ms", "flops", "size_mb", "measure_s")
+MEASURED = ("latency_ms", "flops", "size_mb", "measure_s", "train_gflops")
 
 
 def write_trials_csv(records: list[TrialRecord], run: RunDir) -> None:

@@ -34,9 +34,10 @@ from cnnforge.core.rundir import RunDir
 from cnnforge.core.version import __version__
 from cnnforge.data.dataset import Dataset, DataSpec
 from cnnforge.modeling import training, transfer
-from cnnforge.modeling.hypermodel import PluginHyperModel, default_space
+from cnnforge.modeling.hypermodel import PluginHyperModel, default_space, plugin_priors
 from cnnforge.registry import Plugin
 from cnnforge.tracking import Tracking, open_tracking, parse_track
+from cnnforge.tuning.auto import make_plan
 from cnnforge.tuning.config import SearchConfig
 from cnnforge.tuning.final_training import (
     FinalTraining,
@@ -47,6 +48,7 @@ from cnnforge.tuning.final_training import (
     trial_checkpoint_or_retrained,
     trial_training_data,
 )
+from cnnforge.tuning.plan import SearchPlan, auto_batch_size
 from cnnforge.tuning.records import (
     OVER_BUDGET,
     SearchProgress,
@@ -57,6 +59,7 @@ from cnnforge.tuning.records import (
 from cnnforge.tuning.timebudget import TimeBudget
 from cnnforge.tuning.tuners import (
     NonFiniteLoss,
+    PatienceUnlessScheduled,
     RecordingTuner,
     TooManyFailures,
     kerastuner_settings,
@@ -218,32 +221,48 @@ def _prepare(
     config: SearchConfig,
     dataset: Dataset,
     progress: SearchProgress | None,
-    time_budget: TimeBudget | None = None,
+    *,
+    started: float | None = None,
+    keep_after: float = 0.0,
 ) -> RecordingTuner:
-    """Check everything, write config.json and data.json (not a worker: it shares the chief's
-    run directory and must not overwrite them), build the tuner: what chief, worker and a local
-    search share."""
+    """Check everything, plan an auto search, write config.json, data.json and plan.json (not a
+    worker: it shares the chief's run directory and must not overwrite them), build the tuner:
+    what chief, worker and a local search share."""
     plugin = resolve_plugin(config)
     _check_run_dir(config)
     keras.utils.set_random_seed(config.seed)
-    hps = constrained_hyperparameters(config, default_space(plugin, dataset.spec))
+    space = default_space(plugin, dataset.spec)
+    hps = constrained_hyperparameters(config, space)
+    hypermodel = PluginHyperModel(plugin, dataset.spec, seed=config.seed)
     run = RunDir(config.run_dir)
+    priors = plugin_priors(plugin, dataset.spec)
+    plan = None
+    if config.tuner == "auto":
+        full = keras_tuner.HyperParameters()
+        full.merge(space)
+        full.merge(hps.space)  # --fix and --space over the plugin's own
+        plan = make_plan(config, dataset, hypermodel, full, priors, started, keep_after)
+    time_budget = _time_budget(config, dataset, started, keep_after, plan)
     if config.distributed != "worker":  # a worker's settings are not the run's: the chief's are
         config.track = resolved_track(config)  # recorded in config.json: a resume keeps it
         run.write_config(config.to_json(), asdict(dataset.spec), library_versions())
         run.write_json(run.data, dataset.record())
+        if plan is not None:
+            run.write_json(run.plan, plan.to_json())
     return make_tuner(
         config.tuner,
         objective=config.objective,
-        max_trials=config.max_trials,
-        epochs=config.epochs,
+        max_trials=config.trial_count,
+        epochs=config.trial_epochs,
         seed=config.seed,
         hyperparameters=hps,
         lease_seconds=config.worker_timeout if config.distributed == "chief" else None,
         budget=config.budget(),
         target=config.target(),
         time_budget=time_budget,
-        hypermodel=PluginHyperModel(plugin, dataset.spec, seed=config.seed),
+        plan=plan,
+        priors=priors,
+        hypermodel=hypermodel,
         directory=str(run.path),
         project_name=run.tuner.name,
         overwrite=False,
@@ -259,10 +278,10 @@ def _strategy(name: str | None) -> Any:
 
 
 def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, progress) -> None:
-    callbacks = [*epoch_callback(progress, lambda: config.epochs), NonFiniteLoss()]
+    callbacks = [*epoch_callback(progress, lambda: tuner.trial_epochs), NonFiniteLoss()]
     if config.patience:
         callbacks.append(
-            keras.callbacks.EarlyStopping(
+            PatienceUnlessScheduled(
                 config.objective,
                 patience=config.patience,
                 mode=objective_direction(config.objective),
@@ -271,9 +290,9 @@ def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, p
     try:
         with _sigterm_as_interrupt():
             tuner.search(
-                *trial_training_data(dataset, config),
+                *trial_training_data(dataset, config, tuner.plan),
                 validation_data=(dataset.x_val, dataset.y_val),
-                epochs=config.epochs,
+                epochs=config.trial_epochs,
                 batch_size=config.batch_size,
                 callbacks=callbacks,
                 verbose=0,
@@ -341,8 +360,9 @@ def search(
     started = time.time() if started is None else started
     with _search_context(config, debug):
         dataset = _dataset(config, dataset)
-        budget = _time_budget(config, dataset, started, keep_after)
-        tuner = _prepare(config, dataset, progress, budget)
+        config.batch_size = config.batch_size or auto_batch_size(len(dataset.y_train))
+        tuner = _prepare(config, dataset, progress, started=started, keep_after=keep_after)
+        _announce_plan(config, tuner, progress)
         tuner.tracking = _start_tracking(config, tuner)
         with contextlib.closing(tuner.tracking):
             stop_watching = _watch_as_chief(tuner) if config.distributed == "chief" else None
@@ -352,6 +372,20 @@ def search(
                 if stop_watching:
                     stop_watching()
             return _finish(config, tuner, dataset, progress)
+
+
+def _announce_plan(
+    config: SearchConfig, tuner: RecordingTuner, progress: SearchProgress | None
+) -> None:
+    """Tell a front end that can hear it what the search will run, and until when."""
+    hear = getattr(progress, "search_planned", None)
+    if hear is None:
+        return
+    ends_at = tuner.time_budget.ends_at if tuner.time_budget else None
+    if tuner.plan is not None:
+        hear(tuner.plan.summary(), ends_at)
+    elif ends_at is not None:
+        hear(f"{config.tuner} search until the time budget's deadline", ends_at)
 
 
 def resolved_track(config: SearchConfig) -> list[str]:
@@ -372,12 +406,24 @@ def _start_tracking(config: SearchConfig, tuner: RecordingTuner) -> Tracking:
 
 
 def _time_budget(
-    config: SearchConfig, dataset: Dataset, started: float, keep_after: float
+    config: SearchConfig,
+    dataset: Dataset,
+    started: float | None,
+    keep_after: float,
+    plan: SearchPlan | None,
 ) -> TimeBudget | None:
-    if config.time_budget is None:
+    """The deadline the trials and the final training keep to: none without a budget; none
+    for a distributed worker (the chief keeps the clock and answers its trials STOPPED); none
+    for a --deterministic auto search (its plan, made from FLOPs, runs whole: a clock would
+    make the trials depend on the machine's load)."""
+    seconds = config.effective_time_budget()
+    if seconds is None or config.distributed == "worker":
+        return None
+    if plan is not None and config.deterministic:
         return None
     final_examples = len(dataset.x_train) + len(dataset.x_val) if config.retrain else 0
-    return TimeBudget(started + config.time_budget, config.time_budget, final_examples, keep_after)
+    start = time.time() if started is None else started
+    return TimeBudget(start + seconds, seconds, final_examples, keep_after)
 
 
 def work(
@@ -393,6 +439,7 @@ def work(
     config.validate()
     with _search_context(config, debug):
         dataset = _dataset(config, dataset)
+        config.batch_size = config.batch_size or auto_batch_size(len(dataset.y_train))
         tuner = _prepare(config, dataset, progress)
         _run_trials(config, tuner, dataset, progress)
     return tuner.trials_run
@@ -460,8 +507,12 @@ def trial_model(run_dir: Path | str, trial_id: str, *, dataset: Dataset | None =
         model.load_weights(str(checkpoint))
     else:
         dataset = _dataset(config, dataset)
-        epochs = trial.hyperparameters.values.get("tuner/epochs", config.epochs)
-        model = train_again(hypermodel, trial.hyperparameters, dataset, config, epochs=epochs)
+        epochs = trial.hyperparameters.values.get("tuner/epochs", config.trial_epochs)
+        saved_plan = run.read_json(run.plan) if run.plan.is_file() else None
+        plan = SearchPlan.from_json(saved_plan) if saved_plan else None
+        model = train_again(
+            hypermodel, trial.hyperparameters, dataset, config, epochs=epochs, plan=plan
+        )
     model.optimizer.build(model.trainable_variables)  # saved whole, loads cleanly
     path = run.model_file(f"trial-{trial_id}.keras")
     save_model_atomic(model, path)

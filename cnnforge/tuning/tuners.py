@@ -6,7 +6,10 @@
 - Before training, each candidate is exported and timed with onnxruntime (``cnnforge.tuning.candidate``);
   one over the budget is not trained: it ends FAILED for KerasTuner (never ranked, never retried,
   not counted among consecutive failures) and OVER_BUDGET in trials.csv, with the reason.
-- ``random``, ``bayesian`` and ``hyperband`` start with the default build (the baseline).
+- ``auto`` runs the search's plan (``cnnforge.tuning.auto``); ``random``, ``bayesian`` and
+  ``hyperband`` start with the default build (the baseline).
+- Past the time budget's deadline no trial starts, and a running trial's next epoch report is
+  answered STOPPED (a distributed worker's trial stops too).
 - ``grid`` survives a reload (KerasTuner's forgets its walk through the grid).
 - A worker that falls silent for longer than its lease loses its trial to the next worker.
 - KerasTuner's state files are written atomically (below).
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -34,8 +38,11 @@ from cnnforge.core.contract import TUNERS
 from cnnforge.core.objectives import objective_direction
 from cnnforge.core.rundir import RunDir
 from cnnforge.modeling import whole
+from cnnforge.modeling.training import SAFETY, learning_rate_schedule
 from cnnforge.tracking import Tracking
+from cnnforge.tuning.auto import EPOCHS, AutoOracle
 from cnnforge.tuning.candidate import Budget, Target, measure_candidate
+from cnnforge.tuning.plan import SearchPlan
 from cnnforge.tuning.records import SearchProgress, trial_record, trial_records, write_trials_csv
 from cnnforge.tuning.timebudget import TimeBudget, pace
 
@@ -178,6 +185,16 @@ class _Deadline:
             return keras_tuner.engine.trial.Trial(self.hyperparameters.copy(), status=stopped)
         return super().create_trial(tuner_id)
 
+    @keras_tuner.synchronized
+    def update_trial(self, trial_id: str, metrics: dict, step: int = 0) -> Any:
+        """The trial, answered STOPPED once the deadline has passed: a distributed worker
+        (which cannot see the chief's clock) stops its running trial at the next epoch."""
+        trial = super().update_trial(trial_id, metrics, step=step)
+        if self.deadline is not None and time.time() >= self.deadline:
+            trial = copy.copy(trial)
+            trial.status = keras_tuner.engine.trial.TrialStatus.STOPPED
+        return trial
+
 
 class _BaselineFirst:
     """Oracle mixin: the first trial is the default build, so a search never ends below baseline
@@ -215,6 +232,7 @@ class _ResumableGrid:
 
 
 _ORACLE_BASES = {
+    "auto": (AutoOracle, keras_tuner.Oracle),
     "random": (_BaselineFirst, keras_tuner.oracles.RandomSearchOracle),
     "bayesian": (_BaselineFirst, keras_tuner.oracles.BayesianOptimizationOracle),
     "grid": (_ResumableGrid, keras_tuner.oracles.GridSearchOracle),  # starts from the defaults
@@ -243,6 +261,19 @@ class NonFiniteLoss(keras.callbacks.Callback):
             raise FloatingPointError(
                 f"loss became {loss} at epoch {epoch + 1}; lower the learning rate"
             )
+
+
+class PatienceUnlessScheduled(keras.callbacks.EarlyStopping):
+    """Early stopping for a constant learning rate only: a decaying schedule (cosine) does its
+    best at its end, and stopping it early would keep its high-rate epochs and cut the rest."""
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        super().on_train_begin(logs)
+        self.scheduled = learning_rate_schedule(self.model.optimizer) is not None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if not self.scheduled:
+            super().on_epoch_end(epoch, logs)
 
 
 class StopAtDeadline(keras.callbacks.Callback):
@@ -308,6 +339,7 @@ class RecordingTuner(keras_tuner.Tuner):
         budget: Budget | None = None,
         target: Target | None = None,
         time_budget: TimeBudget | None = None,
+        plan: SearchPlan | None = None,
         **kwargs: Any,
     ) -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # KerasTuner prints "Reloading Tuner"
@@ -316,6 +348,8 @@ class RecordingTuner(keras_tuner.Tuner):
         self.budget = budget or Budget()
         self.target = target
         self.time_budget = time_budget
+        self.plan = plan
+        self.trial_epochs = 0  # of the trial running
         self.move_deadline()
         self.trials_run: list[str] = []
         self.tracking = Tracking()
@@ -323,6 +357,8 @@ class RecordingTuner(keras_tuner.Tuner):
 
     def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
         self.trials_run.append(trial.trial_id)
+        values = trial.hyperparameters.values
+        self.trial_epochs = values.get(EPOCHS, kwargs.get("epochs", 1))
         if self.progress:
             total = getattr(self.oracle, "max_trials", None)
             self.progress.trial_started(
@@ -363,6 +399,7 @@ class RecordingTuner(keras_tuner.Tuner):
         finally:
             cost.update(self.hypermodel.last_fit, duration_s=time.perf_counter() - start)
             cost["best_epoch"] = self._best_epoch(cost)
+            cost["train_gflops"] = training_gflops(cost)
             self.run.write_cost(trial.trial_id, cost)
             self.hypermodel.last_fit = {}
 
@@ -386,12 +423,25 @@ class RecordingTuner(keras_tuner.Tuner):
         return self.run.read_cost(best[0].trial_id) if best else {}
 
     def move_deadline(self) -> None:
-        """Let trials run until the time left is what retraining the best one will take."""
-        if self.time_budget is not None:
-            best = self.best_cost()
-            self.oracle.deadline = self.time_budget.search_deadline(
-                pace(best), best.get("best_epoch") or best.get("epochs") or 1
-            )
+        """Let trials run until the time left is what the final training needs: the auto
+        plan's share for it, or what retraining the best trial so far will take."""
+        if self.time_budget is None:
+            return
+        if self.plan is not None and self.plan.final_epoch_seconds:
+            # the plan's share for the final training, whichever trial leads now: a slower
+            # leader trains fewer epochs at the end rather than cut the search short
+            keep = self.plan.final_epochs * self.plan.final_epoch_seconds * SAFETY
+            self.oracle.deadline = self.time_budget.ends_at - self.time_budget.overhead - keep
+            return
+        best = self.best_cost()
+        self.oracle.deadline = self.time_budget.search_deadline(pace(best), self.final_epochs(best))
+
+    def final_epochs(self, best: dict[str, Any]) -> int:
+        """The epochs the winner's final training wants: the plan's, else the epochs the
+        best trial took to its best."""
+        if self.plan is not None and self.plan.final_epochs:
+            return self.plan.final_epochs
+        return best.get("best_epoch") or best.get("epochs") or 1
 
     def measure(self, hp: keras_tuner.HyperParameters) -> dict[str, Any]:
         """The candidate's deployment cost, measured once per candidate. Without a budget, a
@@ -431,9 +481,11 @@ class RecordingTuner(keras_tuner.Tuner):
         super().on_epoch_end(trial, model, epoch, logs)
         objective = self.oracle.objective.name
         if logs and objective in logs:
-            self.oracle.update_trial(
+            answer = self.oracle.update_trial(
                 trial.trial_id, {objective: float(logs[objective])}, step=epoch
             )
+            if getattr(answer, "status", None) == keras_tuner.engine.trial.TrialStatus.STOPPED:
+                model.stop_training = True  # the chief's deadline passed
 
     def on_trial_end(self, trial: Any) -> None:
         super().on_trial_end(trial)
@@ -454,6 +506,22 @@ class RecordingHyperband(RecordingTuner, _HyperbandWithOracle):
     pass
 
 
+class RecordingAuto(RecordingTuner):
+    """Each trial of the auto plan trains for the epochs its rung gives it, from scratch."""
+
+    def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["epochs"] = trial.hyperparameters.values[EPOCHS]
+        return super().run_trial(trial, *args, **kwargs)
+
+
+def training_gflops(cost: dict[str, Any]) -> float | None:
+    """The trainer's pace in GFLOP/s over its steady steps: a training step costs about three
+    forward passes (forward, and the gradients of activations and of weights)."""
+    if not cost.get("flops") or not cost.get("steady_examples") or not cost.get("steady_seconds"):
+        return None
+    return 3 * cost["flops"] * cost["steady_examples"] / cost["steady_seconds"] / 1e9
+
+
 def make_tuner(
     tuner: str,
     *,
@@ -466,9 +534,12 @@ def make_tuner(
     budget: Budget | None = None,
     target: Target | None = None,
     time_budget: TimeBudget | None = None,
+    plan: SearchPlan | None = None,
+    priors: list[dict[str, Any]] | None = None,
     **tuner_kwargs: Any,
 ) -> RecordingTuner:
-    """The tuner named ``tuner`` over cnnforge's oracle for it."""
+    """The tuner named ``tuner`` over cnnforge's oracle for it (``auto`` runs ``plan`` over the
+    plugin's ``priors``)."""
     oracle_kwargs = dict(
         objective=keras_tuner.Objective(objective, objective_direction(objective)),
         hyperparameters=hyperparameters,
@@ -477,10 +548,23 @@ def make_tuner(
     )
     if tuner == "hyperband":
         oracle = ORACLES[tuner](max_epochs=epochs, **oracle_kwargs)
+    elif tuner == "auto":
+        if plan is None:
+            raise ValueError("the auto tuner runs a plan: pass plan=")
+        oracle = ORACLES[tuner](max_trials=plan.trials, **oracle_kwargs)
+        # KerasTuner replaces a seed of 0 with a random one: the search's own is kept
+        oracle.plan, oracle.priors, oracle.search_seed = plan, list(priors or []), seed
     else:
         oracle = ORACLES[tuner](max_trials=max_trials, **oracle_kwargs)
     oracle.lease_seconds = lease_seconds
-    tuner_class = RecordingHyperband if tuner == "hyperband" else RecordingTuner
+    tuner_class = {"hyperband": RecordingHyperband, "auto": RecordingAuto}.get(
+        tuner, RecordingTuner
+    )
     return tuner_class(
-        oracle=oracle, budget=budget, target=target, time_budget=time_budget, **tuner_kwargs
+        oracle=oracle,
+        budget=budget,
+        target=target,
+        time_budget=time_budget,
+        plan=plan,
+        **tuner_kwargs,
     )

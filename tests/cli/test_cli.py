@@ -75,6 +75,7 @@ def test_unknown_plugin_is_one_line_with_a_suggestion():
     )
 
 
+@pytest.mark.slow
 def test_run_end_to_end_writes_every_artifact(small_npz, tmp_path):
     run_dir = tmp_path / "run"
     result = invoke(

@@ -55,7 +55,7 @@ def trial_states(run_dir: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tuner", ["random", "bayesian", "grid", "hyperband"])
+@pytest.mark.parametrize("tuner", ["auto", "random", "bayesian", "grid", "hyperband"])
 def test_sigkill_mid_trial_then_rerun_completes_every_trial_once(tuner, small_npz, tmp_path):
     run_dir = tmp_path / "run"
     command = search_command(small_npz, run_dir, tuner)
@@ -75,6 +75,42 @@ def test_sigkill_mid_trial_then_rerun_completes_every_trial_once(tuner, small_np
         assert len(ids) == 3
     assert interrupted <= {f"trial_{i}" for i in ids}
     assert (run_dir / "best.keras").is_file()
+
+
+def trial_scores(run_dir: Path) -> dict[str, tuple[str, str]]:
+    """Each trial's score and hyperparameters, as trials.csv has them."""
+    rows = csv.DictReader((run_dir / "trials.csv").open())
+    return {
+        r["trial_id"]: (r["score"], json.dumps({k: v for k, v in r.items() if k[:3] == "hp_"}))
+        for r in rows
+    }
+
+
+@pytest.mark.slow
+def test_a_deterministic_auto_search_repeats_itself_even_killed_and_resumed(small_npz, tmp_path):
+    """Goal: with --seed and --deterministic, the same trials and the same final model; the
+    plan comes from FLOPs, not from a clock, so a budget plans the same search every time."""
+    import keras
+    import numpy as np
+
+    def command(run_dir: Path) -> list[str]:
+        return small_search(
+            small_npz, run_dir, "--deterministic", "--seed", "3", "--time-budget", "2m"
+        )
+
+    whole = subprocess.run(command(tmp_path / "a"), capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    killed = start_and_interrupt(command(tmp_path / "b"), tmp_path / "b", signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = subprocess.run(command(tmp_path / "b"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+
+    plans = [json.loads((tmp_path / run / "plan.json").read_text()) for run in "ab"]
+    assert plans[0] == plans[1] and plans[0]["basis"] == "flops" and plans[0]["paired"]
+    assert trial_scores(tmp_path / "a") == trial_scores(tmp_path / "b")
+    models = [keras.models.load_model(tmp_path / run / "best.keras") for run in "ab"]
+    for first, second in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
+        np.testing.assert_array_equal(first, second)
 
 
 @pytest.mark.slow

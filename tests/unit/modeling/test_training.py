@@ -141,7 +141,7 @@ def test_a_trial_learns_through_the_pipeline_and_reports_its_pace(small_npz):
         dataset.x_train,
         dataset.y_train,
         epochs=4,
-        batch_size=32,
+        batch_size=16,
         verbose=0,
         validation_data=(dataset.x_val, dataset.y_val),
     )
@@ -149,8 +149,10 @@ def test_a_trial_learns_through_the_pipeline_and_reports_its_pace(small_npz):
     cost = hypermodel.last_fit
     assert cost["examples"] == len(dataset.x_train) and cost["epochs"] == 4
     assert 0 < cost["steady_seconds"] < cost["train_seconds"] < cost["fit_seconds"]
-    steps = -(-len(dataset.x_train) // 32)  # per epoch; each epoch's first is its start
-    assert cost["steady_examples"] == 4 * (steps - 1) * 32
+    # per epoch: the steps after the first call (each epoch's first call is its start)
+    steps = -(-len(dataset.x_train) // 16)
+    assert steps > training.STEPS_PER_EXECUTION
+    assert cost["steady_examples"] == 4 * (steps - training.STEPS_PER_EXECUTION) * 16
 
 
 def _fit_to_deadline(deadline: float, *, planned: int, most: int) -> tuple[keras.Model, Any]:

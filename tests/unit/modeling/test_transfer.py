@@ -3,6 +3,7 @@ one-line errors for what cannot work. Offline: weights=None or weights files the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -58,9 +59,35 @@ def test_built_in_backbones_declare_their_sizes():
         transfer.check_image_size(mobilenet, 16)
 
 
-def test_transfer_model_resizes_colours_and_freezes_the_backbone():
+def with_weights(plugin, weights="pretrained.weights.h5"):
+    """``plugin`` bound to a weights file, as ``--weights PATH`` binds it (these test backbones
+    and mobilenet_v2 at ``weights=None`` build the same: only what is bound differs)."""
+    return dataclasses.replace(plugin, info={**plugin.info, "weights": weights})
+
+
+def test_a_backbone_without_pretrained_weights_trains_whole():
+    """--weights none: a randomly initialised backbone frozen would leave only the head to
+    learn (10 % validation, chance, was seen); it trains whole, with no second stage."""
     plugin = cnnforge.get("backbone", "mobilenet_v2")
-    model = build_model(plugin, GRAY_28, small_hp())
+    hypermodel = PluginHyperModel(plugin, GRAY_28)
+    hp = small_hp(fine_tune_layers=20)
+    model = hypermodel.build(hp)
+    backbone = model.get_layer("backbone")
+    assert backbone.trainable and backbone.trainable_weights
+    first_conv = next(w for w in backbone.trainable_weights if len(w.shape) == 4)
+    before = keras.ops.convert_to_numpy(first_conv)
+    x, y = images(16)
+    history = hypermodel.fit(hp, model, x, y, epochs=1, batch_size=8, verbose=0)
+    assert not np.array_equal(before, keras.ops.convert_to_numpy(first_conv))  # it learned
+    assert history.epoch == [0]  # no fine-tuning stage after
+
+
+def test_transfer_model_resizes_colours_and_freezes_the_backbone(tmp_path):
+    plugin = cnnforge.get("backbone", "mobilenet_v2")
+    saved = tmp_path / "mobilenet_v2.weights.h5"  # "pretrained": any weights file binds
+    transfer.build_backbone(plugin, (32, 32, 3)).save_weights(saved)
+    keras.backend.clear_session()
+    model = build_model(with_weights(plugin, str(saved)), GRAY_28, small_hp())
     names = [layer.name for layer in model.layers]
     assert names[:4] == ["images", "resize", "grayscale_to_rgb", "backbone"]
     assert names[-1] == "probabilities" and "avg_pool" in names
@@ -110,7 +137,9 @@ def test_fine_tuning_trains_the_top_layers_with_batchnorm_frozen():
     cnnforge.backbone("tiny_bn_for_test", native_size=16, min_size=16)(
         tiny_backbone_with_batch_norm
     )
-    hypermodel = PluginHyperModel(cnnforge.get("backbone", "tiny_bn_for_test"), GRAY_28)
+    hypermodel = PluginHyperModel(
+        with_weights(cnnforge.get("backbone", "tiny_bn_for_test")), GRAY_28
+    )
     hp = small_hp(image_size=16, fine_tune_layers=6, fine_tune_epochs=2)
     model = hypermodel.build(hp)
     layers = transfer.leaf_layers(model.get_layer("backbone"))
@@ -191,6 +220,7 @@ def transfer_run(finished_run, small_npz, tmp_path_factory):
     return result
 
 
+@pytest.mark.slow
 def test_a_cnnforge_run_serves_as_a_frozen_backbone(transfer_run, finished_run):
     run_dir = transfer_run.run_dir
     assert (run_dir / "model.onnx").is_file()

@@ -61,6 +61,7 @@ def tracked_run(small_npz, tmp_path_factory):
     return result, first_ids, resumed
 
 
+@pytest.mark.slow
 def test_tensorboard_has_every_epoch_of_every_trial(tracked_run):
     result, _, _ = tracked_run
     logdir = result.run_dir / "tensorboard"
@@ -81,6 +82,7 @@ def test_tensorboard_has_every_epoch_of_every_trial(tracked_run):
         assert params == record.params
 
 
+@pytest.mark.slow
 def test_tensorboard_hparams_dashboard_has_each_trial(tracked_run):
     result, _, _ = tracked_run
     logdir = result.run_dir / "tensorboard"
@@ -97,6 +99,7 @@ def test_tensorboard_hparams_dashboard_has_each_trial(tracked_run):
         assert session.hparams["filters_0"].number_value == record.hyperparameters["filters_0"]
 
 
+@pytest.mark.slow
 def test_mlflow_has_the_search_and_a_child_run_per_trial(tracked_run):
     result, _, _ = tracked_run
     client = MlflowClient(f"sqlite:///{result.run_dir / 'mlflow.db'}")
@@ -125,6 +128,7 @@ def test_mlflow_has_the_search_and_a_child_run_per_trial(tracked_run):
     assert parent.info.artifact_uri.startswith((result.run_dir / "mlartifacts").as_uri())
 
 
+@pytest.mark.slow
 def test_a_resumed_search_continues_the_same_mlflow_runs(tracked_run):
     result, first_ids, resumed = tracked_run
     ids = json.loads((result.run_dir / "mlflow.json").read_text())
@@ -138,6 +142,7 @@ def test_a_resumed_search_continues_the_same_mlflow_runs(tracked_run):
     assert saved["search"]["track"] == ["tensorboard", "mlflow"]
 
 
+@pytest.mark.slow
 def test_a_broken_tracker_is_one_warning_and_the_search_finishes(small_npz, tmp_path, monkeypatch):
     blocked = tmp_path / "blocked"
     blocked.write_text("a file, so no store can be made under it")

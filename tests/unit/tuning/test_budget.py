@@ -107,6 +107,7 @@ def _one_trial(small_npz, run_dir, **settings):
     return search(config)
 
 
+@pytest.mark.slow
 def test_without_retraining_the_best_model_is_the_trials_own(small_npz, tmp_path):
     result = _one_trial(small_npz, tmp_path / "r", retrain=False)
     assert result.final_training is None
@@ -118,6 +119,7 @@ def test_without_retraining_the_best_model_is_the_trials_own(small_npz, tmp_path
         np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_trials_train_on_their_share_of_the_data(small_npz, tmp_path):
     result = _one_trial(small_npz, tmp_path / "r", search_fraction=0.5)
     cost = json.loads((tmp_path / "r" / "tuner" / "trial_0" / "cnnforge_cost.json").read_text())
@@ -151,6 +153,7 @@ def test_the_same_seed_gives_the_same_trials_and_scores(small_npz, tmp_path):
     assert [hp for hp, _ in first][1:] != [hp for hp, _ in other][1:]  # trial 0 is the baseline
 
 
+@pytest.mark.slow
 def test_mixed_precision_trains_and_exports_a_float32_model(small_npz, tmp_path):
     from cnnforge.conversion.export import export
 
@@ -161,3 +164,48 @@ def test_mixed_precision_trains_and_exports_a_float32_model(small_npz, tmp_path)
     assert best.dtype_policy.name == "float32"
     exported = export(tmp_path / "r")
     assert exported.parity.passed
+
+
+def test_past_the_deadline_a_running_trial_is_answered_stopped(tmp_path):
+    """A distributed worker cannot see the chief's clock: its epoch report is answered STOPPED
+    once the deadline has passed, and the tuner stops that trial's training."""
+    import keras_tuner
+
+    from cnnforge.tuning.tuners import ORACLES, RecordingTuner
+
+    hps = keras_tuner.HyperParameters()
+    hps.Int("units", 1, 4)
+    oracle = ORACLES["random"](
+        objective=keras_tuner.Objective("val_accuracy", "max"), hyperparameters=hps, max_trials=3
+    )
+    oracle._set_project_dir(str(tmp_path), "tuner")
+    trial = oracle.create_trial("worker-1")
+    running = keras_tuner.engine.trial.TrialStatus.RUNNING
+    assert oracle.update_trial(trial.trial_id, {"val_accuracy": 0.5}, step=0).status == running
+    oracle.deadline = time.time() - 1
+    answer = oracle.update_trial(trial.trial_id, {"val_accuracy": 0.6}, step=1)
+    assert answer.status == keras_tuner.engine.trial.TrialStatus.STOPPED
+    assert oracle.trials[trial.trial_id].status == running  # the oracle's own record unchanged
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    tuner = RecordingTuner.__new__(RecordingTuner)  # only on_epoch_end's answer handling
+    tuner.oracle = oracle
+    RecordingTuner.on_epoch_end(tuner, trial, model, 1, {"val_accuracy": 0.7})
+    assert model.stop_training
+
+
+def test_patience_leaves_a_scheduled_learning_rate_alone():
+    from cnnforge.tuning.tuners import PatienceUnlessScheduled
+
+    def stopped(rate) -> bool:
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(rate), loss="mse")
+        patience = PatienceUnlessScheduled("val_loss", patience=1)
+        patience.set_model(model)
+        patience.on_train_begin()
+        for epoch, loss in enumerate([1.0, 2.0, 3.0]):  # worse and worse
+            patience.on_epoch_end(epoch, {"val_loss": loss})
+        return bool(model.stop_training)
+
+    assert stopped(1e-3)
+    assert not stopped(keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=100))

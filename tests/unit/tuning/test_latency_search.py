@@ -57,6 +57,7 @@ def _rows(run_dir):
     return list(csv.DictReader((run_dir / "trials.csv").open()))
 
 
+@pytest.mark.slow
 def test_candidates_over_budget_are_measured_but_not_trained(budget_run):
     run_dir = budget_run.run_dir
     by_status = {}
@@ -129,6 +130,7 @@ def test_trials_sort_by_any_column():
         sorted_trials(rows, "val_accuracy", "speed")
 
 
+@pytest.mark.slow
 def test_any_trial_exports_from_its_checkpoint_or_retrained(budget_run, small_npz):
     from cnnforge.conversion.export import export
     from cnnforge.modeling.keras_io import load_keras_model
@@ -144,6 +146,7 @@ def test_any_trial_exports_from_its_checkpoint_or_retrained(budget_run, small_np
         trial_model(run_dir, "99")
 
 
+@pytest.mark.slow
 def test_cli_lists_trials_and_exports_a_non_best_one(budget_run):
     from click.testing import CliRunner
 

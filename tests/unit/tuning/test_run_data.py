@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import keras_tuner
 import numpy as np
+import pytest
 from PIL import Image
 
 from cnnforge.modeling.hypermodel import PluginHyperModel
@@ -23,6 +24,7 @@ def add_images(folder, side: int, count: int, start: int = 0) -> None:
             Image.fromarray(pixels).save(folder / label / f"{side}_{i}.png")
 
 
+@pytest.mark.slow
 def test_a_resumed_search_reads_the_data_as_recorded_though_the_folder_changed(tmp_path):
     folder = tmp_path / "photos"
     add_images(folder, side=16, count=10)
@@ -49,6 +51,7 @@ def _trained_again(small_npz, tmp_path, class_weight):
     return [np.asarray(w) for w in model.get_weights()]
 
 
+@pytest.mark.slow
 def test_a_trial_trained_again_keeps_class_weight_auto(small_npz, tmp_path):
     plain = _trained_again(small_npz, tmp_path, None)
     # the same training twice gives the same weights: what differs below is the class weights

@@ -43,6 +43,7 @@ def test_first_trial_is_the_default_model(finished_run):
     )
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_runs_only_the_missing_trials(small_npz, tmp_path):
     config = SearchConfig(
         data=str(small_npz), run_dir=tmp_path / "r", max_trials=1, epochs=1, patience=0

@@ -1,0 +1,341 @@
+"""The ``auto`` search: its plan (``make_plan``) and its oracle, successive halving over the
+plugin's priors, then paired trials.
+
+Candidates are the plugin's priors (``@architecture(..., priors=...)``: known-good settings,
+adapted to the data), each kept within ``--fix`` and ``--space``, then variants of them with a
+few hyperparameters drawn at random: the space is searched around what is known to work. Rung 0
+trains the first ``candidates`` for its epochs; each next rung takes the best of the one before
+(rung by rung, so workers wait for a rung to end). At the top rung's length the winner is run
+again with each of ``PAIRED`` toggled: what pays only over a longer schedule (flips,
+augmentation) is decided by validation at the length where it shows. The best trial at the top
+length wins; shorter trials only choose who gets there.
+
+Everything is derived from the trials KerasTuner saves (``tuner/rung``, ``tuner/candidate`` in
+each trial's values) and from the seed, so a resumed search continues the same plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from typing import Any
+
+import keras
+import keras_tuner
+
+from cnnforge.core.rundir import RunDir
+from cnnforge.data.dataset import Dataset
+from cnnforge.modeling.hypermodel import PluginHyperModel
+from cnnforge.tuning.candidate import measure_candidate
+from cnnforge.tuning.config import SearchConfig
+from cnnforge.tuning.plan import (
+    Probe,
+    SearchPlan,
+    budget_plan,
+    count_plan,
+    nominal_probe,
+    probe,
+)
+
+TrialStatus = keras_tuner.engine.trial.TrialStatus
+ENDED = (TrialStatus.COMPLETED, TrialStatus.FAILED, TrialStatus.INVALID, TrialStatus.STOPPED)
+# Regularisers decided by a paired trial at the top rung: the value toggled on the winner.
+PAIRED = {"flip": lambda value: not value, "augment": lambda v: "light" if v == "none" else "none"}
+MUTATED = 3  # hyperparameters drawn at random in a variant of a prior
+RUNG, CANDIDATE, EPOCHS = "tuner/rung", "tuner/candidate", "tuner/epochs"
+
+
+def allowed(hp: Any, value: Any) -> bool:
+    """Whether ``value`` is one ``hp`` (a KerasTuner hyperparameter) can take."""
+    kind = type(hp).__name__
+    if kind == "Fixed":
+        return value == hp.value
+    if kind == "Boolean":
+        return isinstance(value, bool)
+    if kind == "Choice":
+        return value in hp.values
+    try:
+        return hp.min_value <= value <= hp.max_value
+    except TypeError:
+        return False
+
+
+def within_space(space: list[Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` for every hyperparameter of ``space``: the given value where the space (with
+    its ``--fix`` and ``--space``) allows it, else the hyperparameter's default."""
+    return {
+        hp.name: values[hp.name]
+        if hp.name in values and allowed(hp, values[hp.name])
+        else hp.default
+        for hp in space
+    }
+
+
+def candidate_list(
+    space: list[Any], priors: list[dict[str, Any]], count: int, seed: int
+) -> list[dict[str, Any]]:
+    """``count`` distinct candidates: the priors in order (kept to the space), the plugin's
+    defaults, then variants of those in turn, each with ``MUTATED`` tunable hyperparameters
+    drawn at random (seeded)."""
+    space = list({hp.name: hp for hp in space}.values())  # a name twice: the later (--fix) wins
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    found: list[dict[str, Any]] = []
+
+    def add(values: dict[str, Any]) -> None:
+        key = json.dumps(values, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            found.append(values)
+
+    for prior in [*priors, {}]:  # {}: the plugin's defaults, the baseline
+        add(within_space(space, prior))
+    bases = list(found)
+    tunable = [hp for hp in space if type(hp).__name__ != "Fixed"]
+    attempts = 0
+    while len(found) < count and tunable and attempts < 50 * count:
+        base = dict(bases[attempts % len(bases)])
+        for hp in rng.sample(tunable, min(MUTATED, len(tunable))):
+            base[hp.name] = hp.random_sample(rng.randrange(2**31))
+        add(base)
+        attempts += 1
+    return found[:count]
+
+
+class AutoOracle:
+    """Oracle mixin (over KerasTuner's ``Oracle``) that runs a ``SearchPlan``."""
+
+    plan: SearchPlan
+    priors: list[dict[str, Any]]
+    search_seed: int = 0
+
+    def populate_space(self, trial_id: str) -> dict[str, Any]:
+        for rung in range(len(self.plan.rungs)):
+            chosen = self._rung_candidates(rung)
+            if chosen is None:  # the rung below has trials still running
+                return {"status": TrialStatus.IDLE}
+            missing = [c for c in chosen if self._trial_of(rung, c) is None]
+            if missing:
+                epochs = self._rung_epochs(rung, chosen)
+                if epochs is None:  # no time left for a longer rung: the search ends here
+                    return self._done()
+                return self._running(rung, missing[0], epochs)
+        paired = self._paired_candidates()
+        if paired is None:
+            return {"status": TrialStatus.IDLE}
+        top = len(self.plan.rungs)
+        for candidate, values in paired[: self._paired_that_fit(paired)]:
+            if self._trial_of(top, candidate) is None:
+                return self._running(top, candidate, self._top_epochs(), values)
+        return self._done()
+
+    def _done(self) -> dict[str, Any]:
+        """Nothing more to start: STOPPED, or IDLE while other tuners hold trials (one whose
+        worker falls silent goes back in the queue, and someone must be left to run it)."""
+        busy = bool(getattr(self, "ongoing_trials", None))
+        return {"status": TrialStatus.IDLE if busy else TrialStatus.STOPPED}
+
+    # --- fitting the rungs to the time left ---------------------------------------------------
+
+    def _rung_epochs(self, rung: int, chosen: list[int]) -> int | None:
+        """The epochs of ``rung``: as its first trial ran; the plan's for rung 0 or without a
+        deadline; else as many as let this rung, the rungs above it and the paired trials end
+        by the deadline at the paces the candidates measured in the rung below (None: not
+        more than the rung below had; the longer rung would not tell more)."""
+        started = self._rung_trials(rung)
+        if started:
+            return started[0].hyperparameters.values[EPOCHS]
+        planned = self.plan.rungs[rung].epochs
+        if rung == 0 or getattr(self, "deadline", None) is None:
+            return planned
+        paces = [self._epoch_seconds(self._trial_of(rung - 1, c)) for c in chosen]
+        mean = sum(paces) / len(paces)
+        # epochs of this rung and after it, per epoch of this rung: each rung doubles them
+        later = sum(
+            step.candidates * 2 ** (r - rung) for r, step in enumerate(self.plan.rungs) if r > rung
+        )
+        top = 2 ** (len(self.plan.rungs) - 1 - rung)
+        per_epoch = sum(paces) + mean * (later + self.plan.paired * top)
+        if per_epoch <= 0:  # no cost recorded (a worker without the run directory)
+            return planned
+        fit = math.floor((self.deadline - time.time()) / per_epoch)
+        below = self._rung_trials(rung - 1)[0].hyperparameters.values[EPOCHS]
+        epochs = min(planned, fit)
+        return epochs if epochs > below else None
+
+    def _top_epochs(self) -> int:
+        """The epochs the top rung ran (the paired trials run as many, to compare)."""
+        top = self._rung_trials(len(self.plan.rungs) - 1)
+        return top[0].hyperparameters.values[EPOCHS] if top else self.plan.top_epochs
+
+    def _paired_that_fit(self, paired: list[tuple[int, dict[str, Any]]]) -> int:
+        """How many paired trials end by the deadline at the winner's measured pace."""
+        if not paired or getattr(self, "deadline", None) is None:
+            return len(paired)
+        top = len(self.plan.rungs)
+        done = sum(self._trial_of(top, c) is not None for c, _ in paired)
+        winner = self._ranked(self._rung_trials(top - 1))[0]
+        each = self._epoch_seconds(winner) * self._top_epochs()
+        if each <= 0:  # no cost recorded (a worker without the run directory)
+            return len(paired)
+        return done + max(0, math.floor((self.deadline - time.time()) / each))
+
+    def _epoch_seconds(self, trial: Any) -> float:
+        """What an epoch of ``trial``'s candidate took, its share of the trial's overhead in."""
+        cost = self._cost(trial)
+        return (cost.get("duration_s") or 0.0) / max(1, cost.get("epochs") or 1)
+
+    def _cost(self, trial: Any) -> dict[str, Any]:
+        return RunDir.of_tuner(self._project_dir).read_cost(trial.trial_id)
+
+    def _whole(self, trial: Any) -> bool:
+        """Whether ``trial`` ran all its epochs (the deadline cuts a trial short)."""
+        run = self._cost(trial).get("epochs")
+        return run is None or run >= trial.hyperparameters.values.get(EPOCHS, 0)
+
+    def candidates(self) -> list[dict[str, Any]]:
+        """Rung 0's candidates (computed once: the seed and the space decide them)."""
+        if getattr(self, "_candidates", None) is None:
+            count = self.plan.rungs[0].candidates
+            self._candidates = candidate_list(
+                self.hyperparameters.space, self.priors, count, self.search_seed
+            )
+        return self._candidates
+
+    def _running(
+        self, rung: int, candidate: int, epochs: int, values: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        chosen = dict(values if values is not None else self.candidates()[candidate])
+        chosen.update({RUNG: rung, CANDIDATE: candidate, EPOCHS: epochs})
+        return {"status": TrialStatus.RUNNING, "values": chosen}
+
+    def _trial_of(self, rung: int, candidate: int) -> Any:
+        for trial in self.trials.values():
+            values = trial.hyperparameters.values
+            if values.get(RUNG) == rung and values.get(CANDIDATE) == candidate:
+                return trial
+        return None
+
+    def _ranked(self, trials: list[Any]) -> list[Any]:
+        """Completed ``trials``, best first (ties: the earlier candidate)."""
+        done = [t for t in trials if t.status == TrialStatus.COMPLETED and t.score is not None]
+        sign = -1 if self.objective.direction == "max" else 1
+        return sorted(done, key=lambda t: (sign * t.score, t.hyperparameters.values[CANDIDATE]))
+
+    def _rung_trials(self, rung: int) -> list[Any]:
+        return [t for t in self.trials.values() if t.hyperparameters.values.get(RUNG) == rung]
+
+    def _rung_candidates(self, rung: int) -> list[int] | None:
+        """The candidates of ``rung``: for rung 0 the first ones; above, the best of the rung
+        below once all its trials ended (None while some still run)."""
+        wanted = self.plan.rungs[rung].candidates
+        if rung == 0:
+            return list(range(min(wanted, len(self.candidates()))))
+        chosen_below = self._rung_candidates(rung - 1)
+        below = self._rung_trials(rung - 1)
+        if chosen_below is None or len(below) < len(chosen_below):
+            return None
+        if any(t.status not in ENDED for t in below):
+            return None
+        return [t.hyperparameters.values[CANDIDATE] for t in self._ranked(below)[:wanted]]
+
+    def _paired_candidates(self) -> list[tuple[int, dict[str, Any]]] | None:
+        """The winner of the top rung with each paired regulariser toggled (where the space
+        lets it change), numbered after rung 0's candidates."""
+        if not self.plan.paired:
+            return []
+        top = self._rung_trials(len(self.plan.rungs) - 1)
+        if any(t.status not in ENDED for t in top):
+            return None
+        ranked = self._ranked(top)
+        if not ranked:
+            return []
+        winner = {
+            k: v for k, v in ranked[0].hyperparameters.values.items() if not k.startswith("tuner/")
+        }
+        space = {hp.name: hp for hp in self.hyperparameters.space}
+        variants = []
+        for name, toggle in PAIRED.items():
+            if name in winner and allowed(space[name], toggle(winner[name])):
+                variants.append({**winner, name: toggle(winner[name])})
+        first = len(self.candidates())
+        return [(first + i, values) for i, values in enumerate(variants[: self.plan.paired])]
+
+    def get_best_trials(self, num_trials: int = 1) -> list[Any]:
+        """The best trials at the longest length any trial ran whole, then the rest: a short
+        trial only chose which candidates went on, and one the deadline cut short (its
+        schedule unfinished) ranks after those."""
+        whole = [
+            t for t in self.trials.values() if t.status == TrialStatus.COMPLETED and self._whole(t)
+        ]
+        longest = max((t.hyperparameters.values.get(EPOCHS, 0) for t in whole), default=0)
+        at_top = [t for t in whole if t.hyperparameters.values.get(EPOCHS, 0) == longest]
+        rest = [t for t in super().get_best_trials(len(self.trials)) if t not in at_top]
+        return (self._ranked(at_top) + rest)[:num_trials]
+
+
+def make_plan(
+    config: SearchConfig,
+    dataset: Dataset,
+    hypermodel: PluginHyperModel,
+    hps: keras_tuner.HyperParameters,
+    priors: list[dict[str, Any]],
+    started: float | None,
+    keep_after: float,
+) -> SearchPlan:
+    """The auto search's plan: one made from the counts asked for (without a budget); else
+    the one the run directory recorded (a resume; a distributed worker always takes the
+    chief's), else one made from the budget at the first candidate's pace (measured by a
+    probe, or derived from its FLOPs with ``--deterministic``), within ``--max-trials`` and
+    ``--epochs`` when given. ``hps``: the whole space, with --fix and --space over it; a budget
+    counts from ``started`` (a ``time.time()``) and keeps ``keep_after`` seconds for later."""
+    batch = config.batch_size
+    train = round(len(dataset.y_train) * config.search_fraction)
+    val = len(dataset.y_val)
+    kinds = {hp.name: type(hp).__name__ for hp in hps.space}  # the last: --fix over the plugin
+    paired = sum(kinds.get(name) not in (None, "Fixed") for name in PAIRED)
+    budget = config.effective_time_budget()
+    run = RunDir(config.run_dir)
+    saved = run.read_json(run.plan) if run.plan.is_file() else None
+    if saved and (config.distributed == "worker" or (budget and saved["basis"] != "counts")):
+        return SearchPlan.from_json(saved)
+    if budget is None or config.distributed == "worker":  # made again on resume: a larger
+        return count_plan(config.max_trials, config.epochs, batch, train, paired)  # --max-trials
+    first = hps.copy()
+    first.values = candidate_list(hps.space, priors, 1, config.seed)[0]
+    pace, basis = _first_candidates_pace(config, dataset, hypermodel, first)
+    # a --deterministic plan does not read the clock: the same budget, the same plan
+    spent = time.time() - started if started and not config.deterministic else 0.0
+    return budget_plan(
+        budget - keep_after - spent,
+        pace,
+        train_examples=train,
+        final_examples=len(dataset.y_train) + val if config.retrain else 0,
+        batch_size=batch,
+        paired=paired,
+        basis=basis,
+        max_trials=config.max_trials,
+        max_epochs=config.epochs,
+    )
+
+
+def _first_candidates_pace(
+    config: SearchConfig, dataset: Dataset, hypermodel: PluginHyperModel, first: Any
+) -> tuple[Probe, str]:
+    """The probe's pace, or with ``--deterministic`` the one derived from FLOPs; where the
+    first candidate cannot be measured or trained, a nominal pace (its trial will say why)."""
+    val = len(dataset.y_val)
+    try:
+        if config.deterministic:
+            measured = measure_candidate(hypermodel.build(first), config.target())
+            return nominal_probe(measured.get("flops"), val), "flops"
+        x, y = dataset.x_train, dataset.y_train
+        return probe(
+            hypermodel, first, x, y, batch_size=config.batch_size, val_examples=val
+        ), "probe"
+    except Exception:
+        return nominal_probe(None, val), "nominal"
+    finally:
+        keras.backend.clear_session()

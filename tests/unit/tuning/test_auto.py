@@ -1,0 +1,172 @@
+"""The auto search: its plan (from counts, from a budget), its candidates (the plugin's priors
+first, kept to --fix and --space), and a real small search through its rungs and paired trials."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import keras_tuner
+import pytest
+
+import cnnforge
+from cnnforge.core.errors import CnnforgeError
+from cnnforge.data.dataset import DataSpec
+from cnnforge.modeling.hypermodel import default_space, plugin_priors
+from cnnforge.tuning import plan as planning
+from cnnforge.tuning.auto import candidate_list, within_space
+from cnnforge.tuning.search import SearchConfig, search
+
+GRAY_28 = DataSpec("gray", (28, 28, 1), tuple("abcdefghij"))
+
+
+def test_a_count_plan_halves_within_the_trials_asked_for():
+    plan = planning.count_plan(10, 8, 128, 7200, paired=2)
+    assert [(r.candidates, r.epochs) for r in plan.rungs] == [(5, 2), (2, 4), (1, 8)]
+    assert plan.paired == 2 and plan.trials == 10 and plan.final_epochs == 8
+    assert planning.count_plan(1, 1, 32, 100, paired=2).trials == 1  # no room for pairs
+    assert [(r.candidates, r.epochs) for r in planning.count_plan(2, 3, 32, 100, 2).rungs] == [
+        (2, 3)
+    ]
+
+
+def test_a_budget_plan_fits_its_budget_and_gives_the_final_training_its_share():
+    pace = planning.Probe(per_example=1 / 4000, trial_overhead=2.0, val_examples=800)
+    plan = planning.budget_plan(
+        230, pace, train_examples=7200, final_examples=8000, batch_size=128, paired=2, basis="x"
+    )
+    final = plan.final_epochs * 8000 * pace.per_example
+    search_cost = planning._cost(plan.rungs, plan.paired, plan.seconds_per_epoch, 2.0)
+    assert plan.paired == 2 and len(plan.rungs) >= 2  # room for halving and the paired trials
+    assert final <= planning.FINAL_SHARE * 230 and final + search_cost <= 230
+    assert plan.rungs[-1].epochs > plan.rungs[0].epochs >= 2
+    # a budget that holds no search: the first candidate alone, for what fits
+    tiny = planning.budget_plan(
+        12, pace, train_examples=7200, final_examples=8000, batch_size=128, paired=2, basis="x"
+    )
+    assert [r.candidates for r in tiny.rungs] == [1] and tiny.paired == 0
+    # more images and more time: a larger search on a share of the images
+    large = planning.budget_plan(
+        1700, pace, train_examples=54000, final_examples=60000, batch_size=128, paired=2, basis="x"
+    )
+    assert large.trials > plan.trials and large.search_examples < 54000
+
+
+def test_batch_size_and_final_length_follow_the_data():
+    assert planning.auto_batch_size(54000) == 128
+    assert planning.auto_batch_size(1617) == 32
+    assert planning.final_epochs_cap(60000, 128) == planning.FINAL_EPOCHS_MIN
+    assert planning.final_epochs_cap(1797, 32) > planning.final_epochs_cap(8000, 128)
+
+
+def test_simple_cnn_priors_come_first_adapted_to_the_image_size_and_kept_to_the_space():
+    plugin = cnnforge.get("architecture", "simple_cnn")
+    space = default_space(plugin, GRAY_28)
+    priors = plugin_priors(plugin, GRAY_28)
+    found = candidate_list(space, priors, 6, seed=0)
+    assert found[0]["batch_norm"] is True and found[0]["filters_2"] == 128
+    assert found[0]["learning_rate"] == 3e-3 and found[0]["conv_blocks"] == 3
+    assert found[1]["filters_0"] == 64 and found[3] == within_space(space, {})  # the tutorial
+    assert len({json.dumps(c, sort_keys=True) for c in found}) == 6  # variants are distinct
+    assert candidate_list(space, priors, 6, seed=0) == found  # the seed decides them
+    small = plugin_priors(plugin, DataSpec("digits", (8, 8, 1), tuple("0123456789")))
+    assert small[0]["conv_blocks"] == 2
+    # --fix wins over a prior; a value --space does not allow falls back to the default
+    asked = keras_tuner.HyperParameters()
+    asked.Fixed("filters_2", 64)
+    asked.Choice("dense_units_0", [32, 64], default=64)
+    full = keras_tuner.HyperParameters()
+    full.merge(space)
+    full.merge(asked.space)  # as the search merges them
+    kept = within_space(full.space, priors[0])
+    assert kept["filters_2"] == 64 and kept["dense_units_0"] == 64
+
+
+def test_priors_that_are_not_dicts_are_refused_at_registration():
+    with pytest.raises(CnnforgeError, match="priors= takes a list of"):
+        cnnforge.architecture("bad_priors_net", priors=[("filters", 32)])(lambda hp, x, spec: x)
+
+
+@pytest.mark.slow
+def test_an_auto_search_runs_its_rungs_then_decides_flips_in_paired_trials(small_npz, tmp_path):
+    config = SearchConfig(
+        data=str(small_npz), run_dir=tmp_path / "r", max_trials=6, epochs=2, track=[]
+    )
+    result = search(config)
+    saved = json.loads((tmp_path / "r" / "plan.json").read_text())
+    assert saved["basis"] == "counts" and saved["paired"] == 2
+    assert [(r["candidates"], r["epochs"]) for r in saved["rungs"]] == [(3, 1), (1, 2)]
+    values = [t.hyperparameters for t in result.trials]
+    assert [v["tuner/rung"] for v in values] == [0, 0, 0, 1, 2, 2]
+    assert [v["tuner/epochs"] for v in values] == [1, 1, 1, 2, 2, 2]
+    assert all(t.epochs == v["tuner/epochs"] for t, v in zip(result.trials, values, strict=True))
+    top = values[3]
+    rung0 = {t.trial_id: t.score for t in result.trials[:3]}
+    assert top["tuner/candidate"] == int(max(rung0, key=rung0.get))  # the best went on
+    assert values[4]["flip"] is (not top["flip"]) and values[4]["augment"] == top["augment"]
+    assert values[5]["augment"] != top["augment"] and values[5]["flip"] is top["flip"]
+    # the winner is the best trial at the top length, not a shorter one that scored higher
+    at_top = [t for t in result.trials if t.hyperparameters["tuner/epochs"] == 2]
+    assert result.best_trial.score == max(t.score for t in at_top)
+    assert result.final_training.epochs == 2
+
+
+def _oracle_after_rung_0(tmp_path):
+    """An auto oracle whose rung 0 (two candidates, 2 epochs, 10 s an epoch) has ended."""
+    import keras_tuner
+
+    from cnnforge.core.rundir import RunDir
+    from cnnforge.tuning.tuners import ORACLES
+
+    hps = keras_tuner.HyperParameters()
+    hps.Int("units", 1, 64, default=4)
+    oracle = ORACLES["auto"](
+        objective=keras_tuner.Objective("val_accuracy", "max"),
+        hyperparameters=hps,
+        max_trials=3,
+        seed=0,
+    )
+    oracle.plan = planning.SearchPlan(
+        [planning.Rung(2, 2), planning.Rung(1, 8)], 0, 8, 32, 100, "counts"
+    )
+    oracle.priors = []
+    oracle._set_project_dir(str(tmp_path / "run" / "tuner"), "")
+    run = RunDir(tmp_path / "run")
+    for score in (0.5, 0.6):
+        trial = oracle.create_trial("tuner0")
+        run.write_cost(trial.trial_id, {"duration_s": 20.0, "epochs": 2})
+        oracle.update_trial(trial.trial_id, {"val_accuracy": score})
+        trial.status = "COMPLETED"
+        oracle.end_trial(trial)
+    return oracle
+
+
+def test_a_rung_shortens_to_end_by_the_deadline(tmp_path):
+    oracle = _oracle_after_rung_0(tmp_path)
+    oracle.deadline = time.time() + 55  # 5 epochs of 10 s fit, not the planned 8
+    top = oracle.create_trial("tuner0")
+    assert top.hyperparameters.values["tuner/epochs"] == 5
+    assert top.hyperparameters.values["tuner/candidate"] == 1  # the better one went on
+
+
+def test_no_rung_starts_that_could_not_be_longer_than_the_one_below(tmp_path):
+    oracle = _oracle_after_rung_0(tmp_path)
+    oracle.deadline = time.time() + 15  # one epoch fits: no more than rung 0 had
+    assert oracle.create_trial("tuner0").status == "STOPPED"
+    assert oracle.get_best_trials(1)[0].score == 0.6  # the best of rung 0 wins
+
+
+@pytest.mark.parametrize("epochs_run, winner", [(8, 0.55), (3, 0.6)])
+def test_the_winner_is_the_best_whole_trial_at_the_longest_length(tmp_path, epochs_run, winner):
+    """A shorter trial that scored higher does not win; a trial the deadline cut short (its
+    schedule unfinished) does not count as one of the longest."""
+    from cnnforge.core.rundir import RunDir
+
+    oracle = _oracle_after_rung_0(tmp_path)
+    top = oracle.create_trial("tuner0")
+    assert top.hyperparameters.values["tuner/epochs"] == 8
+    RunDir(tmp_path / "run").write_cost(top.trial_id, {"duration_s": 80.0, "epochs": epochs_run})
+    oracle.update_trial(top.trial_id, {"val_accuracy": 0.55})
+    top.status = "COMPLETED"
+    oracle.end_trial(top)
+    assert oracle.get_best_trials(1)[0].score == winner
