@@ -36,8 +36,8 @@ WARMUP_FRACTION = 0.05
 PRECISIONS = TRAINING_PRECISIONS
 SAFETY = 1.05  # time estimates of a training run this much over its measured pace
 # Training steps run in one call from Python: per-step dispatch cost a fifth of each epoch of
-# the default network on 2 cores (whole epochs: 3,500 images/s at 1, 4,640 at 16). Batch
-# callbacks hear every 16th step (their ``batch`` is the step's index).
+# the first simple_cnn prior on 2 cores (whole epochs: 3,100-3,550 images/s at 1, 4,000-4,350
+# at 16). Batch callbacks hear every 16th step (their ``batch`` is the last step's index).
 STEPS_PER_EXECUTION = 16
 
 

@@ -24,14 +24,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(data: Path, run_dir: Path, *role: str) -> list[str]:
-    return small_search(data, run_dir, "--max-trials", "4", "--epochs", "3", *role)
-
-
-def worker(data: Path, run_dir: Path, address: str, worker_id: str) -> list[str]:
-    return command(
-        data, run_dir, "--distributed", "worker", "--chief", address, "--worker-id", worker_id
+def command(data: Path, run_dir: Path, *role: str, tuner: str = "auto") -> list[str]:
+    return small_search(
+        data, run_dir, "--tuner", tuner, "--max-trials", "4", "--epochs", "3", *role
     )
+
+
+def worker(
+    data: Path, run_dir: Path, address: str, worker_id: str, tuner: str = "auto"
+) -> list[str]:
+    role = ("--distributed", "worker", "--chief", address, "--worker-id", worker_id)
+    return command(data, run_dir, *role, tuner=tuner)
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
@@ -46,8 +49,10 @@ def rows(run_dir: Path) -> list[dict[str, str]]:
 def test_chief_and_two_workers_complete_every_trial_once(small_npz, tmp_path):
     run_dir, address = tmp_path / "run", f"127.0.0.1:{free_port()}"
     chief_role = ("--distributed", "chief", "--listen", address, "--track", "tensorboard,mlflow")
-    chief = start(command(small_npz, run_dir, *chief_role))
-    workers = [start(worker(small_npz, run_dir, address, w)) for w in ("worker1", "worker2")]
+    # random: four trials of three epochs each (auto's rungs would wait on one another)
+    chief = start(command(small_npz, run_dir, *chief_role, tuner="random"))
+    names = ("worker1", "worker2")
+    workers = [start(worker(small_npz, run_dir, address, w, tuner="random")) for w in names]
     outputs = [w.communicate(timeout=600) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [err for _, err in outputs]
     out, err = chief.communicate(timeout=120)
@@ -85,6 +90,8 @@ def assert_logged_by_the_chief_only(run_dir: Path) -> None:
 
 
 def test_a_worker_killed_mid_trial_does_not_stall_the_search(small_npz, tmp_path):
+    """The auto search (three candidates for an epoch, the best for three): the survivor waits
+    while the dead worker's trial holds the first rung, then runs it and the rest."""
     run_dir, address = tmp_path / "run", f"127.0.0.1:{free_port()}"
     chief_cmd = command(
         small_npz, run_dir, "--distributed", "chief", "--listen", address, "--worker-timeout", "5"

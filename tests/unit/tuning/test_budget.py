@@ -131,6 +131,7 @@ def _trials(small_npz, run_dir, seed):
     config = SearchConfig(
         data=str(small_npz),
         run_dir=run_dir,
+        tuner="random",  # the seed draws the trials (auto's first ones are the priors)
         max_trials=3,
         epochs=1,
         patience=0,
