@@ -40,7 +40,7 @@ SEED_EPOCHS, KERAS_BATCH = 10, 32
 def onnx_test_accuracy(model, dataset) -> float:
     """The model converted by cnnforge's exporter, scored with onnxruntime on the test split."""
     from cnnforge.conversion.export import to_onnx
-    from cnnforge.deploy.runtime import strict_session
+    from cnnforge.deploy.timing import strict_session
 
     session = strict_session(to_onnx(model).SerializeToString(), "cpu", None, None)
     name = session.get_inputs()[0].name
