@@ -228,6 +228,7 @@ def _prepare(
     """Check everything, plan an auto search, write config.json, data.json and plan.json (not a
     worker: it shares the chief's run directory and must not overwrite them), build the tuner:
     what chief, worker and a local search share."""
+    config.batch_size = config.batch_size or auto_batch_size(len(dataset.y_train))
     plugin = resolve_plugin(config)
     _check_run_dir(config)
     keras.utils.set_random_seed(config.seed)
@@ -360,7 +361,6 @@ def search(
     started = time.time() if started is None else started
     with _search_context(config, debug):
         dataset = _dataset(config, dataset)
-        config.batch_size = config.batch_size or auto_batch_size(len(dataset.y_train))
         tuner = _prepare(config, dataset, progress, started=started, keep_after=keep_after)
         _announce_plan(config, tuner, progress)
         tuner.tracking = _start_tracking(config, tuner)
@@ -439,7 +439,6 @@ def work(
     config.validate()
     with _search_context(config, debug):
         dataset = _dataset(config, dataset)
-        config.batch_size = config.batch_size or auto_batch_size(len(dataset.y_train))
         tuner = _prepare(config, dataset, progress)
         _run_trials(config, tuner, dataset, progress)
     return tuner.trials_run
