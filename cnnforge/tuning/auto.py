@@ -31,6 +31,7 @@ from cnnforge.modeling.hypermodel import PluginHyperModel
 from cnnforge.tuning.candidate import measure_candidate
 from cnnforge.tuning.config import SearchConfig
 from cnnforge.tuning.plan import (
+    MIN_PROBED_BUDGET_S,
     Probe,
     SearchPlan,
     budget_plan,
@@ -40,7 +41,8 @@ from cnnforge.tuning.plan import (
 )
 
 TrialStatus = keras_tuner.engine.trial.TrialStatus
-ENDED = (TrialStatus.COMPLETED, TrialStatus.FAILED, TrialStatus.INVALID, TrialStatus.STOPPED)
+COMPLETED = TrialStatus.COMPLETED
+ENDED = (COMPLETED, TrialStatus.FAILED, TrialStatus.INVALID, TrialStatus.STOPPED)
 # Regularisers decided by a paired trial at the top rung: the value toggled on the winner.
 PAIRED = {"flip": lambda value: not value, "augment": lambda v: "light" if v == "none" else "none"}
 MUTATED = 3  # hyperparameters drawn at random in a variant of a prior
@@ -119,8 +121,8 @@ class AutoOracle:
             missing = [c for c in chosen if self._trial_of(rung, c) is None]
             if missing:
                 epochs = self._rung_epochs(rung, chosen)
-                if epochs is None:  # no time left for a longer rung: the search ends here
-                    return self._done()
+                if epochs is None or not self._ends_in_time(rung, missing[0], epochs):
+                    return self._done()  # no time left for it: the search ends here
                 return self._running(rung, missing[0], epochs)
         paired = self._paired_candidates()
         if paired is None:
@@ -164,6 +166,21 @@ class AutoOracle:
         below = self._rung_trials(rung - 1)[0].hyperparameters.values[EPOCHS]
         epochs = min(planned, fit)
         return epochs if epochs > below else None
+
+    def _ends_in_time(self, rung: int, candidate: int, epochs: int) -> bool:
+        """Whether a trial of ``candidate`` for ``epochs`` ends by the deadline, at its pace in
+        the rung below (rung 0: the plan's). One that would not is cut short: unfinished, it
+        would tell nothing at its length. The first trial always starts: a search needs a
+        winner."""
+        deadline = getattr(self, "deadline", None)
+        if deadline is None or not any(t.status == COMPLETED for t in self.trials.values()):
+            return True
+        if rung == 0:
+            per_epoch = self.plan.seconds_per_epoch or 0.0
+            seconds = (self.plan.trial_overhead_s or 0.0) + epochs * per_epoch
+        else:  # its measured epochs, its overhead spread over them
+            seconds = self._epoch_seconds(self._trial_of(rung - 1, candidate)) * epochs
+        return time.time() + seconds <= deadline
 
     def _top_epochs(self) -> int:
         """The epochs the top rung ran (the paired trials run as many, to compare)."""
@@ -327,6 +344,8 @@ def _first_candidates_pace(
     """The probe's pace, or with ``--deterministic`` the one derived from FLOPs; where the
     first candidate cannot be measured or trained, a nominal pace (its trial will say why)."""
     val = len(dataset.y_val)
+    if not config.deterministic and config.effective_time_budget() < MIN_PROBED_BUDGET_S:
+        return nominal_probe(None, val), "nominal"
     try:
         if config.deterministic:
             measured = measure_candidate(hypermodel.build(first), config.target())

@@ -87,6 +87,14 @@ class SearchPlan:
         kept = {k: v for k, v in saved.items() if k in known}
         return cls(**{**kept, "rungs": [Rung(**r) for r in saved["rungs"]]})
 
+    def final_seconds(self, margin: float = 1.0) -> float:
+        """What the search keeps back for the final training: its epochs (``margin`` times
+        their planned time) and its fixed cost, a trial's overhead."""
+        if not self.final_epochs or not self.final_epoch_seconds:
+            return 0.0
+        epochs = self.final_epochs * self.final_epoch_seconds * margin
+        return epochs + (self.trial_overhead_s or 0.0)
+
     def summary(self) -> str:
         rungs = ", ".join(f"{r.candidates}×{r.epochs}" for r in self.rungs)
         paired = f" + {self.paired}×{self.top_epochs} paired" if self.paired else ""
@@ -166,10 +174,13 @@ def budget_plan(
     """The plan that fills ``seconds`` (search and final training) at ``pace``, with at most
     ``max_trials`` trials and ``max_epochs`` a trial where given."""
     final_epochs, final_epoch = 0, final_examples * pace.per_example + pace.epoch_start
-    if final_examples:  # --no-retrain: no final training, all the time to the search
+    final_seconds = 0.0  # --no-retrain: no final training, all the time to the search
+    if final_examples:  # building and tracing the final model cost what a trial's do
         cap = final_epochs_cap(final_examples, batch_size)
-        final_epochs = max(1, min(cap, math.floor(FINAL_SHARE * seconds / final_epoch)))
-    search_seconds = seconds - final_epochs * final_epoch
+        share = FINAL_SHARE * seconds - pace.trial_overhead
+        final_epochs = max(1, min(cap, math.floor(share / final_epoch)))
+        final_seconds = final_epochs * final_epoch + pace.trial_overhead
+    search_seconds = seconds - final_seconds
     wanted = search_seconds / SEARCH_EPOCHS_WANTED / pace.per_example
     examples = min(train_examples, max(MIN_SEARCH_EXAMPLES, round(wanted)))
     if not final_examples:  # the winner is a trial's own model: it sees every image
@@ -229,6 +240,10 @@ def _cost(rungs: list[Rung], paired: int, epoch: float, overhead: float) -> floa
 # checkpoints, trials.csv, tracking (measured: ~3 s on the default network, 2 cores).
 MIN_TRIAL_OVERHEAD_S = 3.0
 PROBE_IMAGES = 8192  # the probe's two epochs: about 2 s each for the default network
+# Under this budget the probe (a model built, traced and trained twice: 5-10 s) would take a
+# large share of it, and the plan holds a trial or two whatever the pace: the plan assumes the
+# nominal pace and the deadlines keep the budget.
+MIN_PROBED_BUDGET_S = 60.0
 
 
 def probe(hypermodel: Any, hp: Any, x: Any, y: Any, *, batch_size: int, val_examples: int) -> Probe:

@@ -430,7 +430,7 @@ class RecordingTuner(keras_tuner.Tuner):
         if self.plan is not None and self.plan.final_epoch_seconds:
             # the plan's share for the final training, whichever trial leads now: a slower
             # leader trains fewer epochs at the end rather than cut the search short
-            keep = self.plan.final_epochs * self.plan.final_epoch_seconds * SAFETY
+            keep = self.plan.final_seconds(margin=SAFETY)
             self.oracle.deadline = self.time_budget.ends_at - self.time_budget.overhead - keep
             return
         best = self.best_cost()

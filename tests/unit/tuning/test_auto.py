@@ -35,7 +35,9 @@ def test_a_budget_plan_fits_its_budget_and_gives_the_final_training_its_share():
     plan = planning.budget_plan(
         230, pace, train_examples=7200, final_examples=8000, batch_size=128, paired=2, basis="x"
     )
-    final = plan.final_epochs * 8000 * pace.per_example
+    # the final training's epochs and its fixed cost (building, tracing: a trial's overhead)
+    final = plan.final_epochs * 8000 * pace.per_example + 2.0
+    assert plan.final_seconds() == pytest.approx(final)
     search_cost = planning._cost(plan.rungs, plan.paired, plan.seconds_per_epoch, 2.0)
     assert plan.paired == 2 and len(plan.rungs) >= 2  # room for halving and the paired trials
     assert final <= planning.FINAL_SHARE * 230 and final + search_cost <= 230
@@ -111,11 +113,9 @@ def test_an_auto_search_runs_its_rungs_then_decides_flips_in_paired_trials(small
     assert result.final_training.epochs == 2
 
 
-def _oracle_after_rung_0(tmp_path):
-    """An auto oracle whose rung 0 (two candidates, 2 epochs, 10 s an epoch) has ended."""
+def _auto_oracle(tmp_path, plan):
     import keras_tuner
 
-    from cnnforge.core.rundir import RunDir
     from cnnforge.tuning.tuners import ORACLES
 
     hps = keras_tuner.HyperParameters()
@@ -123,22 +123,54 @@ def _oracle_after_rung_0(tmp_path):
     oracle = ORACLES["auto"](
         objective=keras_tuner.Objective("val_accuracy", "max"),
         hyperparameters=hps,
-        max_trials=3,
+        max_trials=plan.trials,
         seed=0,
     )
-    oracle.plan = planning.SearchPlan(
-        [planning.Rung(2, 2), planning.Rung(1, 8)], 0, 8, 32, 100, "counts"
-    )
+    oracle.plan = plan
     oracle.priors = []
     oracle._set_project_dir(str(tmp_path / "run" / "tuner"), "")
-    run = RunDir(tmp_path / "run")
-    for score in (0.5, 0.6):
-        trial = oracle.create_trial("tuner0")
-        run.write_cost(trial.trial_id, {"duration_s": 20.0, "epochs": 2})
-        oracle.update_trial(trial.trial_id, {"val_accuracy": score})
-        trial.status = "COMPLETED"
-        oracle.end_trial(trial)
     return oracle
+
+
+def _run_trial(oracle, tmp_path, score, duration_s, epochs):
+    """A trial of ``oracle`` created, recorded as having taken ``duration_s``, completed."""
+    from cnnforge.core.rundir import RunDir
+
+    trial = oracle.create_trial("tuner0")
+    RunDir(tmp_path / "run").write_cost(
+        trial.trial_id, {"duration_s": duration_s, "epochs": epochs}
+    )
+    oracle.update_trial(trial.trial_id, {"val_accuracy": score})
+    trial.status = "COMPLETED"
+    oracle.end_trial(trial)
+    return trial
+
+
+def _oracle_after_rung_0(tmp_path):
+    """An auto oracle whose rung 0 (two candidates, 2 epochs, 10 s an epoch) has ended."""
+    plan = planning.SearchPlan([planning.Rung(2, 2), planning.Rung(1, 8)], 0, 8, 32, 100, "counts")
+    oracle = _auto_oracle(tmp_path, plan)
+    for score in (0.5, 0.6):
+        _run_trial(oracle, tmp_path, score, duration_s=20.0, epochs=2)
+    return oracle
+
+
+def test_no_trial_starts_that_would_not_end_by_the_deadline_but_the_first(tmp_path):
+    """Rung 0's trials take the plan's pace: 5 s to start and 2 epochs of 10 s."""
+    plan = planning.SearchPlan(
+        [planning.Rung(3, 2)], 0, 8, 32, 100, "probe", seconds_per_epoch=10, trial_overhead_s=5
+    )
+    oracle = _auto_oracle(tmp_path, plan)
+    oracle.deadline = time.time() + 1  # no trial has ended: the search needs a winner
+    assert oracle.create_trial("tuner0").status == "RUNNING"
+    oracle = _auto_oracle(tmp_path / "b", plan)
+    _run_trial(oracle, tmp_path / "b", 0.5, duration_s=25.0, epochs=2)
+    oracle.deadline = time.time() + 30  # 25 s fit
+    second = oracle.create_trial("tuner0")
+    assert second.status == "RUNNING" and second.hyperparameters.values["tuner/candidate"] == 1
+    oracle.end_trial(second)
+    oracle.deadline = time.time() + 20  # 25 s do not: cut short, it would tell nothing
+    assert oracle.create_trial("tuner0").status == "STOPPED"
 
 
 def test_a_rung_shortens_to_end_by_the_deadline(tmp_path):
