@@ -38,7 +38,9 @@ SAFETY = 1.05  # time estimates of a training run this much over its measured pa
 # Training steps run in one call from Python: per-step dispatch cost a fifth of each epoch of
 # the first simple_cnn prior on 2 cores (whole epochs: 3,100-3,550 images/s at 1, 4,000-4,350
 # at 16). Batch callbacks hear every 16th step (their ``batch`` is the last step's index).
-STEPS_PER_EXECUTION = 16
+# Tracing the looped step costs about 0.6 s more per training run (small CNNs, 2 cores), what
+# ~75 steps save: a run of fewer than LOOPED_STEPS_MIN steps runs one step per call.
+STEPS_PER_EXECUTION, LOOPED_STEPS_MIN = 16, 100
 
 
 @dataclass(frozen=True)
@@ -95,10 +97,13 @@ def compile_model(
     recipe: Recipe,
     *,
     steps: int = 1,
-    steps_per_execution: int = STEPS_PER_EXECUTION,
+    steps_per_execution: int | None = None,
 ) -> None:
     """Compile for one-hot labels (what ``training_data`` yields), the optimizer set for
-    ``steps`` steps of training, under the strategy the model was built in (a GPU mirror)."""
+    ``steps`` steps of training, under the strategy the model was built in (a GPU mirror);
+    ``steps_per_execution`` by default as the run's length pays for it."""
+    if steps_per_execution is None:
+        steps_per_execution = STEPS_PER_EXECUTION if steps >= LOOPED_STEPS_MIN else 1
     with model.distribute_strategy.scope():
         rate = learning_rate(recipe, steps)
         optimizer = (

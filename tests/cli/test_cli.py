@@ -131,6 +131,7 @@ def test_run_with_a_backbone_end_to_end(small_npz, tmp_path):
         "1",
         "--epochs",
         "1",
+        "--no-retrain",  # the trial's model is deployed: a whole backbone traced once, not twice
     )
     assert result.exit_code == 0, result.output + result.stderr
     assert "test accuracy (onnxruntime)" in result.output

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from click.testing import CliRunner
 
 from cnnforge.cli import cli
 
 
+@pytest.mark.slow
 def test_a_tracker_that_failed_to_start_gets_no_line(small_npz, tmp_path, monkeypatch):
     blocked = tmp_path / "blocked"
     blocked.write_text("a file, so no MLflow store can be made under it")

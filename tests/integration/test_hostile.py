@@ -141,6 +141,7 @@ def test_trials_that_fail_are_recorded_and_many_in_a_row_stop_the_search(tmp_pat
     assert all(",FAILED," in row and "pretend out of memory" in row for row in rows[1:])
 
 
+@pytest.mark.slow
 def test_nan_loss_fails_the_trial_with_its_reason(tmp_path, small_npz):
     from cnnforge.tuning.search import SearchConfig, search
 

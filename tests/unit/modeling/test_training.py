@@ -141,7 +141,7 @@ def test_a_trial_learns_through_the_pipeline_and_reports_its_pace(small_npz):
         dataset.x_train,
         dataset.y_train,
         epochs=4,
-        batch_size=16,
+        batch_size=8,
         verbose=0,
         validation_data=(dataset.x_val, dataset.y_val),
     )
@@ -150,9 +150,18 @@ def test_a_trial_learns_through_the_pipeline_and_reports_its_pace(small_npz):
     assert cost["examples"] == len(dataset.x_train) and cost["epochs"] == 4
     assert 0 < cost["steady_seconds"] < cost["train_seconds"] < cost["fit_seconds"]
     # per epoch: the steps after the first call (each epoch's first call is its start)
-    steps = -(-len(dataset.x_train) // 16)
-    assert steps > training.STEPS_PER_EXECUTION
-    assert cost["steady_examples"] == 4 * (steps - training.STEPS_PER_EXECUTION) * 16
+    steps = -(-len(dataset.x_train) // 8)
+    assert 4 * steps >= training.LOOPED_STEPS_MIN  # long enough to run looped steps
+    assert model.steps_per_execution == training.STEPS_PER_EXECUTION < steps
+    assert cost["steady_examples"] == 4 * (steps - training.STEPS_PER_EXECUTION) * 8
+
+
+def test_a_short_training_runs_one_step_per_call_a_long_one_loops():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    training.compile_model(model, Recipe(), steps=training.LOOPED_STEPS_MIN - 1)
+    assert model.steps_per_execution == 1  # tracing the loop would cost more than it saves
+    training.compile_model(model, Recipe(), steps=training.LOOPED_STEPS_MIN)
+    assert model.steps_per_execution == training.STEPS_PER_EXECUTION
 
 
 def _fit_to_deadline(deadline: float, *, planned: int, most: int) -> tuple[keras.Model, Any]:

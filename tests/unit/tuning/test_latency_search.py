@@ -85,6 +85,7 @@ def test_candidates_over_budget_are_measured_but_not_trained(budget_run):
     assert {r["pareto"] for r in rows if r["status"] == "OVER_BUDGET"} == {"0"}
 
 
+@pytest.mark.slow
 def test_a_budget_nothing_meets_is_a_clear_error(small_npz, tmp_path):
     config = SearchConfig(
         data=str(small_npz),

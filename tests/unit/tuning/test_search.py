@@ -161,6 +161,7 @@ def test_hyperband_counts_a_promoted_trials_epochs_from_scratch(small_npz, tmp_p
         assert start < trial.best_epoch <= trial.hyperparameters["tuner/epochs"]
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_trains_a_trial(small_npz, tmp_path):
     """On a machine without GPUs MirroredStrategy uses the CPU: the code path a GPU box runs."""
     config = SearchConfig(
