@@ -88,12 +88,12 @@ class SearchPlan:
         return cls(**{**kept, "rungs": [Rung(**r) for r in saved["rungs"]]})
 
     def final_seconds(self, margin: float = 1.0) -> float:
-        """What the search keeps back for the final training: its epochs (``margin`` times
-        their planned time) and its fixed cost, a trial's overhead."""
+        """What the search keeps back for the final training (``final_reserve``)."""
         if not self.final_epochs or not self.final_epoch_seconds:
             return 0.0
-        epochs = self.final_epochs * self.final_epoch_seconds * margin
-        return epochs + (self.trial_overhead_s or 0.0)
+        return final_reserve(
+            self.final_epochs, self.final_epoch_seconds, self.trial_overhead_s or 0.0, margin
+        )
 
     def summary(self) -> str:
         rungs = ", ".join(f"{r.candidates}×{r.epochs}" for r in self.rungs)
@@ -103,6 +103,12 @@ class SearchPlan:
             f"{self.trials} trials ({rungs} epochs{paired}) on {self.search_examples} images, "
             f"batch {self.batch_size}{final}"
         )
+
+
+def final_reserve(epochs: int, epoch_seconds: float, overhead: float, margin: float = 1.0) -> float:
+    """The final training's time: its epochs (``margin`` times their planned time) and its
+    fixed cost, a trial's overhead (building and tracing the model)."""
+    return epochs * epoch_seconds * margin + overhead
 
 
 def auto_batch_size(examples: int) -> int:
@@ -179,7 +185,7 @@ def budget_plan(
         cap = final_epochs_cap(final_examples, batch_size)
         share = FINAL_SHARE * seconds - pace.trial_overhead
         final_epochs = max(1, min(cap, math.floor(share / final_epoch)))
-        final_seconds = final_epochs * final_epoch + pace.trial_overhead
+        final_seconds = final_reserve(final_epochs, final_epoch, pace.trial_overhead)
     search_seconds = seconds - final_seconds
     wanted = search_seconds / SEARCH_EPOCHS_WANTED / pace.per_example
     examples = min(train_examples, max(MIN_SEARCH_EXAMPLES, round(wanted)))
