@@ -1,6 +1,15 @@
-"""Shared fixtures. The example plugin package is installed for real (pip, into a temporary
-target folder put on sys.path) before collection, so its entry point is discovered the way a
-user's would be and its architecture gets the contract tests too."""
+"""Shared fixtures and the suite's guards.
+
+The example plugin package is installed for real (pip, into a temporary target folder put on
+sys.path) before collection, so its entry point is discovered the way a user's would be and its
+architecture gets the contract tests too. Under pytest-xdist the controller installs it once and
+the workers reuse that folder.
+
+Two guards keep the suite fast (docs/testing.md): each xdist worker's TensorFlow thread pools
+are sized to its share of the cores, and a test of the fast tier (not marked ``slow``) whose call
+takes longer than ``FAST_TEST_CEILING_S`` fails, so a slow test cannot creep into the everyday
+tier unnoticed.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +28,44 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PACKAGE = ROOT / "examples" / "cnnforge-example-plugin"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+PLUGIN_TARGET_ENV = "CNNFORGE_TEST_EXAMPLE_PLUGIN"
+
+# A fast-tier test's call may take this long on a busy 2-core CI machine (two xdist workers);
+# a heavier check is marked ``@pytest.mark.slow`` and still runs in CI.
+FAST_TEST_CEILING_S = float(os.environ.get("CNNFORGE_FAST_TEST_CEILING_S", "30"))
+# Memory one worker may need at its peak (a backbone's conversion); bounds `-n auto`.
+WORKER_MEMORY_GB = 8
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _size_worker_thread_pools() -> None:
+    """Give each xdist worker's TensorFlow (and the subprocesses its tests start) its share of the
+    cores: two workers with a full pool each on two cores oversubscribe them. Must run before
+    TensorFlow is imported; a value set by hand wins."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        share = max(1, _usable_cpus() // workers)
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(share))
+        os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+
+
+_size_worker_thread_pools()
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per core, as many as the memory holds."""
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return max(1, min(_usable_cpus(), int(memory_gb // WORKER_MEMORY_GB)))
+
+
+def _install_example_plugin(config: pytest.Config) -> Path:
+    shared = os.environ.get(PLUGIN_TARGET_ENV)
+    if shared and Path(shared).is_dir():  # an xdist worker: the controller installed it
+        return Path(shared)
     target = Path(tempfile.mkdtemp(prefix="cnnforge-example-plugin-"))
     config.add_cleanup(lambda: shutil.rmtree(target, ignore_errors=True))
     subprocess.run(
@@ -40,6 +84,12 @@ def pytest_configure(config: pytest.Config) -> None:
         check=True,
         env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"},
     )
+    os.environ[PLUGIN_TARGET_ENV] = str(target)  # workers start after this and inherit it
+    return target
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    target = _install_example_plugin(config)
     sys.path.insert(0, str(target))
     import importlib
 
@@ -47,6 +97,22 @@ def pytest_configure(config: pytest.Config) -> None:
     import cnnforge
 
     cnnforge.load_plugins()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Fail a fast-tier test whose call ran over the ceiling (its setup, often a shared
+    session fixture paid once, is not counted)."""
+    outcome = yield
+    report = outcome.get_result()
+    over = call.when == "call" and call.duration > FAST_TEST_CEILING_S
+    if over and report.passed and item.get_closest_marker("slow") is None:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"fast-tier test took {call.duration:.1f} s, over the {FAST_TEST_CEILING_S:.0f} s "
+            "ceiling (tests/conftest.py FAST_TEST_CEILING_S): make it cheaper or mark it "
+            "@pytest.mark.slow"
+        )
 
 
 @pytest.fixture(scope="session")

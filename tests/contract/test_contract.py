@@ -17,20 +17,10 @@ from cnnforge.modeling import transfer
 from cnnforge.modeling.hypermodel import build_model
 
 ARCHITECTURES = [p.name for p in cnnforge.list_plugins(kind="architecture")]
-# Backbones whose contract test takes more than a few seconds (conversion of many layers).
-HEAVY_BACKBONES = {
-    "mobilenet_v3_large",
-    "efficientnet_b0",
-    "efficientnet_b1",
-    "efficientnet_b2",
-    "resnet50",
-    "densenet121",
-    "convnext_tiny",
-}
-BACKBONES = [
-    pytest.param(p.name, marks=[pytest.mark.slow] if p.name in HEAVY_BACKBONES else [])
-    for p in cnnforge.list_plugins(kind="backbone")
-]
+# Every built-in backbone's contract converts a real keras.applications network (20-40 s on a
+# busy 2-core machine): the slow tier. The fast tier checks the transfer path on a small test
+# backbone (tests/unit/modeling/test_transfer.py).
+BACKBONES = [p.name for p in cnnforge.list_plugins(kind="backbone")]
 SPECS = {
     "grayscale 28": DataSpec("test", (28, 28, 1), tuple("abcdefghij")),
     "colour 32": DataSpec("test", (32, 32, 3), ("x", "y", "z")),
@@ -49,6 +39,7 @@ def test_architecture_contract(arch, spec_name):
     check_contract(model, spec)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_backbone_contract(backbone):
     """Weights none, at the smallest size the backbone takes (28x28 grayscale resized to it),

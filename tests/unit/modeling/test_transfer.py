@@ -272,6 +272,7 @@ def test_a_run_backbone_refuses_weights_and_wrong_channels(finished_run):
         transfer.resolve_backbone(f"run:{finished_run.run_dir.parent}")
 
 
+@pytest.mark.slow  # a CLI process that imports TensorFlow and builds a backbone
 def test_imagenet_weights_offline_is_one_line_and_writes_nothing(tmp_path, small_npz):
     code = (
         "import socket, sys\n"

@@ -135,20 +135,22 @@ def test_the_winner_history_and_predictions_of_a_real_run(finished_run, small_np
     assert saved["trial_id"] == finished_run.best_trial.trial_id
 
 
-def test_test_split_figures_of_an_nchw_model_match_the_nhwc_ones(finished_run, small_npz, tmp_path):
+def test_test_split_figures_of_an_nchw_model_match_the_nhwc_ones(
+    finished_run, variants, small_npz, tmp_path
+):
     """``cnnforge export RUN --layout nchw`` as the run's model.onnx: the same predictions, and
-    report.html keeps its test-split figures."""
+    report.html keeps its test-split figures. (The NCHW export of the run's own best.keras is
+    the session's ``variants`` fixture.)"""
     import re
     import shutil
 
-    from cnnforge.conversion.export import export
     from cnnforge.deploy.onnxinfo import image_input
     from cnnforge.report.html import write_html_report
 
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run.run_dir, run_dir)
     (run_dir / "evaluation.json").unlink(missing_ok=True)  # the figures come from model.onnx
-    export(run_dir, run_dir / "model.onnx", layout="NCHW")
+    shutil.copy(variants["nchw"].onnx_path, run_dir / "model.onnx")
     assert image_input(run_dir / "model.onnx").layout == "NCHW"
 
     nhwc = predict_test_split(finished_run.run_dir / "model.onnx", str(small_npz))
