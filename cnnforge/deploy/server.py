@@ -52,6 +52,7 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 DECODERS = 2  # images decoded at once, whatever the number of requests
 RETRY_AFTER_S = 1
 GRACEFUL_TIMEOUT_S = 30
+TOP_K_DIGITS = 9  # top_k past the classes gives them all; longer numbers are refused
 RAW_TYPES = ("application/octet-stream",)  # and every image/* type
 ROUTES = ("/predict", "/health", "/metadata", "/metrics", "/openapi.json")
 
@@ -279,8 +280,9 @@ def _overloaded() -> RequestError:
 
 async def _read_body(request: Any, limit: int) -> bytes:
     """The request body, refused (413) as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    # a length that is no number is left to the stream's count below
+    declared = _whole_number(request.headers.get("content-length", ""), 18)
+    if declared is not None and declared > limit:
         raise _too_large(limit)
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -334,11 +336,26 @@ async def _images(request: Any, limit: int, max_images: int) -> list[tuple[str, 
         await form.close()
 
 
+def _whole_number(raw: str, most_digits: int) -> int | None:
+    """``raw`` as a whole number if it is one written in at most ``most_digits`` ASCII digits,
+    else None. ``str.isdigit`` alone lets through superscripts (``²``, which ``int`` refuses)
+    and other scripts' digits, and ``int`` refuses strings of over 4,300 digits."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > most_digits:
+        return None
+    return int(raw)
+
+
 def _top_k(request: Any) -> int:
     raw = request.query_params.get("top_k", "5")
-    if not raw.isdigit() or int(raw) < 1:
-        raise RequestError(400, "bad_top_k", f"top_k must be a whole number ≥ 1, got {raw!r}")
-    return int(raw)
+    top_k = _whole_number(raw, TOP_K_DIGITS)
+    if top_k is None or top_k < 1:
+        shown = raw if len(raw) <= 20 else f"{raw[:20]}… ({len(raw):,} characters)"
+        raise RequestError(
+            400,
+            "bad_top_k",
+            f"top_k must be a whole number from 1 to {10**TOP_K_DIGITS - 1:,}, got {shown!r}",
+        )
+    return top_k
 
 
 def create_app(
@@ -468,7 +485,12 @@ def openapi_document(service: Service) -> dict[str, Any]:
                         {
                             "name": "top_k",
                             "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "default": 5},
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": 10**TOP_K_DIGITS - 1,
+                                "default": 5,
+                            },
                         }
                     ],
                     "requestBody": {
