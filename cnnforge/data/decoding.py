@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from cnnforge.core.imagefiles import open_image_file
 from cnnforge.core.preprocessing import Preprocessing
 
 CHUNK = 256  # images a worker decodes per task
@@ -32,13 +33,14 @@ T = TypeVar("T")
 
 
 def open_upright(path: Any) -> Any:
-    """The decoded Pillow image of ``path``, turned as its EXIF (or XMP) orientation says.
+    """The decoded Pillow image of ``path`` (a documented format only:
+    :func:`cnnforge.core.imagefiles.open_image_file`), turned as its EXIF (or XMP) orientation says.
 
     A PNG or JPEG without EXIF or XMP metadata has no orientation to apply, so it is returned
     as decoded (``ImageOps.exif_transpose`` would return a copy of the same pixels)."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
-    with Image.open(path) as image:
+    with open_image_file(path) as image:
         image.load()
         if image.format in _NO_ORIENTATION and not any(k in image.info for k in _ORIENTATION_KEYS):
             return image

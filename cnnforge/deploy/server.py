@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
+from cnnforge.core.imagefiles import UnsupportedImageFormat
 from cnnforge.deploy.batching import Batcher, Overloaded
 from cnnforge.deploy.images import open_image
 from cnnforge.deploy.predict import Classifier
@@ -217,6 +218,8 @@ class Service:
         for name, data in images:
             try:
                 image, _ = open_image(data, self.max_pixels)
+            except UnsupportedImageFormat as exc:
+                raise RequestError(415, "image_format", f"{name}: {exc}") from None
             except CnnforgeError as exc:
                 raise RequestError(422, "bad_image", f"{name}: {exc}") from None
             arrays.append(self.classifier.pixels(image))
@@ -514,7 +517,11 @@ def openapi_document(service: Service) -> dict[str, Any]:
                                 ("400", "malformed request, no image, bad top_k"),
                                 ("401", "missing or wrong token"),
                                 ("413", "body over the limit, or too many images"),
-                                ("415", "content type not accepted"),
+                                (
+                                    "415",
+                                    "content type not accepted, or an image in a format other "
+                                    "than PNG, JPEG, BMP, GIF, TIFF, WebP",
+                                ),
                                 ("422", "an image that does not decode or is over the pixel limit"),
                                 ("500", "an unexpected failure (logged)"),
                                 ("503", "queue full; retry after Retry-After seconds"),

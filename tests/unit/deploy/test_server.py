@@ -180,6 +180,23 @@ def test_hostile_requests_are_a_4xx_with_one_line_and_the_server_goes_on(
     assert ok.status_code == 200
 
 
+def test_an_eps_body_is_a_415_naming_the_format_and_ghostscript_never_runs(
+    url, image_files, postscript
+):
+    eps = {"content-type": "image/x-eps"}
+    for request in (
+        {"content": postscript, "headers": eps},
+        {"files": [("images", ("drawing.eps", postscript))]},
+    ):
+        response = httpx.post(f"{url}/predict", **request)
+        assert response.status_code == 415, response.text
+        error = response.json()["error"]
+        assert "EPS" in error and "PNG, JPEG, BMP, GIF, TIFF or WebP" in error
+    assert 'cnnforge_errors_total{reason="image_format"} 2.0' in httpx.get(f"{url}/metrics").text
+    ok = httpx.post(f"{url}/predict", content=image_files[0].read_bytes(), headers=_raw)
+    assert ok.status_code == 200
+
+
 def test_bad_top_k_and_unknown_routes(url, image_files):
     data = image_files[0].read_bytes()
     # a superscript or Arabic-Indic digit passes str.isdigit; 5,000 digits pass int()'s limit
