@@ -51,6 +51,8 @@ DEFAULT_MAX_QUEUE = 256  # requests read, decoded or waiting for a batch; beyond
 # pixels of one image (4096×4096), well below Pillow's 89 M: a decoded RGBA image ≤ 64 MiB
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DECODERS = 2  # images decoded at once, whatever the number of requests
+# seconds a request body may go without a byte (nginx's client_body_timeout is 60 s); then 408
+DEFAULT_BODY_TIMEOUT_S = 30.0
 RETRY_AFTER_S = 1
 GRACEFUL_TIMEOUT_S = 30
 TOP_K_DIGITS = 9  # top_k past the classes gives them all; longer numbers are refused
@@ -182,18 +184,26 @@ class Service:
         provider: str,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         decoders: int = DECODERS,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
     ) -> None:
         if max_body < 1 or max_pixels < 1 or decoders < 1:
             raise CnnforgeError(
                 f"max_body ({max_body}), max_pixels ({max_pixels}) and decoders ({decoders}) "
                 "must be at least 1"
             )
+        if not body_timeout > 0:
+            raise CnnforgeError(f"body_timeout must be over 0 seconds, got {body_timeout}")
         self.classifier = Classifier(model, provider=provider, threads=threads)
         self.fixed_batch = _fixed_batch(self.classifier, max_batch)
         max_batch = min(max_batch, self.fixed_batch or max_batch)
         self.max_batch, self.max_body, self.max_queue = max_batch, max_body, max_queue
         self.max_pixels = max_pixels
-        self.arriving = 0  # /predict requests being read and decoded, not yet queued
+        self.body_timeout = body_timeout
+        self.arriving = 0  # /predict requests read and being decoded, not yet queued
+        # bodies being received take no place in the queue (a stalled upload would hold it):
+        # their bytes are counted instead, against the queue's worth of bodies
+        self.receiving = 0
+        self.body_bytes, self.max_body_bytes = 0, max_queue * max_body
         self.decoding = asyncio.Semaphore(decoders)  # bounds the decoded images in memory
         self.metrics = Metrics(max_batch)
         self.batcher = Batcher(
@@ -202,9 +212,24 @@ class Service:
             max_wait_ms=max_wait_ms,
             max_queue=max_queue,
             on_batch=self.metrics.batch,
-            arriving=lambda: self.arriving,
+            arriving=lambda: self.arriving + self.receiving,
         )
         self.metrics.queue.set_function(lambda: self.batcher.depth)
+
+    @property
+    def full(self) -> bool:
+        """Whether ``max_queue`` requests are decoding or waiting for a batch."""
+        return self.batcher.depth + self.arriving >= self.max_queue
+
+    def hold(self, size: int) -> None:
+        """Count ``size`` more bytes of request bodies in memory; a 503 past ``max_queue`` ×
+        ``max_body`` bytes."""
+        if self.body_bytes + size > self.max_body_bytes:
+            raise _overloaded()
+        self.body_bytes += size
+
+    def release(self, size: int) -> None:
+        self.body_bytes -= size
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """One onnxruntime call (``max_batch`` is capped to a fixed batch size, which
@@ -250,6 +275,7 @@ class Service:
                 "max_images": self.max_batch,
                 "max_body_bytes": self.max_body,
                 "max_pixels": self.max_pixels,
+                "body_timeout_s": self.body_timeout,
             },
             "versions": c.metadata.get("versions", {}),
         }
@@ -281,19 +307,51 @@ def _overloaded() -> RequestError:
     )
 
 
-async def _read_body(request: Any, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes ``limit`` bytes."""
+async def _read_body(request: Any, service: Service) -> bytes:
+    """The request body, its bytes held in ``service`` (the caller releases them): refused
+    (413) as soon as it passes ``max_body`` bytes, (503) when bodies fill their memory bound,
+    and (408, the connection closed) when ``body_timeout`` seconds pass without a byte of it, as
+    nginx's ``client_body_timeout`` does, so a stalled upload does not hold its connection."""
+    limit = service.max_body
     # a length that is no number is left to the stream's count below
     declared = _whole_number(request.headers.get("content-length", ""), 18)
     if declared is not None and declared > limit:
         raise _too_large(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    stream = request.stream()
+    service.receiving += 1
+    try:
+        while (chunk := await _next_chunk(stream, service.body_timeout)) is not None:
+            if size + len(chunk) > limit:
+                raise _too_large(limit)
+            service.hold(len(chunk))
+            size += len(chunk)
+            chunks.append(chunk)
+    except BaseException:
+        service.release(size)
+        raise
+    finally:
+        service.receiving -= 1
     return b"".join(chunks)
+
+
+async def _next_chunk(stream: AsyncIterator[bytes], timeout: float) -> bytes | None:
+    """The body's next chunk, None at its end."""
+    from starlette.requests import ClientDisconnect
+
+    try:
+        return await asyncio.wait_for(anext(stream), timeout)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise RequestError(
+            408,
+            "body_timeout",
+            f"no body byte for {timeout:g} s; send the request body right after its headers",
+            {"Connection": "close"},
+        ) from None
+    except ClientDisconnect:
+        raise RequestError(400, "disconnected", "the client left before sending its body") from None
 
 
 def _too_large(limit: int) -> RequestError:
@@ -302,8 +360,8 @@ def _too_large(limit: int) -> RequestError:
     )
 
 
-async def _images(request: Any, limit: int, max_images: int) -> list[tuple[str, bytes]]:
-    """(name, encoded bytes) of each image in the request: form files, or the raw body."""
+def _content_kind(request: Any) -> str:
+    """The request's content type, if /predict accepts it (else 415)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "multipart/form-data" and not (kind.startswith("image/") or kind in RAW_TYPES):
         raise RequestError(
@@ -312,7 +370,11 @@ async def _images(request: Any, limit: int, max_images: int) -> list[tuple[str, 
             f"content type {kind or 'none'!r} is not accepted; send multipart/form-data with "
             "image files, or one image's bytes as image/* or application/octet-stream",
         )
-    body = await _read_body(request, limit)
+    return kind
+
+
+async def _images(request: Any, kind: str, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
+    """(name, encoded bytes) of each image in ``body``: form files, or the raw body."""
     if kind != "multipart/form-data":
         if not body:
             raise RequestError(400, "no_image", "the request body is empty; send an image")
@@ -373,10 +435,12 @@ def create_app(
     provider: str = "cpu",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     decoders: int = DECODERS,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> Any:
     """The ASGI app (Starlette) serving ``model``; the model is loaded now, so a bad file fails
     here, before anything listens. A request may carry at most ``max_batch`` images of at most
-    ``max_pixels`` pixels each; at most ``decoders`` images are decoded at once."""
+    ``max_pixels`` pixels each; at most ``decoders`` images are decoded at once. A body that
+    goes ``body_timeout`` seconds without a byte is a 408."""
     _require_serve()
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -394,21 +458,28 @@ def create_app(
         provider=provider,
         max_pixels=max_pixels,
         decoders=decoders,
+        body_timeout=body_timeout,
     )
 
     async def predict_route(request: Any) -> Any:
         try:
             top_k = _top_k(request)
-            # refused before the body is read: memory holds at most max_queue requests
-            if service.batcher.depth + service.arriving >= service.max_queue:
+            if service.full:  # refused before the body is read
                 raise _overloaded()
-            service.arriving += 1
+            kind = _content_kind(request)
+            body = await _read_body(request, service)
             try:
-                images = await _images(request, service.max_body, service.max_batch)
-                async with service.decoding:
-                    batch = await asyncio.to_thread(service.pixels, images)
+                if service.full:  # it filled while the body came in
+                    raise _overloaded()
+                service.arriving += 1
+                try:
+                    images = await _images(request, kind, body, service.max_batch)
+                    async with service.decoding:
+                        batch = await asyncio.to_thread(service.pixels, images)
+                finally:
+                    service.arriving -= 1
             finally:
-                service.arriving -= 1
+                service.release(len(body))
             try:
                 rows = await service.batcher.submit(batch)
             except Overloaded:
@@ -516,6 +587,7 @@ def openapi_document(service: Service) -> dict[str, Any]:
                             for code, why in (
                                 ("400", "malformed request, no image, bad top_k"),
                                 ("401", "missing or wrong token"),
+                                ("408", "no body byte for the body timeout"),
                                 ("413", "body over the limit, or too many images"),
                                 (
                                     "415",
