@@ -30,6 +30,10 @@ class UnsupportedImageFormat(CnnforgeError):
         super().__init__(message)
         self.format = format
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Exception pickles only its message: rebuilt with its format too (worker processes)
+        return type(self), (str(self), self.format)
+
 
 def open_image_file(source: Path | str | io.BufferedIOBase | io.BytesIO) -> Any:
     """``PIL.Image.open(source)`` for the formats of :data:`IMAGE_FORMATS` only (lazy: the

@@ -4,6 +4,7 @@ format Pillow knows (EPS, which runs Ghostscript) is refused by name before its 
 from __future__ import annotations
 
 import io
+import pickle
 
 import numpy as np
 import pytest
@@ -41,6 +42,9 @@ def test_eps_is_refused_by_name_before_pillows_eps_plugin_runs(tmp_path, postscr
             open_image_file(source)
         assert isinstance(caught.value, CnnforgeError) and caught.value.format == "EPS"
         assert "PNG, JPEG, BMP, GIF, TIFF or WebP" in str(caught.value)
+    # it crosses process boundaries whole (folders are decoded in worker processes)
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert (str(copy), copy.format) == (str(caught.value), "EPS")
 
 
 def test_bytes_of_no_known_format_are_still_pillows_unidentified_error():
