@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.imagefiles import open_image_file
 from cnnforge.core.preprocessing import Preprocessing
 
@@ -49,8 +50,15 @@ def open_upright(path: Any) -> Any:
 
 def decode_workers() -> int:
     """Worker processes for decoding: ``CNNFORGE_DECODE_WORKERS``, else the usable CPUs."""
-    if os.environ.get(WORKERS_ENV):
-        return max(1, int(os.environ[WORKERS_ENV]))
+    value = os.environ.get(WORKERS_ENV, "").strip()
+    if value:
+        # isdigit alone passes "²" (int() refuses it) and other scripts' digits
+        if not (value.isascii() and value.isdigit()) or len(value) > 4:
+            raise CnnforgeError(
+                f"{WORKERS_ENV} must be a whole number of processes, got {value[:20]!r}; set it "
+                "to e.g. 4, or unset it to use every CPU"
+            )
+        return max(1, int(value))
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
