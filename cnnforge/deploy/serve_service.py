@@ -15,7 +15,7 @@ from cnnforge.core.imagefiles import UnsupportedImageFormat
 from cnnforge.deploy.batching import Batcher
 from cnnforge.deploy.images import open_image
 from cnnforge.deploy.predict import Classifier
-from cnnforge.deploy.serve_requests import RequestError, overloaded
+from cnnforge.deploy.serve_requests import RETRY_AFTER_S, RequestError
 
 DEFAULT_MAX_BODY = 16 * 2**20  # bytes of one request body; documented in docs/deployment.md
 DEFAULT_MAX_BATCH = 32
@@ -119,7 +119,13 @@ class Service:
         """Count ``size`` more bytes of request bodies in memory; a 503 past ``max_queue`` ×
         ``max_body`` bytes."""
         if self.body_bytes + size > self.max_body_bytes:
-            raise overloaded()
+            raise RequestError(
+                503,
+                "body_memory",
+                f"request bodies being received fill the server's {self.max_body_bytes:,} "
+                "bytes for them; retry after a second",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
         self.body_bytes += size
 
     def release(self, size: int) -> None:

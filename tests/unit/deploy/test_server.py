@@ -383,6 +383,7 @@ def test_bodies_being_received_are_bounded_in_bytes(model, image_files):
         wait_for(lambda: service.body_bytes == 500)
         refused = httpx.post(f"{base}/predict", content=b"\0" * 600, headers=_raw)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert "bodies being received fill the server's 1,000 bytes" in refused.json()["error"]
         assert service.body_bytes == 500  # the refused body's bytes are given back
         connection.sendall(b"\0" * 500)
         with connection:
