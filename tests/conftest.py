@@ -182,3 +182,17 @@ def variants(deploy_run: Path) -> dict:
             "fp16": export(deploy_run, precision="fp16"),
             "nchw": export(deploy_run, layout="NCHW"),
         }
+
+
+@pytest.fixture
+def postscript(monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """A looping EPS file's bytes (with Ghostscript installed, Pillow's EPS plugin would run
+    ``gs`` on it for ever); reaching that plugin at all fails the test, Ghostscript or not."""
+    from PIL import EpsImagePlugin
+
+    def reached(*args, **kwargs):
+        raise AssertionError("Pillow's EPS plugin was reached: it runs Ghostscript")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", reached)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", reached)
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n%%EndComments\n{ } loop\n"

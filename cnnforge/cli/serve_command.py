@@ -8,6 +8,7 @@ import click
 
 from cnnforge.cli.options import provider_choice
 from cnnforge.deploy.server import (
+    DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_PIXELS,
@@ -57,6 +58,14 @@ from cnnforge.deploy.server import (
     show_default=True,
     help="Largest image (width × height), refused from its header before it is decoded.",
 )
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_BODY_TIMEOUT_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="Longest wait for the next byte of a request body; then 408 and the connection closed.",
+)
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
 @click.option(
     "--token",
@@ -73,6 +82,7 @@ def serve(
     max_queue: int,
     max_body: int,
     max_pixels: int,
+    body_timeout: float,
     threads: int | None,
     token: str | None,
     provider: str,
@@ -89,6 +99,7 @@ def serve(
         max_queue=max_queue,
         max_body=max_body,
         max_pixels=max_pixels,
+        body_timeout=body_timeout,
         threads=threads,
         token=token or None,
         provider=provider,

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.imagefiles import open_image_file
 from cnnforge.core.preprocessing import Preprocessing
 
 CHUNK = 256  # images a worker decodes per task
@@ -32,13 +34,14 @@ T = TypeVar("T")
 
 
 def open_upright(path: Any) -> Any:
-    """The decoded Pillow image of ``path``, turned as its EXIF (or XMP) orientation says.
+    """The decoded Pillow image of ``path`` (a documented format only:
+    :func:`cnnforge.core.imagefiles.open_image_file`), turned as its EXIF (or XMP) orientation says.
 
     A PNG or JPEG without EXIF or XMP metadata has no orientation to apply, so it is returned
     as decoded (``ImageOps.exif_transpose`` would return a copy of the same pixels)."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
-    with Image.open(path) as image:
+    with open_image_file(path) as image:
         image.load()
         if image.format in _NO_ORIENTATION and not any(k in image.info for k in _ORIENTATION_KEYS):
             return image
@@ -47,8 +50,15 @@ def open_upright(path: Any) -> Any:
 
 def decode_workers() -> int:
     """Worker processes for decoding: ``CNNFORGE_DECODE_WORKERS``, else the usable CPUs."""
-    if os.environ.get(WORKERS_ENV):
-        return max(1, int(os.environ[WORKERS_ENV]))
+    value = os.environ.get(WORKERS_ENV, "").strip()
+    if value:
+        # isdigit alone passes "²" (int() refuses it) and other scripts' digits
+        if not (value.isascii() and value.isdigit()) or len(value) > 4:
+            raise CnnforgeError(
+                f"{WORKERS_ENV} must be a whole number of processes, got {value[:20]!r}; set it "
+                "to e.g. 4, or unset it to use every CPU"
+            )
+        return max(1, int(value))
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
+from cnnforge.core.imagefiles import IMAGE_SUFFIXES, open_image_file
 from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.data.dataset import RawData, stratified_split
 from cnnforge.data.decoding import decode_all, reason
 from cnnforge.data.stream import MEMORY_ENV, ImageFiles, memory_bound_bytes
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 EXIF_ORIENTATION = 0x0112
 _TURNED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
@@ -165,10 +165,8 @@ def _walk(folder: Path, ignored: dict[str, int]) -> Iterator[Path]:
 
 
 def _header(path: Path, label: int, skipped: dict[str, str]) -> ImageFile | None:
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
+        with open_image_file(path) as image:
             width, height = image.size
             turned = _orientation(image) in _TURNED
             return ImageFile(

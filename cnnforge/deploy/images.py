@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.imagefiles import FORMATS_TEXT, open_image_file
 from cnnforge.core.preprocessing import Preprocessing
 
 EXIF_ORIENTATION = 0x0112
@@ -31,8 +32,10 @@ class LoadedImage:
 
 def open_image(path: Path | str | bytes, max_pixels: int | None = None) -> tuple[Any, list[str]]:
     """The decoded Pillow image of ``path`` (or of encoded image bytes) turned upright (EXIF
-    orientation applied), and a note where it was turned; a missing or undecodable file, or one
-    over the pixel limit (a decompression bomb), is one clear line. The limit is Pillow's
+    orientation applied), and a note where it was turned; a missing or undecodable file, one
+    in a format cnnforge does not open (:class:`~cnnforge.core.imagefiles.UnsupportedImageFormat`,
+    before Pillow's plugin for it runs), or one over the pixel limit (a decompression bomb), is
+    one clear line. The limit is Pillow's
     (``Image.MAX_IMAGE_PIXELS``) or ``max_pixels`` where lower, checked from the header,
     before anything is decoded."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -47,7 +50,7 @@ def open_image(path: Path | str | bytes, max_pixels: int | None = None) -> tuple
             raise CnnforgeError(f"image {path} does not exist; check the path")
         label, name, source = f"image {path}", path.name, path
     try:
-        with Image.open(source) as image:
+        with open_image_file(source) as image:
             limit = min(x for x in (Image.MAX_IMAGE_PIXELS, max_pixels, float("inf")) if x)
             if image.size[0] * image.size[1] > limit:
                 raise _too_large(label, f" ({image.size[0]}×{image.size[1]})", limit)
@@ -61,7 +64,7 @@ def open_image(path: Path | str | bytes, max_pixels: int | None = None) -> tuple
         if isinstance(exc, UnidentifiedImageError) and isinstance(path, bytes):
             reason = "not an image format Pillow knows"  # its message names a BytesIO object
         raise CnnforgeError(
-            f"cannot decode {label} ({reason}); give a PNG, JPEG, BMP, GIF, TIFF or WebP file"
+            f"cannot decode {label} ({reason}); give a {FORMATS_TEXT} file"
         ) from None
     notes = []
     if orientation in range(2, 9):

@@ -14,6 +14,11 @@ calls through :class:`cnnforge.deploy.batching.Batcher`.
 Bad input is a 4xx with ``{"error": "one line"}``; the server goes on. With a token every route
 but ``/health`` needs ``Authorization: Bearer TOKEN`` (compared in constant time). SIGTERM or
 Ctrl-C stops accepting, answers what is in flight, then returns (exit status 0).
+
+This module is the app: middleware, routes, the uvicorn server. What one request may be (body,
+limits, content type, ``top_k``) is :mod:`cnnforge.deploy.serve_requests`, the model with its
+batcher and metrics :mod:`cnnforge.deploy.serve_service`, the OpenAPI description
+:mod:`cnnforge.deploy.serve_openapi`; their public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -33,26 +38,59 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
-from cnnforge.deploy.batching import Batcher, Overloaded
-from cnnforge.deploy.images import open_image
-from cnnforge.deploy.predict import Classifier
+from cnnforge.deploy.batching import Overloaded
+from cnnforge.deploy.serve_openapi import openapi_document
+from cnnforge.deploy.serve_requests import (
+    RAW_TYPES,
+    RETRY_AFTER_S,
+    TOP_K_DIGITS,
+    RequestError,
+    content_kind,
+    overloaded,
+    read_body,
+    request_images,
+    top_k_of,
+)
+from cnnforge.deploy.serve_service import (
+    DECODERS,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_WAIT_MS,
+    Metrics,
+    Service,
+)
+
+__all__ = [
+    "DECODERS",
+    "DEFAULT_BODY_TIMEOUT_S",
+    "DEFAULT_MAX_BATCH",
+    "DEFAULT_MAX_BODY",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_QUEUE",
+    "DEFAULT_MAX_WAIT_MS",
+    "GRACEFUL_TIMEOUT_S",
+    "RAW_TYPES",
+    "RETRY_AFTER_S",
+    "ROUTES",
+    "TOKEN_ENV",
+    "TOP_K_DIGITS",
+    "Metrics",
+    "RequestError",
+    "Service",
+    "create_app",
+    "openapi_document",
+    "serve",
+    "server",
+]
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "CNNFORGE_SERVE_TOKEN"
-DEFAULT_MAX_BODY = 16 * 2**20  # bytes of one request body; documented in docs/deployment.md
-DEFAULT_MAX_BATCH = 32
-DEFAULT_MAX_WAIT_MS = 2.0
-DEFAULT_MAX_QUEUE = 256  # requests read, decoded or waiting for a batch; beyond it a 503
-# pixels of one image (4096×4096), well below Pillow's 89 M: a decoded RGBA image ≤ 64 MiB
-DEFAULT_MAX_PIXELS = 4096 * 4096
-DECODERS = 2  # images decoded at once, whatever the number of requests
-RETRY_AFTER_S = 1
 GRACEFUL_TIMEOUT_S = 30
-RAW_TYPES = ("application/octet-stream",)  # and every image/* type
 ROUTES = ("/predict", "/health", "/metadata", "/metrics", "/openapi.json")
 
 
@@ -65,49 +103,6 @@ def _require_serve() -> None:
             raise CnnforgeError(
                 f"serving needs {module}, which is not installed: pip install 'cnnforge[serve]'"
             ) from None
-
-
-class RequestError(Exception):
-    """A request the server refuses: its HTTP status, a metrics reason and one line."""
-
-    def __init__(self, status: int, reason: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.reason, self.headers = status, reason, headers or {}
-
-
-class Metrics:
-    """The server's Prometheus series, in a registry of its own (one per app)."""
-
-    def __init__(self, max_batch: int) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        reg = {"registry": self.registry}
-        self.requests = Counter(
-            "cnnforge_requests", "HTTP requests answered", ["route", "status"], **reg
-        )
-        self.errors = Counter("cnnforge_errors", "Requests refused or failed", ["reason"], **reg)
-        self.images = Counter("cnnforge_images", "Images classified", **reg)
-        buckets = sorted({2**i for i in range(max_batch.bit_length())} | {max_batch})
-        self.batch_size = Histogram(
-            "cnnforge_batch_size", "Images per onnxruntime call", buckets=buckets, **reg
-        )
-        self.batch_seconds = Histogram(
-            "cnnforge_batch_seconds", "Seconds per onnxruntime call", **reg
-        )
-        self.latency = Histogram(
-            "cnnforge_request_seconds",
-            "Request latency, from the first byte in to the last byte out",
-            ["route"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            **reg,
-        )
-        self.queue = Gauge("cnnforge_queue_depth", "Requests waiting for a batch", **reg)
-
-    def batch(self, size: int, seconds: float) -> None:
-        self.batch_size.observe(size)
-        self.batch_seconds.observe(seconds)
-        self.images.inc(size)
 
 
 class _Observe:
@@ -165,182 +160,6 @@ class _Auth:
         return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token)
 
 
-class Service:
-    """The model, its batcher and metrics: what the routes share."""
-
-    def __init__(
-        self,
-        model: Path | str,
-        *,
-        max_batch: int,
-        max_wait_ms: float,
-        max_queue: int,
-        threads: int | None,
-        max_body: int,
-        provider: str,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        decoders: int = DECODERS,
-    ) -> None:
-        if max_body < 1 or max_pixels < 1 or decoders < 1:
-            raise CnnforgeError(
-                f"max_body ({max_body}), max_pixels ({max_pixels}) and decoders ({decoders}) "
-                "must be at least 1"
-            )
-        self.classifier = Classifier(model, provider=provider, threads=threads)
-        self.fixed_batch = _fixed_batch(self.classifier, max_batch)
-        max_batch = min(max_batch, self.fixed_batch or max_batch)
-        self.max_batch, self.max_body, self.max_queue = max_batch, max_body, max_queue
-        self.max_pixels = max_pixels
-        self.arriving = 0  # /predict requests being read and decoded, not yet queued
-        self.decoding = asyncio.Semaphore(decoders)  # bounds the decoded images in memory
-        self.metrics = Metrics(max_batch)
-        self.batcher = Batcher(
-            self.run,
-            max_batch=max_batch,
-            max_wait_ms=max_wait_ms,
-            max_queue=max_queue,
-            on_batch=self.metrics.batch,
-            arriving=lambda: self.arriving,
-        )
-        self.metrics.queue.set_function(lambda: self.batcher.depth)
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """One onnxruntime call (``max_batch`` is capped to a fixed batch size, which
-        :meth:`Classifier.run` pads a smaller batch up to)."""
-        return self.classifier.run(batch)
-
-    def pixels(self, images: list[tuple[str, bytes]]) -> np.ndarray:
-        """The images as one batch in the model's layout: each decoded (at most ``max_pixels``)
-        and turned upright, then :meth:`Classifier.pixels`, as ``cnnforge predict`` does."""
-        arrays = []
-        for name, data in images:
-            try:
-                image, _ = open_image(data, self.max_pixels)
-            except CnnforgeError as exc:
-                raise RequestError(422, "bad_image", f"{name}: {exc}") from None
-            arrays.append(self.classifier.pixels(image))
-        return self.classifier.batch(arrays)
-
-    def answer(self, names: list[str], rows: np.ndarray, top_k: int) -> list[dict]:
-        return [p.as_dict() for p in self.classifier.top(names, rows, top_k)]
-
-    def metadata(self) -> dict[str, Any]:
-        c = self.classifier
-        graph_input, graph_output = c.session.get_inputs()[0], c.session.get_outputs()[0]
-        return {
-            "model": Path(c.model).name,
-            "classes": list(c.class_names or ()),
-            "input": {
-                "name": graph_input.name,
-                "shape": graph_input.shape,
-                "layout": c.layout,
-                "height": c.height,
-                "width": c.width,
-                "channels": c.channels,
-                "pixel_range": list(c.pixel_range),
-            },
-            "output": {"name": graph_output.name, "shape": graph_output.shape},
-            "precision": c.precision,
-            "metrics": {"accuracy": c.metadata["accuracy"]} if "accuracy" in c.metadata else {},
-            "limits": {
-                "max_images": self.max_batch,
-                "max_body_bytes": self.max_body,
-                "max_pixels": self.max_pixels,
-            },
-            "versions": c.metadata.get("versions", {}),
-        }
-
-
-def _fixed_batch(classifier: Classifier, max_batch: int) -> int | None:
-    """The model's batch size where its graph fixes one (``max_batch`` is capped to it, with a
-    warning), else None."""
-    size = classifier.fixed_batch
-    if size is None:
-        return None
-    if max_batch > size:
-        warnings.warn(
-            f"{Path(classifier.model).name} takes batches of exactly {size} image"
-            f"{'s' if size > 1 else ''}; serving at most {size} per onnxruntime call and per "
-            "request (export it again for dynamic batching)",
-            CnnforgeWarning,
-            stacklevel=4,
-        )
-    return size
-
-
-def _overloaded() -> RequestError:
-    return RequestError(
-        503,
-        "overloaded",
-        "the server's queue is full; retry after a second",
-        {"Retry-After": str(RETRY_AFTER_S)},
-    )
-
-
-async def _read_body(request: Any, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(limit: int) -> RequestError:
-    return RequestError(
-        413, "body_too_large", f"request body over {limit:,} bytes; send smaller or fewer images"
-    )
-
-
-async def _images(request: Any, limit: int, max_images: int) -> list[tuple[str, bytes]]:
-    """(name, encoded bytes) of each image in the request: form files, or the raw body."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "multipart/form-data" and not (kind.startswith("image/") or kind in RAW_TYPES):
-        raise RequestError(
-            415,
-            "content_type",
-            f"content type {kind or 'none'!r} is not accepted; send multipart/form-data with "
-            "image files, or one image's bytes as image/* or application/octet-stream",
-        )
-    body = await _read_body(request, limit)
-    if kind != "multipart/form-data":
-        if not body:
-            raise RequestError(400, "no_image", "the request body is empty; send an image")
-        return [("body", body)]
-    from starlette.formparsers import MultiPartException, MultiPartParser
-
-    async def once() -> AsyncIterator[bytes]:
-        yield body
-
-    try:
-        form = await MultiPartParser(request.headers, once()).parse()
-    except MultiPartException as exc:
-        raise RequestError(400, "bad_form", f"malformed multipart body ({exc})") from None
-    files = [(n, v) for n, v in form.multi_items() if not isinstance(v, str)]
-    if not files:
-        raise RequestError(400, "no_image", "the form holds no file; send images as form files")
-    if len(files) > max_images:
-        raise RequestError(
-            413, "too_many_images", f"{len(files)} images in one request; send at most {max_images}"
-        )
-    try:
-        return [(f.filename or field, await f.read()) for field, f in files]
-    finally:
-        await form.close()
-
-
-def _top_k(request: Any) -> int:
-    raw = request.query_params.get("top_k", "5")
-    if not raw.isdigit() or int(raw) < 1:
-        raise RequestError(400, "bad_top_k", f"top_k must be a whole number ≥ 1, got {raw!r}")
-    return int(raw)
-
-
 def create_app(
     model: Path | str,
     *,
@@ -353,10 +172,12 @@ def create_app(
     provider: str = "cpu",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     decoders: int = DECODERS,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> Any:
     """The ASGI app (Starlette) serving ``model``; the model is loaded now, so a bad file fails
     here, before anything listens. A request may carry at most ``max_batch`` images of at most
-    ``max_pixels`` pixels each; at most ``decoders`` images are decoded at once."""
+    ``max_pixels`` pixels each; at most ``decoders`` images are decoded at once. A body that
+    goes ``body_timeout`` seconds without a byte is a 408."""
     _require_serve()
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -374,25 +195,32 @@ def create_app(
         provider=provider,
         max_pixels=max_pixels,
         decoders=decoders,
+        body_timeout=body_timeout,
     )
 
     async def predict_route(request: Any) -> Any:
         try:
-            top_k = _top_k(request)
-            # refused before the body is read: memory holds at most max_queue requests
-            if service.batcher.depth + service.arriving >= service.max_queue:
-                raise _overloaded()
-            service.arriving += 1
+            top_k = top_k_of(request)
+            if service.full:  # refused before the body is read
+                raise overloaded()
+            kind = content_kind(request)
+            body = await read_body(request, service)
             try:
-                images = await _images(request, service.max_body, service.max_batch)
-                async with service.decoding:
-                    batch = await asyncio.to_thread(service.pixels, images)
+                if service.full:  # it filled while the body came in
+                    raise overloaded()
+                service.arriving += 1
+                try:
+                    images = await request_images(request, kind, body, service.max_batch)
+                    async with service.decoding:
+                        batch = await asyncio.to_thread(service.pixels, images)
+                finally:
+                    service.arriving -= 1
             finally:
-                service.arriving -= 1
+                service.release(len(body))
             try:
                 rows = await service.batcher.submit(batch)
             except Overloaded:
-                raise _overloaded() from None
+                raise overloaded() from None
             names = [name for name, _ in images]
             return JSONResponse({"predictions": service.answer(names, rows, top_k)})
         except RequestError as exc:
@@ -443,70 +271,6 @@ def create_app(
     )
     app.state.service = service
     return app
-
-
-def openapi_document(service: Service) -> dict[str, Any]:
-    """The OpenAPI 3.1 description of the routes, with this model's limits."""
-    error = {"$ref": "#/components/schemas/Error"}
-    json_error = {"content": {"application/json": {"schema": error}}}
-    binary = {"type": "string", "format": "binary"}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": f"cnnforge serve: {Path(service.classifier.model).name}"},
-        "components": {
-            "schemas": {
-                "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
-            },
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-        "security": [{"bearer": []}],
-        "paths": {
-            "/predict": {
-                "post": {
-                    "summary": "Top-k labels of one or several images",
-                    "parameters": [
-                        {
-                            "name": "top_k",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "default": 5},
-                        }
-                    ],
-                    "requestBody": {
-                        "description": f"At most {service.max_batch} images and "
-                        f"{service.max_body:,} bytes in all",
-                        "content": {
-                            "multipart/form-data": {
-                                "schema": {"type": "object", "additionalProperties": binary}
-                            },
-                            "image/*": {"schema": binary},
-                            "application/octet-stream": {"schema": binary},
-                        },
-                    },
-                    "responses": {
-                        "200": {
-                            "description": "{predictions: [{image, top: [{label, probability}]}]}"
-                        },
-                        **{
-                            code: {"description": why, **json_error}
-                            for code, why in (
-                                ("400", "malformed request, no image, bad top_k"),
-                                ("401", "missing or wrong token"),
-                                ("413", "body over the limit, or too many images"),
-                                ("415", "content type not accepted"),
-                                ("422", "an image that does not decode or is over the pixel limit"),
-                                ("500", "an unexpected failure (logged)"),
-                                ("503", "queue full; retry after Retry-After seconds"),
-                            )
-                        },
-                    },
-                }
-            },
-            "/health": {"get": {"summary": "Liveness (no token needed)", "security": []}},
-            "/metadata": {"get": {"summary": "Classes, input, precision, metrics, limits"}},
-            "/metrics": {"get": {"summary": "Prometheus text format"}},
-            "/openapi.json": {"get": {"summary": "This description"}},
-        },
-    }
 
 
 def server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> Any:

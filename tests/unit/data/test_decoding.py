@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from cnnforge import CnnforgeWarning, Preprocessing
+from cnnforge import CnnforgeError, CnnforgeWarning, Preprocessing
 from cnnforge.data import decoding
 from cnnforge.data.decoding import decode_all, decode_files, open_upright
 from cnnforge.data.stream import DISK_CACHE_ENV, ImageFiles
@@ -114,3 +114,10 @@ def test_the_epoch_estimate_of_cnnforge_data_counts_the_processes_the_reader_dec
     small = summary.summarize(f"dir:{_folder(tmp_path / 'small', 4)}")  # one chunk: no pool
     assert small.read_workers == 1 and small.epoch_read_s > 0
     assert small.epoch_read_s == pytest.approx(8 / small.read_images_per_s)
+
+
+@pytest.mark.parametrize("value", ["two", "\u00b2", "9" * 5000, "-1", "1.5"])
+def test_a_nonsense_worker_count_is_one_line_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv(decoding.WORKERS_ENV, value)
+    with pytest.raises(CnnforgeError, match=f"^{decoding.WORKERS_ENV} must be a whole number"):
+        decoding.decode_workers()

@@ -70,6 +70,21 @@ def test_mixed_folder_reads_at_one_size_with_skips_and_ignores_counted(tmp_path)
     assert data.x_train.dtype == np.uint8
 
 
+def test_postscript_in_a_folder_is_ignored_or_skipped_by_name_never_opened(tmp_path, postscript):
+    from cnnforge.data.decoding import decode_files
+
+    root = mixed_folder(tmp_path / "photos", per_class=2)
+    (root / "cat" / "drawing.eps").write_bytes(postscript)  # not an image suffix: ignored
+    (root / "dog" / "disguised.png").write_bytes(postscript)  # a PostScript body: skipped
+    with pytest.warns(CnnforgeWarning, match=r"skipped 2 unreadable image"):
+        data = cnnforge.load_dataset(f"dir:{root}", preprocessing=Preprocessing(size=(24, 32)))
+    reason = data.skipped[str(root / "dog" / "disguised.png")]
+    assert "is EPS, a format cnnforge does not open" in reason
+    assert data.ignored == {"hidden": 2, "not an image": 2}
+    _, failed = decode_files([str(root / "dog" / "disguised.png")], data.preprocessing)
+    assert "is EPS, a format cnnforge does not open" in failed[0]
+
+
 def test_size_and_mode_are_chosen_from_the_data(tmp_path):
     for name in ("a", "b"):
         for i, size in enumerate([(40, 30), (60, 30), (400, 300)]):

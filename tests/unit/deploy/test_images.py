@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import serving
+from click.testing import CliRunner
 from PIL import Image
 
+from cnnforge.cli import cli
 from cnnforge.core.errors import CnnforgeError
-from cnnforge.deploy.images import load_image
+from cnnforge.deploy.images import load_image, open_image
 
 EXIF_ORIENTATION = 0x0112
 
@@ -59,3 +62,21 @@ def test_folders_missing_and_undecodable_files_are_one_line(tmp_path):
     ):
         with pytest.raises(CnnforgeError, match=message):
             load_image(path, (28, 28, 1))
+
+
+def test_an_eps_file_or_body_is_refused_by_name_without_running_ghostscript(tmp_path, postscript):
+    path = tmp_path / "drawing.eps"
+    path.write_bytes(postscript)
+    with pytest.raises(CnnforgeError, match=r"drawing.eps is EPS, .*give a PNG, JPEG"):
+        load_image(path, (28, 28, 1))
+    with pytest.raises(CnnforgeError, match=r"image bytes are EPS, "):
+        open_image(postscript)
+
+
+def test_predict_command_refuses_an_eps_file_in_one_line(tmp_path, postscript):
+    model = serving.model(tmp_path / "model.onnx")
+    (tmp_path / "drawing.eps").write_bytes(postscript)
+    result = CliRunner().invoke(cli, ["predict", str(model), str(tmp_path / "drawing.eps")])
+    assert result.exit_code == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "drawing.eps is EPS, a format cnnforge does not open" in lines[0]

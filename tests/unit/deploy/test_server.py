@@ -180,11 +180,31 @@ def test_hostile_requests_are_a_4xx_with_one_line_and_the_server_goes_on(
     assert ok.status_code == 200
 
 
+def test_an_eps_body_is_a_415_naming_the_format_and_ghostscript_never_runs(
+    url, image_files, postscript
+):
+    eps = {"content-type": "image/x-eps"}
+    for request in (
+        {"content": postscript, "headers": eps},
+        {"files": [("images", ("drawing.eps", postscript))]},
+    ):
+        response = httpx.post(f"{url}/predict", **request)
+        assert response.status_code == 415, response.text
+        error = response.json()["error"]
+        assert "EPS" in error and "PNG, JPEG, BMP, GIF, TIFF or WebP" in error
+    assert 'cnnforge_errors_total{reason="image_format"} 2.0' in httpx.get(f"{url}/metrics").text
+    ok = httpx.post(f"{url}/predict", content=image_files[0].read_bytes(), headers=_raw)
+    assert ok.status_code == 200
+
+
 def test_bad_top_k_and_unknown_routes(url, image_files):
     data = image_files[0].read_bytes()
-    for bad in ("0", "-1", "x"):
-        response = httpx.post(f"{url}/predict?top_k={bad}", content=data, headers=_raw)
-        assert response.status_code == 400 and "top_k" in response.json()["error"]
+    # a superscript or Arabic-Indic digit passes str.isdigit; 5,000 digits pass int()'s limit
+    for bad in ("0", "-1", "x", "\u00b2", "\u0661", "9" * 5000, "1e3", " 3"):
+        response = httpx.post(f"{url}/predict", params={"top_k": bad}, content=data, headers=_raw)
+        assert response.status_code == 400, (bad[:20], response.text)
+        error = response.json()["error"]
+        assert "top_k" in error and "\n" not in error and len(error) < 200
     many = httpx.post(f"{url}/predict?top_k=99", content=data, headers=_raw).json()
     assert len(many["predictions"][0]["top"]) == 10  # every class, as predict does
     wrong_method, unknown = httpx.get(f"{url}/predict"), httpx.get(f"{url}/nowhere")
@@ -203,6 +223,7 @@ def test_metadata_metrics_and_openapi(url, image_files):
         "max_images": 4,
         "max_body_bytes": 300_000,
         "max_pixels": DEFAULT_MAX_PIXELS,
+        "body_timeout_s": 30.0,
     }
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
     files = [("images", (f"{i}.png", image_files[0].read_bytes())) for i in range(3)]
@@ -216,7 +237,7 @@ def test_metadata_metrics_and_openapi(url, image_files):
     assert float(count.split()[-1]) >= 3
     spec = httpx.get(f"{url}/openapi.json").json()
     assert set(spec["paths"]) == {"/predict", "/health", "/metadata", "/metrics", "/openapi.json"}
-    assert {"400", "413", "415", "422", "500", "503"} <= set(
+    assert {"400", "408", "413", "415", "422", "500", "503"} <= set(
         spec["paths"]["/predict"]["post"]["responses"]
     )
 
@@ -289,19 +310,95 @@ def wait_for(condition, timeout: float = 10) -> None:
 def test_a_full_server_refuses_before_reading_the_body(model, image_files):
     app = create_app(model, max_queue=1)
     service = app.state.service
+    decode, release = service.pixels, threading.Event()
+
+    def held(images):  # the real decoder, once the test lets it go on
+        release.wait(30)
+        return decode(images)
+
+    service.pixels = held
+    data = image_files[0].read_bytes()
+    with serving.running(app) as base, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, f"{base}/predict", content=data, headers=_raw, timeout=30)
+        wait_for(lambda: service.arriving == 1)  # read, being decoded: the queue is full
+        port = int(base.rsplit(":", 1)[1])
+        with stalled_upload(port) as connection:  # headers only: no body is awaited
+            refused = connection.recv(65536)
+        release.set()
+        assert first.result().status_code == 200
+    assert refused.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in refused, refused[:200]
+    assert b"queue is full" in refused
+
+
+def stalled_upload(port: int) -> socket.socket:
+    """A connection that sends a request's headers, Content-Length included, and then none of
+    its body."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    connection.sendall(
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+        b"Content-Type: application/octet-stream\r\n\r\n"
+    )
+    return connection
+
+
+def answer_and_close(connection: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    received = b""
+    with connection:
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received
+
+
+def test_stalled_uploads_do_not_lock_out_other_clients_and_are_closed(model, image_files):
+    app = create_app(model, max_queue=8, body_timeout=2)
+    service = app.state.service
+    data = image_files[0].read_bytes()
+    with serving.running(app) as base, httpx.Client(timeout=10) as client:
+        port = int(base.rsplit(":", 1)[1])
+        started = time.monotonic()
+        stalled = [stalled_upload(port) for _ in range(40)]  # 5× the queue
+        wait_for(lambda: service.receiving == 40)
+        statuses = [
+            client.post(f"{base}/predict", content=data, headers=_raw).status_code
+            for _ in range(20)
+        ]
+        assert statuses == [200] * 20
+        assert service.receiving == 40 and time.monotonic() - started < 2  # still stalled
+        answers = [answer_and_close(c) for c in stalled]
+        waited = time.monotonic() - started
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers[0]
+    assert b"no body byte for 2 s" in answers[0] and b"connection: close" in answers[0]
+    assert 2 <= waited < 10  # closed after the body timeout, not held on
+    assert service.receiving == 0 and service.body_bytes == 0
+
+
+def test_bodies_being_received_are_bounded_in_bytes(model, image_files):
+    app = create_app(model, max_queue=1, max_body=1000)  # bodies: at most 1 × 1,000 bytes
+    service = app.state.service
     data = image_files[0].read_bytes()
     with serving.running(app) as base:
         port = int(base.rsplit(":", 1)[1])
-        connection = half_sent(port, data)
-        wait_for(lambda: service.arriving == 1)  # its body is being read
-        refused = httpx.post(f"{base}/predict", content=b"\0" * 100_000, headers=_raw)
+        connection = half_sent(port, b"\0" * 1000)
+        wait_for(lambda: service.body_bytes == 500)
+        refused = httpx.post(f"{base}/predict", content=b"\0" * 600, headers=_raw)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-        assert "queue is full" in refused.json()["error"]
-        connection.sendall(data[len(data) // 2 :])
-        answer = connection.recv(65536)
-        connection.close()
-        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
-        assert httpx.post(f"{base}/predict", content=data, headers=_raw).status_code == 200
+        assert "bodies being received fill the server's 1,000 bytes" in refused.json()["error"]
+        assert service.body_bytes == 500  # the refused body's bytes are given back
+        connection.sendall(b"\0" * 500)
+        with connection:
+            assert connection.recv(65536).startswith(b"HTTP/1.1 422")  # zeros: no image
+        small = Image.new("L", (28, 28))
+        assert httpx.post(f"{base}/predict", content=encode(small), headers=_raw).status_code == 200
+    assert service.body_bytes == 0 and len(data) > 1000
+
+
+def test_a_client_leaving_mid_upload_is_counted_not_logged_as_a_failure(model, caplog):
+    app = create_app(model)
+    with serving.running(app) as base:
+        half_sent(int(base.rsplit(":", 1)[1]), b"\0" * 2000).close()
+        wait_for(lambda: 'reason="disconnected"' in httpx.get(f"{base}/metrics").text)
+    assert "/predict failed" not in caplog.text and app.state.service.arriving == 0
 
 
 def test_images_over_the_servers_pixel_limit_are_refused_before_decoding(model):
@@ -419,3 +516,17 @@ def test_serving_without_the_serve_extra_is_one_line(model, monkeypatch):
     assert result.exit_code == 1
     (line,) = result.stderr.strip().splitlines()
     assert "starlette" in line and "pip install 'cnnforge[serve]'" in line
+
+
+def test_serve_passes_the_body_timeout_on_and_refuses_nonsense(model, monkeypatch):
+    from click.testing import CliRunner
+
+    import cnnforge.deploy.server as server_module
+    from cnnforge.cli import cli
+
+    given = {}
+    monkeypatch.setattr(server_module, "serve", lambda model, **options: given.update(options))
+    result = CliRunner().invoke(cli, ["serve", str(model), "--body-timeout", "2.5"])
+    assert result.exit_code == 0 and given["body_timeout"] == 2.5
+    result = CliRunner().invoke(cli, ["serve", str(model), "--body-timeout", "0"])
+    assert result.exit_code == 2 and "--body-timeout" in result.stderr

@@ -176,7 +176,7 @@ def test_explain_reads_an_exif_rotated_photo_as_predict_does(finished_run, small
     assert "turned phone.png upright, as its EXIF orientation (6) says" in explained.notes
 
 
-def test_explain_command(finished_run, small_npz, tmp_path):
+def test_explain_command(finished_run, small_npz, tmp_path, postscript):
     image = tmp_path / "item.png"
     Image.fromarray(np.load(small_npz)["x_test"][1]).save(image)
     runner = CliRunner()
@@ -192,3 +192,8 @@ def test_explain_command(finished_run, small_npz, tmp_path):
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no layer 'conv9'" in lines[0] and "valid layers:" in lines[0]
     assert "Traceback" not in bad.output + bad.stderr
+    (tmp_path / "drawing.eps").write_bytes(postscript)  # Ghostscript's, never opened
+    refused = runner.invoke(cli, ["explain", model, str(tmp_path / "drawing.eps")])
+    assert refused.exit_code == 1
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "drawing.eps is EPS," in lines[0], refused.stderr
