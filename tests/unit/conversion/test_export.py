@@ -146,3 +146,33 @@ def test_a_run_whose_data_json_does_not_fit_its_model_is_refused_not_exported(tm
     with pytest.raises(CnnforgeError, match=r"run of .*best\.keras \(its data\.json\) records "):
         export(run.path)
     assert not run.onnx.exists()
+
+
+def _nan_model() -> keras.Model:
+    """A classifier whose last Dense weights are NaN: every output is NaN, in Keras and ONNX."""
+    model = _small_model()
+    dense = model.layers[-1]
+    dense.kernel.assign(np.full(dense.kernel.shape, np.nan, "float32"))
+    return model
+
+
+def test_parity_fails_on_non_finite_outputs():
+    """``nan > atol`` is false: a NaN model used to pass with "max abs diff nan"."""
+    model = _nan_model()
+    report = check_parity(model, to_onnx(model).SerializeToString(), IMAGES, inputs="random")
+    assert not report.passed
+    assert "non-finite" in report.mismatches[0] and "Keras" in report.mismatches[0]
+    assert all(c.nonfinite_keras == c.images * 3 for c in report.cases)
+
+
+def test_export_of_a_nan_model_is_refused_and_writes_no_model(tmp_path):
+    with pytest.raises(CnnforgeError, match=r"failed parity: .*non-finite"):
+        export(_save(_nan_model(), tmp_path), tmp_path / "nan.onnx")
+    assert not (tmp_path / "nan.onnx").exists()
+
+
+@pytest.mark.parametrize(("precision", "floor"), [("fp32", 0.999), ("fp16", 0.99)])
+def test_float_precisions_have_a_top1_agreement_floor(precision, floor):
+    from cnnforge.conversion.export import TOLERANCES
+
+    assert TOLERANCES[precision][1] == floor
