@@ -28,7 +28,7 @@ import numpy as np
 from cnnforge.conversion import handlers as onnx_handlers
 from cnnforge.conversion.parity import AccuracyCheck, ParityReport, check_parity, measure_accuracy
 from cnnforge.conversion.rewrite import convertible
-from cnnforge.core.atomic import atomic_write_bytes, atomic_write_text
+from cnnforge.core.atomic import atomic_paths, atomic_write_text
 from cnnforge.core.contract import INPUT_NAME, LAYOUTS, META_PREFIX, OUTPUT_NAME
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.core.preprocessing import IMAGE_MODES, Preprocessing
@@ -264,8 +264,9 @@ def export(
     Parity with Keras is checked with the precision's tolerances (``TOLERANCES``; ``atol`` and
     ``min_top1_agreement`` override them), and, where the data is known, accuracy on the test
     split with Keras and with onnxruntime. A variant losing more than ``max_accuracy_drop``
-    percentage points is refused unless ``force``. ``parity.json`` (the evidence) is always
-    written; the model only when it is kept.
+    percentage points is refused unless ``force``. A kept model and its ``parity.json`` (the
+    evidence) replace the old ones together; a refused one leaves both as they were, its
+    evidence in ``parity.failed.json`` (``NAME.parity.failed.json``).
     """
     precision, layout = check_precision(precision), check_layout(layout)
     provider_name(provider)
@@ -318,11 +319,12 @@ def export(
     report.opset = opset
     if report.accuracy is not None:
         report.accuracy.forced = force and not report.accuracy.passed
-    parity_path = RunDir.parity_for(output)
-    atomic_write_text(parity_path, json.dumps(asdict(report), indent=2))
+    parity_path, failed_path = RunDir.parity_for(output), RunDir.failed_parity_for(output)
+    evidence = json.dumps(asdict(report), indent=2)
     failures = _failures(report, resolved.keras_path, force)
     if failures:
-        raise CnnforgeError("; ".join(failures))
+        atomic_write_text(failed_path, evidence)
+        raise CnnforgeError(f"{'; '.join(failures)} (evidence: {failed_path})")
     if report.accuracy is not None and report.accuracy.forced:
         warnings.warn(
             f"kept the {precision} variant although it fails the accuracy gate (--force): "
@@ -332,7 +334,10 @@ def export(
         )
     stamp(proto, {**metadata, "precision": precision, **_measured(report, calibration, dataset)})
     onnx_bytes = proto.SerializeToString()
-    atomic_write_bytes(output, onnx_bytes)
+    with atomic_paths(output, parity_path) as (model_tmp, parity_tmp):
+        model_tmp.write_bytes(onnx_bytes)
+        parity_tmp.write_text(evidence)
+    failed_path.unlink(missing_ok=True)  # an earlier attempt's: this model replaced it
     return ExportResult(
         output, parity_path, report, opset, seconds, len(onnx_bytes), precision, layout
     )

@@ -176,3 +176,21 @@ def test_float_precisions_have_a_top1_agreement_floor(precision, floor):
     from cnnforge.conversion.export import TOLERANCES
 
     assert TOLERANCES[precision][1] == floor
+
+
+def test_a_failed_re_export_keeps_the_old_model_and_its_evidence(tmp_path):
+    """A model and its parity.json are replaced together or not at all."""
+    source, out = _save(_small_model(), tmp_path), tmp_path / "m.onnx"
+    export(source, out)
+    evidence = tmp_path / "m.parity.json"
+    before = out.read_bytes(), evidence.read_bytes()
+    _save(_nan_model(), tmp_path)  # the same source, now broken
+    with pytest.raises(CnnforgeError, match=r"failed parity: .*m\.parity\.failed\.json"):
+        export(source, out)
+    assert (out.read_bytes(), evidence.read_bytes()) == before
+    failed = json.loads((tmp_path / "m.parity.failed.json").read_text())
+    assert not failed["passed"] and "non-finite" in failed["mismatches"][0]
+    _save(_small_model(), tmp_path)
+    export(source, out)
+    assert not (tmp_path / "m.parity.failed.json").exists(), "stale failed evidence is removed"
+    assert json.loads(evidence.read_text())["passed"]

@@ -124,7 +124,8 @@ def test_accuracy_gate_refuses_a_variant_with_both_figures(deploy_run, tmp_path)
     assert "int8 variant refused: test accuracy" in message and "with Keras" in message
     assert "--force" in message and "\n" not in message
     assert not out.exists(), "a refused variant is not written"
-    evidence = json.loads((tmp_path / "gated.parity.json").read_text())["accuracy"]
+    assert not (tmp_path / "gated.parity.json").exists(), "no evidence without its model"
+    evidence = json.loads((tmp_path / "gated.parity.failed.json").read_text())["accuracy"]
     assert not evidence["passed"] and not evidence["forced"]
     assert f"{evidence['onnxruntime']:.2%}" in message and f"{evidence['keras']:.2%}" in message
 
