@@ -165,8 +165,8 @@ def _metadata(
         "pixel_range": [0, 255],
         **({"preprocessing": preprocessing.to_json()} if preprocessing else {}),
         "precision": "fp32",
-        "source": str(source.keras_path),
-        **({"run": str(source.run_dir)} if source.run_dir else {}),
+        "source": source.keras_path.name,
+        **({"run": source.run_dir.name} if source.run_dir else {}),
         "versions": {
             "cnnforge": __version__,
             "keras": keras.__version__,
@@ -174,6 +174,16 @@ def _metadata(
             "tf2onnx": tf2onnx.__version__,
         },
     }
+
+
+def local_name(source: str) -> str:
+    """A data source as the metadata records it: a path by its last part (``small.npz``,
+    ``cifar10:cifar-10-python.tar.gz``), a registered name as it is. The model travels; the
+    folders of the machine that made it must not travel with it."""
+    plugin, sep, rest = source.partition(":")
+    if sep and plugin.isidentifier() and rest:
+        return f"{plugin}:{Path(rest).name}"
+    return Path(source).name or source
 
 
 def check_layout(layout: str) -> str:
@@ -227,7 +237,9 @@ def image_preprocessing(source: ExportSource, input_shape: tuple) -> Preprocessi
 def _parity_images(dataset: Any, input_shape: tuple, count: int = 256) -> tuple[np.ndarray, str]:
     """Real test images where the data is known; otherwise seeded random pixels."""
     if dataset is not None:
-        return dataset.x_test[:count].astype(np.float32), f"test split of {dataset.spec.name}"
+        return dataset.x_test[:count].astype(
+            np.float32
+        ), f"test split of {local_name(dataset.spec.name)}"
     rng = np.random.default_rng(0)
     return rng.uniform(0, 255, (count, *input_shape)).astype(np.float32), "random pixels"
 
@@ -235,7 +247,7 @@ def _parity_images(dataset: Any, input_shape: tuple, count: int = 256) -> tuple[
 def _calibration_metadata(images: np.ndarray, data: str) -> dict[str, Any]:
     return {
         "images": len(images),
-        "source": f"train split of {data}",
+        "source": f"train split of {local_name(data)}",
         "method": "MinMax",
         "format": "QDQ",
         "per_channel": True,
@@ -374,7 +386,7 @@ def _verify(
             variant,
             dataset.x_test,
             dataset.y_test,
-            data=dataset.spec.name,
+            data=local_name(dataset.spec.name),
             max_drop_points=max_accuracy_drop,
             layout=layout,
             provider=provider,

@@ -194,3 +194,19 @@ def test_a_failed_re_export_keeps_the_old_model_and_its_evidence(tmp_path):
     export(source, out)
     assert not (tmp_path / "m.parity.failed.json").exists(), "stale failed evidence is removed"
     assert json.loads(evidence.read_text())["passed"]
+
+
+def test_metadata_names_the_model_and_data_but_no_local_path(finished_run, small_npz, tmp_path):
+    """The model travels; the folders of the machine that made it must not travel with it."""
+    run_dir = finished_run.run_dir
+    lone = tmp_path / "lone.keras"
+    lone.write_bytes((run_dir / "best.keras").read_bytes())
+    export(lone, tmp_path / "lone.onnx", data=str(small_npz))
+    for path in (run_dir / "model.onnx", tmp_path / "lone.onnx"):
+        props = {p.key: p.value for p in onnx.load(path).metadata_props}
+        for folder in (tmp_path, run_dir.parent, small_npz.parent):
+            assert not [k for k, v in props.items() if str(folder) in v], folder
+    meta = metadata(open_session(run_dir / "model.onnx"))
+    assert (meta["source"], meta["run"]) == ("best.keras", run_dir.name)
+    assert meta["accuracy"]["data"] == small_npz.name
+    assert metadata(open_session(tmp_path / "lone.onnx"))["source"] == "lone.keras"

@@ -44,7 +44,7 @@ def test_int8_is_static_qdq_per_channel_calibrated_and_keeps_accuracy(variants, 
     meta = metadata(open_session(result.onnx_path))
     assert meta["precision"] == "int8"
     assert meta["calibration"]["images"] == 256 and meta["calibration"]["format"] == "QDQ"
-    assert meta["calibration"]["source"] == f"train split of {small_npz}"
+    assert meta["calibration"]["source"] == f"train split of {small_npz.name}"
     accuracy = meta["accuracy"]
     assert accuracy["images"] == 200 and accuracy["split"] == "test"
     assert accuracy["passed"] and not accuracy["forced"]
