@@ -176,7 +176,7 @@ def _metadata(
     }
 
 
-def local_name(source: str) -> str:
+def _name_only(source: str) -> str:
     """A data source as the metadata records it: a path by its last part (``small.npz``,
     ``cifar10:cifar-10-python.tar.gz``), a registered name as it is. The model travels; the
     folders of the machine that made it must not travel with it."""
@@ -237,9 +237,8 @@ def image_preprocessing(source: ExportSource, input_shape: tuple) -> Preprocessi
 def _parity_images(dataset: Any, input_shape: tuple, count: int = 256) -> tuple[np.ndarray, str]:
     """Real test images where the data is known; otherwise seeded random pixels."""
     if dataset is not None:
-        return dataset.x_test[:count].astype(
-            np.float32
-        ), f"test split of {local_name(dataset.spec.name)}"
+        images = dataset.x_test[:count].astype(np.float32)
+        return images, f"test split of {_name_only(dataset.spec.name)}"
     rng = np.random.default_rng(0)
     return rng.uniform(0, 255, (count, *input_shape)).astype(np.float32), "random pixels"
 
@@ -247,7 +246,7 @@ def _parity_images(dataset: Any, input_shape: tuple, count: int = 256) -> tuple[
 def _calibration_metadata(images: np.ndarray, data: str) -> dict[str, Any]:
     return {
         "images": len(images),
-        "source": f"train split of {local_name(data)}",
+        "source": f"train split of {_name_only(data)}",
         "method": "MinMax",
         "format": "QDQ",
         "per_channel": True,
@@ -386,7 +385,7 @@ def _verify(
             variant,
             dataset.x_test,
             dataset.y_test,
-            data=local_name(dataset.spec.name),
+            data=_name_only(dataset.spec.name),
             max_drop_points=max_accuracy_drop,
             layout=layout,
             provider=provider,
