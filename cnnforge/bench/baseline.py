@@ -30,7 +30,8 @@ def load_baseline(keras_model: Path | str | Any) -> tuple[Any, str, Path | None]
 def exported_from(model: BenchModel, keras_path: Path | None, keras_shape: tuple) -> bool:
     """Whether the ONNX ``model`` counts as exported from the Keras baseline (see
     :func:`benchmark`): one input of the Keras model's per-image shape, and no
-    ``cnnforge.source`` metadata naming another existing file."""
+    ``cnnforge.source`` metadata naming another file (by name; an absolute path, as older
+    exports recorded, only where that file exists)."""
     if len(model.feeds) != 1:
         return False
     shape = model.feeds[0].shape
@@ -41,7 +42,9 @@ def exported_from(model: BenchModel, keras_path: Path | None, keras_shape: tuple
     if model.source is None or keras_path is None:
         return True
     source = Path(model.source)
-    return not source.is_file() or source.resolve() == keras_path.resolve()
+    if source.is_absolute():  # exported before the metadata kept names only
+        return not source.is_file() or source.resolve() == keras_path.resolve()
+    return source.name == keras_path.name
 
 
 def device_kind(tf_device: str) -> str:

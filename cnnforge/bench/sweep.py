@@ -112,8 +112,9 @@ def benchmark(
 
     Speed-ups over Keras: the Keras model is the baseline of the ONNX models exported from it,
     and of those only (:func:`exported_from`): an ONNX model whose one input takes the Keras
-    model's per-image shape (NCHW read as NHWC) and whose ``cnnforge.source`` metadata, where it
-    names a file that exists, names the Keras file itself. A model from another tool (no such
+    model's per-image shape (NCHW read as NHWC) and whose ``cnnforge.source`` metadata, where
+    present, names the Keras file (its file name; an older export's absolute path only where that
+    file exists). A model from another tool (no such
     metadata) with the same input shape counts as an export of it; a model exported from
     another ``.keras`` file, or taking other images, gets no speed-up. A cell's speed-up is the
     Keras median at the same batch size on the same kind of device (``DEVICE_KINDS``: cpu for

@@ -63,7 +63,7 @@ from cnnforge.deploy.triton import DEFAULT_MAX_BATCH as TRITON_MAX_BATCH
     "--min-agreement",
     type=click.FloatRange(0, 1),
     metavar="FRACTION",
-    help="Least top-1 agreement with Keras  [default: 0.95 for int8]",
+    help="Least top-1 agreement with Keras  [default: 0.999 fp32, 0.99 fp16, 0.95 int8]",
 )
 @click.option(
     "--provider",

@@ -8,7 +8,8 @@ RUN/
   trials.csv       one row per trial
   search.json      the best trial, and how it was trained again
   best.keras       the best model
-  model.onnx       the export; parity.json beside it (NAME.parity.json for a variant)
+  model.onnx       the export; parity.json beside it (NAME.parity.json for a variant),
+                   parity.failed.json: the evidence of the last refused export, if any
   bench.json       latency results
   evaluation.json  onnxruntime accuracy on the test split
   report.md, report.html
@@ -172,6 +173,13 @@ class RunDir:
         onnx_path = Path(onnx_path)
         name = PARITY if onnx_path.name == ONNX else f"{onnx_path.stem}.{PARITY}"
         return onnx_path.with_name(name)
+
+    @staticmethod
+    def failed_parity_for(onnx_path: Path) -> Path:
+        """Where a refused export's evidence goes (``parity.failed.json``...), so that the kept
+        model's ``parity.json`` still describes it."""
+        parity = RunDir.parity_for(onnx_path)
+        return parity.with_name(f"{parity.stem}.failed.json")
 
     # --- reading -------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,44 @@ def parameter_types(model: Any) -> dict[str, int]:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
         counts[dtype] += int(np.prod(init.dims)) if init.dims else 1
     return dict(counts.most_common())
+
+
+def _sparse_parts(sparse: Any) -> Iterator[Any]:
+    yield sparse.values
+    yield sparse.indices
+
+
+def _node_tensors(nodes: Iterable[Any]) -> Iterator[Any]:
+    """The tensors held by node attributes, those of their subgraphs (If, Loop, Scan) too."""
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("sparse_tensor"):
+                yield from _sparse_parts(attribute.sparse_tensor)
+            for sparse in attribute.sparse_tensors:
+                yield from _sparse_parts(sparse)
+            graphs = [attribute.g] if attribute.HasField("g") else []
+            for graph in [*graphs, *attribute.graphs]:
+                yield from _graph_tensors(graph)
+
+
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from _sparse_parts(sparse)
+    yield from _node_tensors(graph.node)
+
+
+def tensors(model: Any) -> Iterator[Any]:
+    """Every TensorProto in the model: initializers (sparse ones' values and indices included),
+    node attributes, in the main graph, its subgraphs and its functions. Wider than onnx's own
+    ``external_data_helper._get_all_tensors``, which skips sparse tensors."""
+    proto = load(model)
+    yield from _graph_tensors(proto.graph)
+    for function in proto.functions:
+        yield from _node_tensors(function.node)
 
 
 def opset(model: Any) -> int | None:

@@ -87,18 +87,14 @@ def open_session(
 
 def check_external_data(path: Path) -> None:
     """Refuse a model whose external weights live outside its own folder (``../../etc/passwd``):
-    a downloaded model must not make the runtime read arbitrary files."""
+    a downloaded model must not make the runtime read arbitrary files. Every tensor is checked,
+    wherever it sits (subgraphs, attributes, sparse tensors, functions)."""
     import onnx
 
-    from cnnforge.deploy.onnxinfo import load
+    from cnnforge.deploy.onnxinfo import tensors
 
     folder = path.resolve().parent
-    graph = load(path).graph
-    tensors = [
-        *graph.initializer,
-        *(t for node in graph.node for a in node.attribute for t in [a.t] if a.HasField("t")),
-    ]
-    for tensor in tensors:
+    for tensor in tensors(path):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")

@@ -12,11 +12,11 @@ protobuf schema. The folder ``DIR/NAME`` is built under a temporary name and ren
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 
+from cnnforge.core.atomic import replace_folder, temporary_sibling
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.deploy.runtime import metadata, open_session
 
@@ -106,7 +106,7 @@ def write_triton_repository(
         raise CnnforgeError(f"max_batch must be at least 1, got {max_batch}")
     config, labels = triton_config(model, name, max_batch=max_batch, queue_delay_us=queue_delay_us)
     target = directory / name
-    staging = directory / f".{name}.tmp-{os.getpid()}"
+    staging = temporary_sibling(target)
     try:
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "1").mkdir(parents=True)
@@ -114,7 +114,7 @@ def write_triton_repository(
         (staging / "config.pbtxt").write_text(config)
         if labels:
             (staging / LABELS_FILE).write_text("\n".join(labels) + "\n")
-        _replace(staging, target)
+        replace_folder(staging, target)
     except OSError as exc:
         raise CnnforgeError(
             f"cannot write Triton repository {target} ({exc.strerror}); check space and permissions"
@@ -122,19 +122,3 @@ def write_triton_repository(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _replace(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an old ``target`` is moved aside first and removed
-    after, so the folder is always either the old one or the new one."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    try:
-        os.replace(staging, target)
-    except OSError:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

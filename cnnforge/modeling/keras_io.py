@@ -52,14 +52,24 @@ def resolve_source(source: Path | str) -> ExportSource:
 UNSAFE_ENV = "CNNFORGE_UNSAFE_DESERIALIZATION"
 
 
+# Keras' legacy HDF5 loader: its safe mode has been bypassed (CVE-2025-9905), so safe mode
+# refuses these files outright.
+LEGACY_SUFFIXES = (".h5", ".hdf5")
+
+
 def load_keras_model(path: Path, *, safe_mode: bool | None = None) -> Any:
     """Load a ``.keras`` file in Keras' safe mode (no deserialised Python lambdas) unless the user
-    opted out (``--unsafe-deserialization`` / ``CNNFORGE_UNSAFE_DESERIALIZATION=1``); a broken
-    file is a one-line error."""
+    opted out (``--unsafe-deserialization`` / ``CNNFORGE_UNSAFE_DESERIALIZATION=1``); a legacy
+    ``.h5`` file only then. A broken file is a one-line error."""
     import keras
 
     if safe_mode is None:
         safe_mode = not os.environ.get(UNSAFE_ENV)
+    if safe_mode and str(path).lower().endswith(LEGACY_SUFFIXES):
+        raise CnnforgeError(
+            f"{path} is a legacy HDF5 model, which Keras cannot load safely; save it as .keras, "
+            "or pass --unsafe-deserialization only if you trust it"
+        )
     try:
         return keras.models.load_model(path, safe_mode=safe_mode)
     except Exception as exc:

@@ -3,6 +3,7 @@ traceback, and no half-written artifact."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -261,6 +262,30 @@ def test_unsafe_keras_lambda_is_not_deserialised(tmp_path, monkeypatch):
     )
     assert trusted.exit_code == 0, trusted.stderr
     assert (tmp_path / "model.onnx").is_file()
+
+
+def test_legacy_h5_model_is_refused_in_safe_mode(tmp_path, monkeypatch):
+    """Keras' HDF5 loader has had safe-mode bypasses (CVE-2025-9905): only on request."""
+    import keras
+
+    monkeypatch.setenv("CNNFORGE_UNSAFE_DESERIALIZATION", "")  # restored after the test
+    inputs = keras.Input((8, 8, 1))
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(inputs))
+    keras.Model(inputs, outputs).save(tmp_path / "legacy.h5")
+    result = invoke("export", str(tmp_path / "legacy.h5"))
+    assert_refused(result, "legacy.h5", "HDF5", "--unsafe-deserialization")
+    assert files_under(tmp_path) == ["legacy.h5"]
+    trusted = CliRunner().invoke(
+        cli, ["--unsafe-deserialization", "export", str(tmp_path / "legacy.h5")]
+    )
+    assert trusted.exit_code == 0, trusted.stderr
+    assert (tmp_path / "model.onnx").is_file()
+
+
+def test_keras_floor_excludes_versions_with_published_safe_mode_bypasses():
+    """CVE-2025-1550 (fixed in 3.9) and CVE-2025-9905 (fixed in 3.11.3)."""
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert re.findall(r'"keras(>=[^"]*)"', pyproject) == [">=3.11.3,<4"]
 
 
 @pytest.fixture

@@ -146,3 +146,67 @@ def test_a_run_whose_data_json_does_not_fit_its_model_is_refused_not_exported(tm
     with pytest.raises(CnnforgeError, match=r"run of .*best\.keras \(its data\.json\) records "):
         export(run.path)
     assert not run.onnx.exists()
+
+
+def _nan_model() -> keras.Model:
+    """A classifier whose last Dense weights are NaN: every output is NaN, in Keras and ONNX."""
+    model = _small_model()
+    dense = model.layers[-1]
+    dense.kernel.assign(np.full(dense.kernel.shape, np.nan, "float32"))
+    return model
+
+
+def test_parity_fails_on_non_finite_outputs():
+    """``nan > atol`` is false: a NaN model used to pass with "max abs diff nan"."""
+    model = _nan_model()
+    report = check_parity(model, to_onnx(model).SerializeToString(), IMAGES, inputs="random")
+    assert not report.passed
+    assert "non-finite" in report.mismatches[0] and "Keras" in report.mismatches[0]
+    assert all(c.nonfinite_keras == c.images * 3 for c in report.cases)
+
+
+def test_export_of_a_nan_model_is_refused_and_writes_no_model(tmp_path):
+    with pytest.raises(CnnforgeError, match=r"failed parity: .*non-finite"):
+        export(_save(_nan_model(), tmp_path), tmp_path / "nan.onnx")
+    assert not (tmp_path / "nan.onnx").exists()
+
+
+@pytest.mark.parametrize(("precision", "floor"), [("fp32", 0.999), ("fp16", 0.99)])
+def test_float_precisions_have_a_top1_agreement_floor(precision, floor):
+    from cnnforge.conversion.export import TOLERANCES
+
+    assert TOLERANCES[precision][1] == floor
+
+
+def test_a_failed_re_export_keeps_the_old_model_and_its_evidence(tmp_path):
+    """A model and its parity.json are replaced together or not at all."""
+    source, out = _save(_small_model(), tmp_path), tmp_path / "m.onnx"
+    export(source, out)
+    evidence = tmp_path / "m.parity.json"
+    before = out.read_bytes(), evidence.read_bytes()
+    _save(_nan_model(), tmp_path)  # the same source, now broken
+    with pytest.raises(CnnforgeError, match=r"failed parity: .*m\.parity\.failed\.json"):
+        export(source, out)
+    assert (out.read_bytes(), evidence.read_bytes()) == before
+    failed = json.loads((tmp_path / "m.parity.failed.json").read_text())
+    assert not failed["passed"] and "non-finite" in failed["mismatches"][0]
+    _save(_small_model(), tmp_path)
+    export(source, out)
+    assert not (tmp_path / "m.parity.failed.json").exists(), "stale failed evidence is removed"
+    assert json.loads(evidence.read_text())["passed"]
+
+
+def test_metadata_names_the_model_and_data_but_no_local_path(finished_run, small_npz, tmp_path):
+    """The model travels; the folders of the machine that made it must not travel with it."""
+    run_dir = finished_run.run_dir
+    lone = tmp_path / "lone.keras"
+    lone.write_bytes((run_dir / "best.keras").read_bytes())
+    export(lone, tmp_path / "lone.onnx", data=str(small_npz))
+    for path in (run_dir / "model.onnx", tmp_path / "lone.onnx"):
+        props = {p.key: p.value for p in onnx.load(path).metadata_props}
+        for folder in (tmp_path, run_dir.parent, small_npz.parent):
+            assert not [k for k, v in props.items() if str(folder) in v], folder
+    meta = metadata(open_session(run_dir / "model.onnx"))
+    assert (meta["source"], meta["run"]) == ("best.keras", run_dir.name)
+    assert meta["accuracy"]["data"] == small_npz.name
+    assert metadata(open_session(tmp_path / "lone.onnx"))["source"] == "lone.keras"

@@ -44,7 +44,7 @@ def test_int8_is_static_qdq_per_channel_calibrated_and_keeps_accuracy(variants, 
     meta = metadata(open_session(result.onnx_path))
     assert meta["precision"] == "int8"
     assert meta["calibration"]["images"] == 256 and meta["calibration"]["format"] == "QDQ"
-    assert meta["calibration"]["source"] == f"train split of {small_npz}"
+    assert meta["calibration"]["source"] == f"train split of {small_npz.name}"
     accuracy = meta["accuracy"]
     assert accuracy["images"] == 200 and accuracy["split"] == "test"
     assert accuracy["passed"] and not accuracy["forced"]
@@ -124,7 +124,8 @@ def test_accuracy_gate_refuses_a_variant_with_both_figures(deploy_run, tmp_path)
     assert "int8 variant refused: test accuracy" in message and "with Keras" in message
     assert "--force" in message and "\n" not in message
     assert not out.exists(), "a refused variant is not written"
-    evidence = json.loads((tmp_path / "gated.parity.json").read_text())["accuracy"]
+    assert not (tmp_path / "gated.parity.json").exists(), "no evidence without its model"
+    evidence = json.loads((tmp_path / "gated.parity.failed.json").read_text())["accuracy"]
     assert not evidence["passed"] and not evidence["forced"]
     assert f"{evidence['onnxruntime']:.2%}" in message and f"{evidence['keras']:.2%}" in message
 
