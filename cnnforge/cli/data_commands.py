@@ -42,6 +42,8 @@ def data_command(
     )
     summary = summarize(source, requested)
     refuse_if_strict(summary.skipped, strict_data)
+    if summary.layout:
+        console.print(escape(summary.layout))
     splits = list(summary.counts)
     table = Table("class", *splits, "total", box=None, pad_edge=False)
     for i, name in enumerate(summary.class_names):

@@ -39,6 +39,7 @@ class DataSummary:
     epoch_read_s: float | None = None  # None: held in memory
     read_images_per_s: float | None = None
     read_workers: int | None = None  # the processes the reader decodes its largest split in
+    layout: str | None = None  # an image folder's: split folders or class folders, one line
 
     @property
     def images(self) -> int:
@@ -115,6 +116,7 @@ def _folder_summary(source: str, scan: FolderScan, requested: Preprocessing | No
         epoch_read_s=epoch_s,
         read_images_per_s=len(images) / epoch_s if epoch_s else None,
         read_workers=max(workers.values()),
+        layout=scan.layout,
     )
 
 
