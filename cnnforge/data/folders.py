@@ -23,7 +23,7 @@ import numpy as np
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.data.dataset import RawData, stratified_split
-from cnnforge.data.decoding import decode_all, reason
+from cnnforge.data.decoding import DecodePool, decode_all, reason
 from cnnforge.data.stream import MEMORY_ENV, ImageFiles, memory_bound_bytes
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -247,12 +247,15 @@ def _count(counts: dict[str, int], reason: str) -> None:
 
 
 def decode_images(
-    files: list[ImageFile], preprocessing: Preprocessing, skipped: dict[str, str]
+    files: list[ImageFile],
+    preprocessing: Preprocessing,
+    skipped: dict[str, str],
+    pool: DecodePool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W, C) uint8 images and int64 labels of ``files`` by ``preprocessing``, decoded in
-    worker processes (``cnnforge.data.decoding``); files that fail to decode go into
+    worker processes (``pool``, ``cnnforge.data.decoding``); files that fail to decode go into
     ``skipped`` and are left out."""
-    x, failed = decode_all([str(f.path) for f in files], preprocessing)
+    x, failed = decode_all([str(f.path) for f in files], preprocessing, pool)
     for index, why in failed.items():
         skipped[str(files[index].path)] = why
     labels = np.array([f.label for f in files], dtype=np.int64)
@@ -291,8 +294,13 @@ def read_image_folder(
     decoded = len(scan.images) * chosen.size[0] * chosen.size[1] * chosen.channels
     if decoded > memory_bound_bytes():
         return _streamed(scan, chosen, decoded, test_fraction, seed)
-    skipped = dict(scan.skipped)
-    arrays = {split: decode_images(files, chosen, skipped) for split, files in scan.splits.items()}
+    skipped, pool = dict(scan.skipped), DecodePool()
+    try:
+        arrays = {
+            s: decode_images(files, chosen, skipped, pool) for s, files in scan.splits.items()
+        }
+    finally:
+        pool.close()
     refuse_if_strict(skipped, strict)
     if skipped:
         warnings.warn(skipped_summary(skipped), CnnforgeWarning, stacklevel=2)
@@ -313,8 +321,13 @@ def _streamed(
     )
     if scan.skipped:
         warnings.warn(skipped_summary(scan.skipped), CnnforgeWarning, stacklevel=3)
+    pool = DecodePool()  # one for the reader's every split and epoch
+    pool.start()  # before training starts TensorFlow's threads, where it has not yet
     splits = {
-        split: (ImageFiles([f.path for f in files], chosen), np.array([f.label for f in files]))
+        split: (
+            ImageFiles([f.path for f in files], chosen, pool),
+            np.array([f.label for f in files]),
+        )
         for split, files in scan.splits.items()
     }
     return _folder_data(scan, splits, chosen, dict(scan.skipped), test_fraction, seed)

@@ -11,6 +11,8 @@ that behaves enough like a (N, H, W, C) uint8 array for every stage:
   by a generator that shuffles the file indices (8 bytes an image) every epoch, then decodes
   them a chunk at a time in worker processes (``cnnforge.data.decoding``: Pillow holds the GIL,
   so threads would not go faster than one core) by the same ``Preprocessing`` as everywhere;
+  the workers (a ``DecodePool``) are started once for the reader, shared by every ``ImageFiles``
+  made from it, reused every epoch and stopped by ``close()`` or when the last one is gone;
   the training code batches and prefetches it and augments training batches only. Nothing is
   cached.
 
@@ -34,7 +36,7 @@ import numpy as np
 from cnnforge.core.errors import CnnforgeWarning
 from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.data import decoding
-from cnnforge.data.decoding import decode_chunks, decode_files
+from cnnforge.data.decoding import DecodePool, decode_chunks, decode_files
 
 MEMORY_ENV = "CNNFORGE_DATA_MEMORY_MB"
 DISK_CACHE_ENV = "CNNFORGE_DATA_DISK_CACHE"
@@ -59,9 +61,12 @@ class ImageFiles:
     dtype = np.dtype(np.uint8)
     ndim = 4
 
-    def __init__(self, paths: Sequence[str], preprocessing: Preprocessing) -> None:
+    def __init__(
+        self, paths: Sequence[str], preprocessing: Preprocessing, pool: DecodePool | None = None
+    ) -> None:
         self.paths = np.asarray([str(p) for p in paths], dtype=object)
         self.preprocessing = preprocessing
+        self.pool = pool or DecodePool()
         self._warned: set[str] = set()
         self._cache: PixelCache | None = None
 
@@ -84,7 +89,7 @@ class ImageFiles:
             return self._decode(self.paths[index])
         if isinstance(index, slice):
             return self._decode_all(self.paths[index])
-        return ImageFiles(self.paths[np.asarray(index)], self.preprocessing)
+        return ImageFiles(self.paths[np.asarray(index)], self.preprocessing, self.pool)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         array = self._decode_all(self.paths)
@@ -92,9 +97,14 @@ class ImageFiles:
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         if func is np.concatenate and all(isinstance(a, ImageFiles) for a in args[0]):
-            return ImageFiles(np.concatenate([a.paths for a in args[0]]), self.preprocessing)
+            paths = np.concatenate([a.paths for a in args[0]])
+            return ImageFiles(paths, self.preprocessing, self.pool)
         converted = [np.asarray(a) if isinstance(a, ImageFiles) else a for a in args]
         return func(*converted, **kwargs)
+
+    def close(self) -> None:
+        """Stop the decoding workers (shared with the ``ImageFiles`` made from this one)."""
+        self.pool.close()
 
     def astype(self, dtype: Any) -> np.ndarray:
         return np.asarray(self).astype(dtype)
@@ -119,7 +129,7 @@ class ImageFiles:
     def _decode_all(self, paths: np.ndarray) -> np.ndarray:
         out = np.empty((len(paths), *self.shape[1:]), np.uint8)
         start = 0
-        for pixels, failed in decode_chunks(paths, self.preprocessing):
+        for pixels, failed in decode_chunks(paths, self.preprocessing, pool=self.pool):
             self._warn_black(paths[start : start + len(pixels)], failed)
             out[start : start + len(pixels)] = pixels
             start += len(pixels)
@@ -157,7 +167,7 @@ class ImageFiles:
                     yield cache.read(rows), labels[rows]
                 return
             paths, start = self.paths[order], 0
-            for pixels, failed in decode_chunks(paths, self.preprocessing):
+            for pixels, failed in decode_chunks(paths, self.preprocessing, pool=self.pool):
                 self._warn_black(paths[start : start + len(pixels)], failed)
                 rows = order[start : start + len(pixels)]
                 if cache is not None:

@@ -91,3 +91,42 @@ def test_a_run_over_a_streamed_folder_deploys_what_it_trained_on(folder, tmp_pat
     labels = [p.labels[0] for p in classifier.predict(files, top_k=1)]
     accuracy = np.mean([label == f.parent.name for label, f in zip(labels, files, strict=True)])
     assert accuracy == pytest.approx(evaluation["accuracy"])
+
+
+@pytest.mark.slow  # tf.data and three epochs of 552 images in workers: about 12 s
+def test_one_decoding_pool_per_reader_across_epochs_not_forked(tmp_path, monkeypatch):
+    """The streamed training input decodes in worker processes started once for the reader
+    (not a new pool every epoch) and not forked from this threaded process."""
+    from PIL import Image
+
+    from cnnforge.data import decoding
+
+    for i in range(2 * decoding.CHUNK + 40):  # over two chunks: decoded in worker processes
+        path = tmp_path / "photos" / "ab"[i % 2] / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (6, 5), i % 256).save(path)
+    monkeypatch.setenv(decoding.WORKERS_ENV, "2")
+    monkeypatch.setenv("CNNFORGE_DATA_DISK_CACHE", "0")  # every epoch decodes
+    pools: list[str] = []
+
+    class Counted(decoding.ProcessPoolExecutor):
+        def __init__(self, *args, mp_context=None, **kwargs):
+            pools.append(mp_context.get_start_method())
+            super().__init__(*args, mp_context=mp_context, **kwargs)
+
+    monkeypatch.setattr(decoding, "ProcessPoolExecutor", Counted)
+    paths = sorted((tmp_path / "photos").rglob("*.png"))
+    files = ImageFiles(paths, Preprocessing(size=(5, 6), color_mode="L"))
+    labels = np.arange(len(paths))
+    dataset = files.tf_dataset(labels, shuffle_seed=0)
+    epochs = [np.array([int(y) for _, y in dataset]) for _ in range(3)]
+    assert (
+        all(sorted(e) == labels.tolist() for e in epochs)
+        and len({e.tobytes() for e in epochs}) == 3
+    )
+    both = np.concatenate([files[np.arange(10)], files[np.arange(10, len(files))]])
+    np.testing.assert_array_equal(
+        np.asarray(both)[:, 0, 0, 0], [Image.open(p).getpixel((0, 0)) for p in paths]
+    )
+    assert len(pools) == 1 and pools[0] != "fork", pools
+    files.close()
