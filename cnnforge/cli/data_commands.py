@@ -94,5 +94,7 @@ def data_command(
         )
     else:
         console.print("held in memory: reading an epoch costs no decoding")
+    if summary.disk_cache:
+        console.print(f"disk cache of streamed images: {escape(summary.disk_cache)}")
     if json_out:
         write_json(json_out, summary.as_dict())
