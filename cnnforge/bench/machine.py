@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from cnnforge.bench.results import Peak
+from cnnforge.core.cpus import available_cpus
 from cnnforge.core.version import __version__
 from cnnforge.deploy.runtime import installed_onnxruntime
 from cnnforge.deploy.timing import make_call, strict_session, time_calls
@@ -36,11 +37,10 @@ def environment() -> dict[str, Any]:
     """The machine and software a run was measured on, and how busy the machine was."""
     import onnxruntime as ort
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
-        "usable_cores": usable,
+        "usable_cores": available_cpus(),  # affinity and cgroup CPU quota
         "platform": platform.platform(),
         "python": platform.python_version(),
         "numpy": np.__version__,

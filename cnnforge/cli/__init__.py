@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import click
@@ -78,13 +79,27 @@ class CnnforgeGroup(click.Group):
     envvar="CNNFORGE_UNSAFE_DESERIALIZATION",
     help="Load .keras files that hold Python code (Lambda layers). Only for files you trust.",
 )
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="CNNFORGE_CACHE_DIR",
+    help="Folder on disk for the decoded pixels of folders read from disk every epoch "
+    "(also CNNFORGE_CACHE_DIR) [default: ~/.cache/cnnforge, else the temporary folder, "
+    "whichever is not tmpfs].",
+)
 @click.version_option(package_name="cnnforge")
 @click.pass_context
 def cli(
-    ctx: click.Context, debug: bool, plugins: tuple[str, ...], unsafe_deserialization: bool
+    ctx: click.Context,
+    debug: bool,
+    plugins: tuple[str, ...],
+    unsafe_deserialization: bool,
+    cache_dir: Path | None,
 ) -> None:
     """cnnforge: a labelled image dataset to a deployable, benchmarked ONNX classifier."""
     ctx.obj = {"debug": debug}
+    if cache_dir:
+        os.environ["CNNFORGE_CACHE_DIR"] = str(cache_dir)
     if debug:
         os.environ["CNNFORGE_DEBUG"] = "1"
     if unsafe_deserialization:

@@ -42,6 +42,8 @@ def data_command(
     )
     summary = summarize(source, requested)
     refuse_if_strict(summary.skipped, strict_data)
+    if summary.layout:
+        console.print(escape(summary.layout))
     splits = list(summary.counts)
     table = Table("class", *splits, "total", box=None, pad_edge=False)
     for i, name in enumerate(summary.class_names):
@@ -92,5 +94,7 @@ def data_command(
         )
     else:
         console.print("held in memory: reading an epoch costs no decoding")
+    if summary.disk_cache:
+        console.print(f"disk cache of streamed images: {escape(summary.disk_cache)}")
     if json_out:
         write_json(json_out, summary.as_dict())

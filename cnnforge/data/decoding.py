@@ -3,25 +3,34 @@ by one ``Preprocessing``.
 
 Pillow holds the GIL for most of the work on a small image (opening, header parsing, mode
 conversion, the array copy), so threads decode no faster than one core. Folders of more than
-``2 * CHUNK`` images are decoded in a process pool instead (``fork`` where the platform has it:
-the workers start in milliseconds and share the parent's imports), a chunk of paths per task,
+``2 * CHUNK`` images are decoded in a :class:`DecodePool` instead, a chunk of paths per task,
 each chunk coming back as one uint8 array. Smaller folders are decoded in this process, where
 starting workers would cost more than it saves. The pixels are those of
 ``preprocessing.apply(open_upright(path))`` either way: the same code runs in the workers.
+
+The workers are never forked from this process, which runs TensorFlow's and tf.data's threads
+(a fork copies locks other threads hold): they come from a ``forkserver`` (a clean process
+started once, with this module and Pillow already imported, that forks the workers), or are
+spawned where the platform has no forkserver. A streamed folder's pool is started once for
+its reader and reused every epoch. So, as for any ``multiprocessing`` code, a script that
+calls cnnforge must keep its work under ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
 
+from cnnforge.core.cpus import available_cpus
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.imagefiles import open_image_file
 from cnnforge.core.preprocessing import Preprocessing
@@ -49,7 +58,8 @@ def open_upright(path: Any) -> Any:
 
 
 def decode_workers() -> int:
-    """Worker processes for decoding: ``CNNFORGE_DECODE_WORKERS``, else the usable CPUs."""
+    """Worker processes for decoding: ``CNNFORGE_DECODE_WORKERS``, else the CPUs this process
+    may use (its affinity and cgroup quota: ``cnnforge.core.cpus.available_cpus``)."""
     value = os.environ.get(WORKERS_ENV, "").strip()
     if value:
         # isdigit alone passes "²" (int() refuses it) and other scripts' digits
@@ -59,10 +69,46 @@ def decode_workers() -> int:
                 "to e.g. 4, or unset it to use every CPU"
             )
         return max(1, int(value))
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return available_cpus()
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """``forkserver`` (its server imports this module and Pillow once), else ``spawn``."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "PIL.Image", "PIL.ImageOps"])
+    return context
+
+
+class DecodePool:
+    """Decoding worker processes, started on first use and reused until :meth:`close` (or
+    until the pool is garbage collected): one pool serves every epoch of a streamed reader."""
+
+    def __init__(self) -> None:
+        self.workers = decode_workers()
+        self._executor: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start the forkserver now (before TensorFlow starts its threads, where the caller can
+        call this early); the workers themselves start as chunks arrive."""
+        context = _context()
+        if context.get_start_method() == "forkserver":
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
+
+    def executor(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(self.workers, mp_context=_context())
+            weakref.finalize(self, self._executor.shutdown, cancel_futures=True)
+        return self._executor
+
+    def close(self) -> None:
+        """Stop the workers (a later use starts new ones)."""
+        if self._executor is not None:
+            self._executor.shutdown(cancel_futures=True)
+            self._executor = None
 
 
 def decode_files(
@@ -81,11 +127,15 @@ def decode_files(
 
 
 def decode_chunks(
-    paths: Sequence[str], preprocessing: Preprocessing, *, chunk: int | None = None
+    paths: Sequence[str],
+    preprocessing: Preprocessing,
+    *,
+    chunk: int | None = None,
+    pool: DecodePool | None = None,
 ) -> Iterator[tuple[np.ndarray, dict[int, str]]]:
     """``decode_files`` of consecutive chunks of ``paths``, in order, by :func:`map_chunks`.
-    ``chunk``: ``CHUNK`` images."""
-    return map_chunks(partial(decode_files, preprocessing=preprocessing), paths, chunk)
+    ``chunk``: ``CHUNK`` images; ``pool``: the workers to use (else a pool for this call)."""
+    return map_chunks(partial(decode_files, preprocessing=preprocessing), paths, chunk, pool)
 
 
 def pool_workers(items: int, chunk: int | None = None) -> int:
@@ -100,12 +150,16 @@ def pool_workers(items: int, chunk: int | None = None) -> int:
 
 
 def map_chunks(
-    function: Callable[[list[Any]], T], items: Sequence[Any], chunk: int | None = None
+    function: Callable[[list[Any]], T],
+    items: Sequence[Any],
+    chunk: int | None = None,
+    pool: DecodePool | None = None,
 ) -> Iterator[T]:
-    """``function`` of consecutive chunks of ``items``, in order; in worker processes when
-    there are several chunks and CPUs (``function`` must then be picklable: a module-level
-    function or a ``partial`` of one), with at most two chunks a worker in flight, so memory
-    stays bounded by them whatever the number of items."""
+    """``function`` of consecutive chunks of ``items``, in order; in the worker processes of
+    ``pool`` (else of a pool for this call, closed after it) when there are several chunks
+    and CPUs (``function`` must then be picklable: a module-level function or a ``partial``
+    of one), with at most two chunks a worker in flight, so memory stays bounded by them
+    whatever the number of items."""
     chunk = chunk or CHUNK
     starts = range(0, len(items), chunk)
     workers = pool_workers(len(items), chunk)
@@ -113,30 +167,40 @@ def map_chunks(
         for start in starts:
             yield function(list(items[start : start + chunk]))
         return
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        pending: deque[Future[T]] = deque()
-        try:
-            for start in starts:
-                pending.append(pool.submit(function, list(items[start : start + chunk])))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
+    own = pool is None
+    pool = pool or DecodePool()
+    executor, in_flight = pool.executor(), 2 * min(workers, pool.workers)
+    pending: deque[Future[T]] = deque()
+    try:
+        for start in starts:
+            pending.append(executor.submit(function, list(items[start : start + chunk])))
+            if len(pending) >= in_flight:
                 yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool:
+        pool.close()
+        raise CnnforgeError(
+            "decoding worker processes stopped abruptly: they import the main script again, "
+            'so a script that calls cnnforge must do so under if __name__ == "__main__": '
+            "(or they were killed for memory); set CNNFORGE_DECODE_WORKERS=1 to decode in "
+            "this process"
+        ) from None
+    finally:
+        for future in pending:
+            future.cancel()
+        if own:
+            pool.close()
 
 
 def decode_all(
-    paths: Sequence[str], preprocessing: Preprocessing
+    paths: Sequence[str], preprocessing: Preprocessing, pool: DecodePool | None = None
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """``decode_files`` of every path, decoded by :func:`decode_chunks`."""
+    """``decode_files`` of every path, decoded by :func:`decode_chunks` (in ``pool``)."""
     out = np.zeros((len(paths), *preprocessing.size, preprocessing.channels), np.uint8)
     failed: dict[int, str] = {}
     start = 0
-    for pixels, failures in decode_chunks(paths, preprocessing):
+    for pixels, failures in decode_chunks(paths, preprocessing, pool=pool):
         out[start : start + len(pixels)] = pixels
         failed.update({start + i: why for i, why in failures.items()})
         start += len(pixels)

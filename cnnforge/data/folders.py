@@ -10,6 +10,7 @@ count, or with ``strict`` an error; ``FolderRead.skipped`` lists them for the ru
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -23,12 +24,13 @@ from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.core.imagefiles import IMAGE_SUFFIXES, open_image_file
 from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.data.dataset import RawData, stratified_split
-from cnnforge.data.decoding import decode_all, reason
+from cnnforge.data.decoding import DecodePool, decode_all, reason
 from cnnforge.data.stream import MEMORY_ENV, ImageFiles, memory_bound_bytes
 
 SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 EXIF_ORIENTATION = 0x0112
 _TURNED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class FolderScan:
     splits: dict[str, list[ImageFile]]
     ignored: dict[str, int] = field(default_factory=dict)  # reason → count
     skipped: dict[str, str] = field(default_factory=dict)  # path → reason
+    layout: str = "layout: class folders at the top"  # one line: how the folder was read
 
     @property
     def images(self) -> list[ImageFile]:
@@ -76,7 +79,7 @@ def scan_image_folder(folder: Path | str) -> FolderScan:
     ignored: dict[str, int] = {}
     skipped: dict[str, str] = {}
     top = _visible_folders(root, ignored)
-    split_dirs = {SPLIT_FOLDERS[p.name.lower()]: p for p in top if p.name.lower() in SPLIT_FOLDERS}
+    split_dirs = _split_folders(top)
     if split_dirs:
         if "train" not in split_dirs:
             raise CnnforgeError(
@@ -91,9 +94,39 @@ def scan_image_folder(folder: Path | str) -> FolderScan:
     else:
         names = _class_names(root, ignored)
         splits = {"all": _split_files(root, names, None, ignored, skipped)}
-    scan = FolderScan(root, tuple(names), splits, ignored, skipped)
+    scan = FolderScan(root, tuple(names), splits, ignored, skipped, _layout(top, split_dirs))
     _check_classes(scan)
+    log.info("%s: %s", root, scan.layout)
     return scan
+
+
+def _split_folders(top: list[Path]) -> dict[str, Path]:
+    """The split folders (split → folder) when ``top`` is a split layout: only split names
+    (train, val, validation, test) and at least one of them holding folders; else none, as
+    class folders at the top may be named like a split (CIFAR-100 has a class "train")."""
+    if not top or any(p.name.lower() not in SPLIT_FOLDERS for p in top):
+        return {}
+    if not any(_has_subfolder(p) for p in top):
+        return {}
+    return {SPLIT_FOLDERS[p.name.lower()]: p for p in top}
+
+
+def _has_subfolder(folder: Path) -> bool:
+    return any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+
+
+def _layout(top: list[Path], split_dirs: dict[str, Path]) -> str:
+    """One line: which layout the folder was read as, and why where it could be mistaken."""
+    if split_dirs:
+        return f"layout: split folders {', '.join(p.name + '/' for p in top)} holding the class folders"
+    like_splits = [p.name + "/" for p in top if p.name.lower() in SPLIT_FOLDERS]
+    if not like_splits:
+        return "layout: class folders at the top"
+    return (
+        f"layout: class folders at the top ({', '.join(like_splits)} "
+        f"{'is a class' if len(like_splits) == 1 else 'are classes'}: a split layout has only "
+        "train/, val/ or validation/, test/ at the top, holding the class folders)"
+    )
 
 
 def _visible_folders(folder: Path, ignored: dict[str, int]) -> list[Path]:
@@ -212,12 +245,15 @@ def _count(counts: dict[str, int], reason: str) -> None:
 
 
 def decode_images(
-    files: list[ImageFile], preprocessing: Preprocessing, skipped: dict[str, str]
+    files: list[ImageFile],
+    preprocessing: Preprocessing,
+    skipped: dict[str, str],
+    pool: DecodePool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, H, W, C) uint8 images and int64 labels of ``files`` by ``preprocessing``, decoded in
-    worker processes (``cnnforge.data.decoding``); files that fail to decode go into
+    worker processes (``pool``, ``cnnforge.data.decoding``); files that fail to decode go into
     ``skipped`` and are left out."""
-    x, failed = decode_all([str(f.path) for f in files], preprocessing)
+    x, failed = decode_all([str(f.path) for f in files], preprocessing, pool)
     for index, why in failed.items():
         skipped[str(files[index].path)] = why
     labels = np.array([f.label for f in files], dtype=np.int64)
@@ -256,8 +292,13 @@ def read_image_folder(
     decoded = len(scan.images) * chosen.size[0] * chosen.size[1] * chosen.channels
     if decoded > memory_bound_bytes():
         return _streamed(scan, chosen, decoded, test_fraction, seed)
-    skipped = dict(scan.skipped)
-    arrays = {split: decode_images(files, chosen, skipped) for split, files in scan.splits.items()}
+    skipped, pool = dict(scan.skipped), DecodePool()
+    try:
+        arrays = {
+            s: decode_images(files, chosen, skipped, pool) for s, files in scan.splits.items()
+        }
+    finally:
+        pool.close()
     refuse_if_strict(skipped, strict)
     if skipped:
         warnings.warn(skipped_summary(skipped), CnnforgeWarning, stacklevel=2)
@@ -278,8 +319,13 @@ def _streamed(
     )
     if scan.skipped:
         warnings.warn(skipped_summary(scan.skipped), CnnforgeWarning, stacklevel=3)
+    pool = DecodePool()  # one for the reader's every split and epoch
+    pool.start()  # before training starts TensorFlow's threads, where it has not yet
     splits = {
-        split: (ImageFiles([f.path for f in files], chosen), np.array([f.label for f in files]))
+        split: (
+            ImageFiles([f.path for f in files], chosen, pool),
+            np.array([f.label for f in files]),
+        )
         for split, files in scan.splits.items()
     }
     return _folder_data(scan, splits, chosen, dict(scan.skipped), test_fraction, seed)

@@ -130,20 +130,45 @@ def _unpickle_cifar(blobs: dict[str, bytes], name: str, source: Path) -> Any:
         ) from None
 
 
+_CIFAR10_FILES = ("batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6)))
+_CIFAR100_FILES = ("meta", "train", "test")
+
+
+def _cifar_files(names: set[str]) -> tuple[str, ...]:
+    """The batch files a CIFAR download with these file names holds (CIFAR-10's when it has
+    ``data_batch_1``, else CIFAR-100's)."""
+    return _CIFAR10_FILES if "data_batch_1" in names else _CIFAR100_FILES
+
+
+def _cifar_blobs(path: Path) -> dict[str, bytes]:
+    """The bytes of the CIFAR batch files only (other members, however big, are not read):
+    in a tarball, looked up by name among its members; in a folder, in it or in one of its
+    subfolders (the download's ``cifar-10-batches-py/``)."""
+    if path.is_file() and tarfile.is_tarfile(path):
+        with tarfile.open(path) as tar:
+            members: dict[str, tarfile.TarInfo] = {}
+            for member in tar.getmembers():  # headers only
+                if member.isfile():
+                    members.setdefault(Path(member.name).name, member)
+            wanted = [n for n in _cifar_files(set(members)) if n in members]
+            return {n: tar.extractfile(members[n]).read() for n in wanted}  # type: ignore[union-attr]
+    if path.is_dir():
+        for folder in (path, *sorted(p for p in path.iterdir() if p.is_dir())):
+            present = {n for n in ("data_batch_1", "train") if (folder / n).is_file()}
+            if present:
+                files = [folder / n for n in _cifar_files(present)]
+                return {f.name: f.read_bytes() for f in files if f.is_file()}
+        return {}
+    raise CnnforgeError(f"{path} is neither a CIFAR tarball nor its extracted folder")
+
+
 def read_cifar(path: Path, *, fine: bool = True) -> tuple[tuple, tuple, list[str]]:
     """Read a CIFAR-10/100 python version: the ``.tar.gz`` as downloaded or its extracted folder.
 
     Returns ((x_train, y_train), (x_test, y_test), class_names), images NHWC uint8.
     """
     path = Path(path)
-    if path.is_file() and tarfile.is_tarfile(path):
-        with tarfile.open(path) as tar:
-            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-            blobs = {name: tar.extractfile(m).read() for name, m in members.items()}  # type: ignore[union-attr]
-    elif path.is_dir():
-        blobs = {p.name: p.read_bytes() for p in path.rglob("*") if p.is_file()}
-    else:
-        raise CnnforgeError(f"{path} is neither a CIFAR tarball nor its extracted folder")
+    blobs = _cifar_blobs(path)
     load = lambda name: _unpickle_cifar(blobs, name, path)  # noqa: E731
     if "data_batch_1" in blobs:  # CIFAR-10
         train = [load(f"data_batch_{i}") for i in range(1, 6)]

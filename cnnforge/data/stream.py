@@ -11,8 +11,11 @@ that behaves enough like a (N, H, W, C) uint8 array for every stage:
   by a generator that shuffles the file indices (8 bytes an image) every epoch, then decodes
   them a chunk at a time in worker processes (``cnnforge.data.decoding``: Pillow holds the GIL,
   so threads would not go faster than one core) by the same ``Preprocessing`` as everywhere;
-  the training code batches and prefetches it and augments training batches only. Nothing is
-  cached.
+  the workers (a ``DecodePool``) are started once for the reader, shared by every ``ImageFiles``
+  made from it, reused every epoch and stopped by ``close()`` or when the last one is gone;
+  the training code batches and prefetches it and augments training batches only. The first
+  epoch writes the decoded pixels to a disk cache (``PixelCache``, in :func:`cache_place`: on
+  disk, never tmpfs unless the user asks) that later epochs read.
 
 Memory of a search over ``ImageFiles`` is bounded by the batches and decoding chunks in flight
 (two a worker, ``decoding.CHUNK`` images each) plus the index (8 bytes an image), not by the
@@ -27,6 +30,8 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,10 +39,13 @@ import numpy as np
 from cnnforge.core.errors import CnnforgeWarning
 from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.data import decoding
-from cnnforge.data.decoding import decode_chunks, decode_files
+from cnnforge.data.decoding import DecodePool, decode_chunks, decode_files
 
 MEMORY_ENV = "CNNFORGE_DATA_MEMORY_MB"
 DISK_CACHE_ENV = "CNNFORGE_DATA_DISK_CACHE"
+CACHE_DIR_ENV = "CNNFORGE_CACHE_DIR"
+MOUNTS = Path("/proc/mounts")
+RAM_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs"})
 DISK_CACHE_MARGIN = 1 << 30  # free disk the pixel cache leaves
 MAX_IN_MEMORY = 4 << 30
 
@@ -53,17 +61,76 @@ def memory_bound_bytes() -> int:
     return min(MAX_IN_MEMORY, physical // 4)
 
 
+@dataclass(frozen=True)
+class CachePlace:
+    """Where streamed images' decoded pixels are cached (None: nowhere), and why."""
+
+    folder: Path | None
+    why: str
+    in_memory: bool = False  # the user's folder is on tmpfs or ramfs
+
+    def describe(self) -> str:
+        return f"{self.folder} ({self.why})" if self.folder else f"none ({self.why})"
+
+
+def cache_place(mounts: Path = MOUNTS) -> CachePlace:
+    """The folder of the disk cache: ``CNNFORGE_CACHE_DIR`` (``cnnforge --cache-dir``) when
+    set, wherever it is; else the first of ``$XDG_CACHE_HOME/cnnforge`` (``~/.cache/cnnforge``)
+    and the temporary folder that is on disk, not in memory (tmpfs, the temporary folder on
+    Debian 13, Fedora and Arch: a cache there would take the memory streaming saves); else
+    none. ``mounts``: the mount table the file systems are read from."""
+    if os.environ.get(CACHE_DIR_ENV):
+        folder = Path(os.environ[CACHE_DIR_ENV]).expanduser()
+        kind = file_system(folder, mounts)
+        in_memory = kind in RAM_FILE_SYSTEMS
+        memory = f"; {kind}: memory, not disk" if in_memory else ""
+        return CachePlace(folder, f"{CACHE_DIR_ENV}{memory}", in_memory)
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnforge"
+    for folder in (xdg, Path(tempfile.gettempdir())):
+        kind = file_system(folder, mounts)
+        if kind not in RAM_FILE_SYSTEMS:
+            return CachePlace(folder, kind or "file system unknown")
+    return CachePlace(
+        None,
+        f"{xdg} and {tempfile.gettempdir()} are tmpfs, in memory; set {CACHE_DIR_ENV} or "
+        "cnnforge --cache-dir to a folder on disk",
+    )
+
+
+def file_system(path: Path, mounts: Path = MOUNTS) -> str:
+    """The type of the file system ``path`` is on (``ext4``, ``tmpfs``…), from the mount
+    table; "" when it cannot be read."""
+    path = Path(os.path.abspath(path))
+    try:
+        lines = mounts.read_text().splitlines()
+    except OSError:
+        return ""
+    best, kind = -1, ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(fields[1].replace("\\040", " "))
+        if (point == path or point in path.parents) and len(point.parts) > best:
+            best, kind = len(point.parts), fields[2]
+    return kind
+
+
 class ImageFiles:
     """Image files read as (N, H, W, C) uint8 by ``preprocessing``, decoded when used."""
 
     dtype = np.dtype(np.uint8)
     ndim = 4
 
-    def __init__(self, paths: Sequence[str], preprocessing: Preprocessing) -> None:
+    def __init__(
+        self, paths: Sequence[str], preprocessing: Preprocessing, pool: DecodePool | None = None
+    ) -> None:
         self.paths = np.asarray([str(p) for p in paths], dtype=object)
         self.preprocessing = preprocessing
+        self.pool = pool or DecodePool()
         self._warned: set[str] = set()
         self._cache: PixelCache | None = None
+        self._no_cache = False  # no place or room for one: not looked for again
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -84,7 +151,7 @@ class ImageFiles:
             return self._decode(self.paths[index])
         if isinstance(index, slice):
             return self._decode_all(self.paths[index])
-        return ImageFiles(self.paths[np.asarray(index)], self.preprocessing)
+        return ImageFiles(self.paths[np.asarray(index)], self.preprocessing, self.pool)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         array = self._decode_all(self.paths)
@@ -92,9 +159,14 @@ class ImageFiles:
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         if func is np.concatenate and all(isinstance(a, ImageFiles) for a in args[0]):
-            return ImageFiles(np.concatenate([a.paths for a in args[0]]), self.preprocessing)
+            paths = np.concatenate([a.paths for a in args[0]])
+            return ImageFiles(paths, self.preprocessing, self.pool)
         converted = [np.asarray(a) if isinstance(a, ImageFiles) else a for a in args]
         return func(*converted, **kwargs)
+
+    def close(self) -> None:
+        """Stop the decoding workers (shared with the ``ImageFiles`` made from this one)."""
+        self.pool.close()
 
     def astype(self, dtype: Any) -> np.ndarray:
         return np.asarray(self).astype(dtype)
@@ -103,12 +175,31 @@ class ImageFiles:
         return np.asarray(self).transpose(*axes)
 
     def _pixel_cache(self) -> PixelCache | None:
-        """The disk cache of these files' decoded pixels, made on first use when the disk has
-        room for it and ``CNNFORGE_DATA_DISK_CACHE`` is not 0."""
-        if self._cache is None and os.environ.get(DISK_CACHE_ENV, "1") != "0":
-            folder = tempfile.gettempdir()
-            if shutil.disk_usage(folder).free > self.nbytes + DISK_CACHE_MARGIN:
-                self._cache = PixelCache(folder, self.shape[1:], len(self))
+        """The disk cache of these files' decoded pixels, made on first use in
+        :func:`cache_place` when the disk has room for it and ``CNNFORGE_DATA_DISK_CACHE`` is
+        not 0; without a place on disk, warned once and not made."""
+        if self._cache is not None or self._no_cache or os.environ.get(DISK_CACHE_ENV) == "0":
+            return self._cache
+        place = cache_place()
+        if place.folder is None or place.in_memory:
+            warnings.warn(
+                f"disk cache of streamed images: {place.describe()}", CnnforgeWarning, stacklevel=3
+            )
+        if place.folder is None:
+            self._no_cache = True
+            return None
+        try:
+            place.folder.mkdir(parents=True, exist_ok=True)
+            if shutil.disk_usage(place.folder).free > self.nbytes + DISK_CACHE_MARGIN:
+                self._cache = PixelCache(str(place.folder), self.shape[1:], len(self))
+        except OSError as exc:
+            warnings.warn(
+                f"no disk cache of streamed images in {place.folder} ({exc.strerror}); every "
+                f"epoch decodes again (set {CACHE_DIR_ENV} or cnnforge --cache-dir)",
+                CnnforgeWarning,
+                stacklevel=3,
+            )
+        self._no_cache = self._cache is None
         return self._cache
 
     def _decode(self, path: str) -> np.ndarray:
@@ -119,7 +210,7 @@ class ImageFiles:
     def _decode_all(self, paths: np.ndarray) -> np.ndarray:
         out = np.empty((len(paths), *self.shape[1:]), np.uint8)
         start = 0
-        for pixels, failed in decode_chunks(paths, self.preprocessing):
+        for pixels, failed in decode_chunks(paths, self.preprocessing, pool=self.pool):
             self._warn_black(paths[start : start + len(pixels)], failed)
             out[start : start + len(pixels)] = pixels
             start += len(pixels)
@@ -157,7 +248,7 @@ class ImageFiles:
                     yield cache.read(rows), labels[rows]
                 return
             paths, start = self.paths[order], 0
-            for pixels, failed in decode_chunks(paths, self.preprocessing):
+            for pixels, failed in decode_chunks(paths, self.preprocessing, pool=self.pool):
                 self._warn_black(paths[start : start + len(pixels)], failed)
                 rows = order[start : start + len(pixels)]
                 if cache is not None:

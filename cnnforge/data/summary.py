@@ -18,6 +18,7 @@ from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.data.dataset import load_dataset, parse_source
 from cnnforge.data.decoding import decode_all, pool_workers
 from cnnforge.data.folders import FolderScan, scan_image_folder
+from cnnforge.data.stream import cache_place
 
 # A class this many times smaller than the largest is flagged as imbalanced.
 IMBALANCE_RATIO = 3.0
@@ -39,6 +40,8 @@ class DataSummary:
     epoch_read_s: float | None = None  # None: held in memory
     read_images_per_s: float | None = None
     read_workers: int | None = None  # the processes the reader decodes its largest split in
+    layout: str | None = None  # an image folder's: split folders or class folders, one line
+    disk_cache: str | None = None  # an image folder's: where streamed epochs cache pixels
 
     @property
     def images(self) -> int:
@@ -115,6 +118,8 @@ def _folder_summary(source: str, scan: FolderScan, requested: Preprocessing | No
         epoch_read_s=epoch_s,
         read_images_per_s=len(images) / epoch_s if epoch_s else None,
         read_workers=max(workers.values()),
+        layout=scan.layout,
+        disk_cache=cache_place().describe(),
     )
 
 

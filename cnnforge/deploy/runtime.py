@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from cnnforge.core.contract import LAYOUTS, META_PREFIX, PROVIDERS
+from cnnforge.core.cpus import quota_limited_cpus
 from cnnforge.core.errors import CnnforgeError
 
 
@@ -51,8 +52,10 @@ def open_session(
 ) -> Any:
     """An InferenceSession on ``model`` (a path or serialized bytes); a bad file is one line.
 
-    ``threads`` sets onnxruntime's intra-op pool (inter-op stays 1); ``spinning`` sets
-    ``session.intra_op.allow_spinning`` (None keeps onnxruntime's default, which spins).
+    ``threads`` sets onnxruntime's intra-op pool (inter-op stays 1); when None, a CPU limit
+    onnxruntime does not see (a cgroup quota, an affinity: ``quota_limited_cpus``) sizes it,
+    else onnxruntime's default stands. ``spinning`` sets ``session.intra_op.allow_spinning``
+    (None keeps onnxruntime's default, which spins).
     """
     import onnxruntime as ort
 
@@ -62,6 +65,8 @@ def open_session(
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    elif (limit := quota_limited_cpus()) is not None:
+        options.intra_op_num_threads = limit
     if spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
     if isinstance(model, (str, Path)):

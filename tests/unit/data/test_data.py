@@ -132,6 +132,35 @@ def test_cifar10_reads_the_python_tarball_and_its_folder(tmp_path):
         assert data.spec.class_names[2] == "bird"
 
 
+def test_cifar_reads_only_its_batches_not_other_members(tmp_path, monkeypatch):
+    """A tarball or folder with other big files (here an 8 MB one) reads only the seven
+    CIFAR-10 batches, not every member."""
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    folder = tmp_path / "cifar-10-batches-py"
+    big = tmp_path / "extra" / "huge.bin"
+    big.parent.mkdir()
+    big.write_bytes(b"\0" * (8 << 20))
+    _cifar10_tarball(tarball)
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(big, arcname="extra/huge.bin")
+        tar.add(folder, arcname=folder.name)
+    (folder / "readme.html").write_bytes(b"\0" * (8 << 20))
+    read: list[str] = []
+    extract, read_bytes = tarfile.TarFile.extractfile, Path.read_bytes
+    monkeypatch.setattr(
+        tarfile.TarFile,
+        "extractfile",
+        lambda tar, m: read.append(Path(m.name).name) or extract(tar, m),
+    )
+    monkeypatch.setattr(Path, "read_bytes", lambda p: read.append(p.name) or read_bytes(p))
+    seven = ["batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6))]
+    for source in (tarball, folder):
+        read.clear()
+        (x_train, _), (x_test, _), names = read_cifar(source)
+        assert len(x_train) == 20 and len(x_test) == 3 and names[2] == "bird"
+        assert sorted(read) == sorted(seven)
+
+
 class _Call:
     """Pickles as a call of ``function(*args)``, as a hostile pickle would."""
 

@@ -4,6 +4,7 @@ streamed input reads later epochs from its disk cache of those pixels."""
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -121,3 +122,29 @@ def test_a_nonsense_worker_count_is_one_line_naming_the_variable(monkeypatch, va
     monkeypatch.setenv(decoding.WORKERS_ENV, value)
     with pytest.raises(CnnforgeError, match=f"^{decoding.WORKERS_ENV} must be a whole number"):
         decoding.decode_workers()
+
+
+def test_a_script_without_a_main_guard_gets_one_line_saying_so(tmp_path):
+    """Decoding workers import the main script again (they are not forked): a script that
+    decodes at its top level breaks them, and is told why and what to do, in one line."""
+    import subprocess
+
+    for i in range(520):  # over two chunks: decoded in worker processes
+        Image.new("L", (4, 4), i % 256).save(tmp_path / f"{i}.png")
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import glob, os\n"
+        "from cnnforge import CnnforgeError, Preprocessing\n"
+        "from cnnforge.data.decoding import decode_all\n"
+        "paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), '*.png')))\n"
+        "try:\n"
+        "    decode_all(paths, Preprocessing(size=(4, 4), color_mode='L'))\n"
+        "except CnnforgeError as exc:\n"
+        "    print('ERROR', exc)\n"
+    )
+    env = {**os.environ, "CNNFORGE_DECODE_WORKERS": "2"}
+    out = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    line = next(x for x in out.stdout.splitlines() if x.startswith("ERROR"))
+    assert 'if __name__ == "__main__":' in line and "CNNFORGE_DECODE_WORKERS=1" in line

@@ -110,6 +110,35 @@ def test_split_folders_are_honoured(tmp_path):
     assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (12, 4, 6)
 
 
+@pytest.mark.parametrize("layout", ["split", "classes", "split-named classes"])
+def test_a_class_named_train_is_not_read_as_a_split(tmp_path, layout):
+    """CIFAR-100 has a class "train": class folders at the top, one of them named train/, are
+    classes; only split names at the top (train/ test/ val/) holding folders are a split
+    layout (split-named folders of images are classes). ``cnnforge data`` says which."""
+    from click.testing import CliRunner
+
+    from cnnforge.cli import cli
+
+    names = {"split": ("a", "b"), "classes": ("train", "tulip", "test")}.get(
+        layout, ("train", "test")
+    )
+    for name in names:
+        for i in range(3):
+            path = tmp_path / "train" / name if layout == "split" else tmp_path / name
+            _save(path / f"{i}.png", _rgb(10, 12))
+            if layout == "split":
+                _save(tmp_path / "test" / name / f"{i}.png", _rgb(10, 12))
+    scan = scan_image_folder(tmp_path)
+    result = CliRunner().invoke(cli, ["data", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    if layout == "split":
+        assert scan.class_names == ("a", "b") and set(scan.splits) == {"train", "test"}
+        assert "layout: split folders test/, train/ holding the class folders" in result.output
+    else:
+        assert scan.class_names == tuple(sorted(names)) and set(scan.splits) == {"all"}
+        assert "layout: class folders at the top (test/, train/ are classes" in result.output
+
+
 def test_split_folder_errors_name_the_class(tmp_path):
     for name in ("a", "b"):
         _save(tmp_path / "train" / name / "0.png", _rgb(10, 12))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -91,3 +92,112 @@ def test_a_run_over_a_streamed_folder_deploys_what_it_trained_on(folder, tmp_pat
     labels = [p.labels[0] for p in classifier.predict(files, top_k=1)]
     accuracy = np.mean([label == f.parent.name for label, f in zip(labels, files, strict=True)])
     assert accuracy == pytest.approx(evaluation["accuracy"])
+
+
+@pytest.mark.slow  # tf.data and three epochs of 552 images in workers: about 12 s
+def test_one_decoding_pool_per_reader_across_epochs_not_forked(tmp_path, monkeypatch):
+    """The streamed training input decodes in worker processes started once for the reader
+    (not a new pool every epoch) and not forked from this threaded process."""
+    from PIL import Image
+
+    from cnnforge.data import decoding
+
+    for i in range(2 * decoding.CHUNK + 40):  # over two chunks: decoded in worker processes
+        path = tmp_path / "photos" / "ab"[i % 2] / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (6, 5), i % 256).save(path)
+    monkeypatch.setenv(decoding.WORKERS_ENV, "2")
+    monkeypatch.setenv("CNNFORGE_DATA_DISK_CACHE", "0")  # every epoch decodes
+    pools: list[str] = []
+
+    class Counted(decoding.ProcessPoolExecutor):
+        def __init__(self, *args, mp_context=None, **kwargs):
+            pools.append(mp_context.get_start_method())
+            super().__init__(*args, mp_context=mp_context, **kwargs)
+
+    monkeypatch.setattr(decoding, "ProcessPoolExecutor", Counted)
+    paths = sorted((tmp_path / "photos").rglob("*.png"))
+    files = ImageFiles(paths, Preprocessing(size=(5, 6), color_mode="L"))
+    labels = np.arange(len(paths))
+    dataset = files.tf_dataset(labels, shuffle_seed=0)
+    epochs = [np.array([int(y) for _, y in dataset]) for _ in range(3)]
+    assert (
+        all(sorted(e) == labels.tolist() for e in epochs)
+        and len({e.tobytes() for e in epochs}) == 3
+    )
+    both = np.concatenate([files[np.arange(10)], files[np.arange(10, len(files))]])
+    np.testing.assert_array_equal(
+        np.asarray(both)[:, 0, 0, 0], [Image.open(p).getpixel((0, 0)) for p in paths]
+    )
+    assert len(pools) == 1 and pools[0] != "fork", pools
+    files.close()
+
+
+def _mounts(tmp_path: Path, types: dict[str, str]) -> Path:
+    """A fake /proc/mounts: ``/`` on ext4, and each folder of ``types`` on its file system."""
+    space = "\\040"  # how /proc/mounts writes a space
+    lines = ["/dev/sda1 / ext4 rw 0 0"] + [
+        f"{fs} {str(folder).replace(' ', space)} {fs} rw 0 0" for folder, fs in types.items()
+    ]
+    path = tmp_path / "mounts"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("ram", "chosen"),
+    [
+        ((), "xdg"),  # ~/.cache (XDG) on disk: there
+        (("xdg",), "tmp"),  # the XDG cache is tmpfs, the temp folder disk
+        (("xdg", "tmp"), None),  # both memory: no disk cache, and why
+    ],
+)
+def test_the_pixel_cache_goes_to_disk_not_tmpfs(tmp_path, monkeypatch, ram, chosen):
+    import tempfile
+
+    from cnnforge.data import stream
+
+    places = {name: tmp_path / name for name in ("xdg", "tmp")}
+    for folder in places.values():
+        folder.mkdir()
+    monkeypatch.delenv(stream.CACHE_DIR_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(places["xdg"]))
+    monkeypatch.setattr(tempfile, "tempdir", str(places["tmp"]))
+    mounts = _mounts(tmp_path, {places[n]: "tmpfs" for n in ram})
+    place = stream.cache_place(mounts)
+    if chosen is None:
+        assert place.folder is None
+        assert "tmpfs" in place.describe() and stream.CACHE_DIR_ENV in place.describe()
+    else:
+        expected = places[chosen] / "cnnforge" if chosen == "xdg" else places[chosen]
+        assert place.folder == expected and str(expected) in place.describe()
+
+
+def test_cache_dir_is_the_users_choice_and_tmpfs_there_is_named(tmp_path, monkeypatch):
+    from cnnforge.data import stream
+
+    monkeypatch.setenv(stream.CACHE_DIR_ENV, str(tmp_path / "mine"))
+    place = stream.cache_place(_mounts(tmp_path, {}))
+    assert place.folder == tmp_path / "mine" and "memory" not in place.describe()
+    place = stream.cache_place(_mounts(tmp_path, {tmp_path: "tmpfs"}))
+    assert place.folder == tmp_path / "mine" and "tmpfs: memory, not disk" in place.describe()
+
+
+def test_streamed_files_write_their_cache_where_cache_dir_says(tmp_path, monkeypatch):
+    """``cnnforge --cache-dir DIR data`` prints where the cache goes; the pixel cache file of a
+    streamed split is made there."""
+    from click.testing import CliRunner
+
+    from cnnforge.cli import cli
+    from cnnforge.data import stream
+
+    folder = tinted_folder(tmp_path / "photos")
+    monkeypatch.delenv(stream.CACHE_DIR_ENV, raising=False)
+    result = CliRunner().invoke(cli, ["--cache-dir", str(tmp_path / "cache"), "data", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert f"disk cache of streamed images: {tmp_path / 'cache'}" in result.output
+    monkeypatch.setenv(stream.CACHE_DIR_ENV, str(tmp_path / "cache"))
+    files = ImageFiles(sorted(folder.rglob("*.png"))[:3], WANTED)
+    cache = files._pixel_cache()
+    assert cache is not None
+    assert os.readlink(f"/proc/self/fd/{cache.file.fileno()}").startswith(str(tmp_path / "cache"))
