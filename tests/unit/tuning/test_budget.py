@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 import time
 
 import keras
@@ -31,6 +33,23 @@ def test_durations_read_as_people_write_them(text, seconds):
 def test_a_duration_that_is_not_one_is_refused(text):
     with pytest.raises(CnnforgeError, match="time budget"):
         parse_duration(text)
+
+
+def test_a_long_malformed_duration_is_refused_at_once():
+    """The parser is linear: 40 digits and a stray letter (a regex that backtracks took
+    exponential time on it) are refused within seconds, in a process the test can kill."""
+    code = (
+        "from cnnforge.core.errors import CnnforgeError\n"
+        "from cnnforge.tuning.timebudget import parse_duration\n"
+        "try:\n"
+        f"    parse_duration({'1' * 40 + 'x'!r})\n"
+        "except CnnforgeError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "is not a duration" in done.stdout
 
 
 def test_the_cli_refuses_a_bad_budget_in_one_line():
