@@ -61,7 +61,6 @@ from cnnforge.tuning.tuners import (
     NonFiniteLoss,
     PatienceUnlessScheduled,
     RecordingTuner,
-    TooManyFailures,
     kerastuner_settings,
     make_tuner,
 )
@@ -288,27 +287,24 @@ def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, p
                 mode=objective_direction(config.objective),
             )
         )
-    try:
-        with _sigterm_as_interrupt():
-            tuner.search(
-                *trial_training_data(dataset, config, tuner.plan),
-                validation_data=(dataset.x_val, dataset.y_val),
-                epochs=config.trial_epochs,
-                batch_size=config.batch_size,
-                callbacks=callbacks,
-                verbose=0,
-                **class_weight(config, dataset),
-            )
-    except TooManyFailures as exc:
-        run = RunDir(config.run_dir)
-        records = trial_records(tuner.oracle)
-        write_trials_csv(records, run)
-        failed = [r for r in records if r.status == "FAILED"]
-        raise CnnforgeError(
-            f"search stopped: {len(failed)} trial(s) failed, the last "
-            f"{tuner.oracle.max_consecutive_failed_trials} in a row (last: {failed[-1].message}); "
-            f"see {run.trials}"
-        ) from exc
+    with _sigterm_as_interrupt():
+        tuner.search(
+            *trial_training_data(dataset, config, tuner.plan),
+            validation_data=(dataset.x_val, dataset.y_val),
+            epochs=config.trial_epochs,
+            batch_size=config.batch_size,
+            callbacks=callbacks,
+            verbose=0,
+            **class_weight(config, dataset),
+        )
+    failure = tuner.failure()
+    if failure is None:
+        return
+    if config.distributed == "worker":
+        raise CnnforgeError(f"search stopped: {failure}; see the chief's trials.csv")
+    run = RunDir(config.run_dir)
+    write_trials_csv(trial_records(tuner.oracle), run)
+    raise CnnforgeError(f"search stopped: {failure}; see {run.trials}")
 
 
 def _watch_as_chief(tuner: RecordingTuner) -> Callable[[], None]:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -73,41 +74,109 @@ def kerastuner_settings(*, debug: bool) -> Iterator[None]:
         utils.save_json, config.DEBUG = saved
 
 
-class TooManyFailures(RuntimeError):
-    """KerasTuner's limit of failed trials in a row was reached. A RuntimeError, like the error
-    KerasTuner raises there, so its engine treats it the same; cnnforge catches this type."""
-
-
 # --- oracles ---------------------------------------------------------------------------------
+
+
+def synchronized(method: Callable[..., Any]) -> Callable[..., Any]:
+    """KerasTuner's ``synchronized`` (one call at a time per oracle, re-entrant within a thread,
+    sharing KerasTuner's lock), but the lock is released when the call raises: KerasTuner's own
+    leaves it held, and every later call (a distributed chief's watch, its exit) then hangs."""
+    locks, owners = keras_tuner.src.engine.oracle.LOCKS, keras_tuner.src.engine.oracle.THREADS
+
+    @functools.wraps(method)
+    def locked(oracle: Any, *args: Any, **kwargs: Any) -> Any:
+        thread = threading.current_thread().name
+        if owners[oracle] == thread:
+            return method(oracle, *args, **kwargs)
+        with locks[oracle]:
+            owners[oracle] = thread
+            try:
+                return method(oracle, *args, **kwargs)
+            finally:
+                owners[oracle] = None
+
+    return locked
+
+
+STOP_REASON = "cnnforge/stopped"  # the value a STOPPED trial carries the reason in, over gRPC
+
+
+def stop_reason(trial: Any) -> str | None:
+    """Why the oracle answered ``trial`` STOPPED (None: the search ran its course)."""
+    return trial.hyperparameters.values.get(STOP_REASON)
 
 
 class _RecordsTrials:
     """Oracle mixin: trials.csv is rewritten whenever a trial ends, wherever it ran."""
 
-    @keras_tuner.synchronized
+    @synchronized
     def end_trial(self, trial: Any) -> None:
         super().end_trial(trial)
         write_trials_csv(trial_records(self), RunDir.of_tuner(self._project_dir))
 
 
-class _OverBudgetIsNoFailure:
-    """Oracle mixin: KerasTuner stops a search after N FAILED trials in a row; a candidate
-    refused for its budget is FAILED (so never ranked nor retried) but is no failure: it
-    neither counts towards that limit nor breaks a run of real failures."""
+class _StopAfterFailures:
+    """Oracle mixin: N FAILED trials in a row stop the search. KerasTuner raises inside
+    ``end_trial``, leaving the trial unsaved and still running for a distributed chief; here
+    the trial ends normally and ``failure`` is set: every tuner's next trial is STOPPED with
+    the reason and a running trial stops at its next epoch, so chief and workers all end.
+
+    A candidate refused for its budget is FAILED (so never ranked nor retried) but is no
+    failure: it neither counts towards that limit nor breaks a run of real failures."""
+
+    failure: str | None = None
 
     def _check_consecutive_failures(self) -> None:
-        in_a_row = 0
+        in_a_row, run = 0, RunDir.of_tuner(self._project_dir)
         for trial_id in self.end_order:
             trial = self.trials[trial_id]
             if trial.status != keras_tuner.engine.trial.TrialStatus.FAILED:
                 in_a_row = 0
-            elif not RunDir.of_tuner(self._project_dir).read_cost(trial_id).get("over_budget"):
+            elif not run.read_cost(trial_id).get("over_budget"):
                 in_a_row += 1
             if in_a_row == self.max_consecutive_failed_trials:
-                raise TooManyFailures(
-                    "Number of consecutive failures exceeded the limit "
-                    f"of {self.max_consecutive_failed_trials}.\n{trial.message or ''}"
-                )
+                self.failure = self._failure_line(run)
+                return
+
+    def _failure_line(self, run: RunDir) -> str:
+        failed = [
+            t
+            for t in self.end_order
+            if self.trials[t].status == keras_tuner.engine.trial.TrialStatus.FAILED
+            and not run.read_cost(t).get("over_budget")
+        ]
+        # the cost file holds the one-line reason; without a shared run directory, the last
+        # line of the traceback KerasTuner sent
+        last = run.read_cost(failed[-1]).get("error") or _last_line(self.trials[failed[-1]].message)
+        return (
+            f"{len(failed)} trial(s) failed, the last {self.max_consecutive_failed_trials} "
+            f"in a row (last: {last})"
+        )
+
+    @synchronized
+    def create_trial(self, tuner_id: str) -> Any:
+        if self.failure is None:
+            return super().create_trial(tuner_id)
+        self.ongoing_trials.pop(tuner_id, None)
+        self.tuner_ids.discard(tuner_id)  # a distributed chief exits once no tuner is left
+        stopped = keras_tuner.engine.trial.Trial(
+            self.hyperparameters.copy(), status=keras_tuner.engine.trial.TrialStatus.STOPPED
+        )
+        stopped.hyperparameters.values = {STOP_REASON: self.failure}
+        return stopped
+
+    @synchronized
+    def update_trial(self, trial_id: str, metrics: dict, step: int = 0) -> Any:
+        trial = super().update_trial(trial_id, metrics, step=step)
+        if self.failure is not None:
+            trial = copy.copy(trial)
+            trial.status = keras_tuner.engine.trial.TrialStatus.STOPPED
+        return trial
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line for line in (text or "").splitlines() if line.strip()]
+    return lines[-1].split("FailedTrialError: ")[-1] if lines else "no reason given"
 
 
 class _WorkerLeases:
@@ -122,7 +191,7 @@ class _WorkerLeases:
             self._seen: dict[str, float] = {}
         return self._seen
 
-    @keras_tuner.synchronized
+    @synchronized
     def create_trial(self, tuner_id: str) -> Any:
         self._last_seen()[tuner_id] = time.monotonic()
         self.expire_silent_tuners()
@@ -143,14 +212,14 @@ class _WorkerLeases:
             and self.ongoing_trials
         )
 
-    @keras_tuner.synchronized
+    @synchronized
     def update_trial(self, trial_id: str, metrics: dict, step: int = 0) -> Any:
         for tuner_id, trial in self.ongoing_trials.items():
             if trial.trial_id == trial_id:
                 self._last_seen()[tuner_id] = time.monotonic()
         return super().update_trial(trial_id, metrics, step=step)
 
-    @keras_tuner.synchronized
+    @synchronized
     def expire_silent_tuners(self) -> list[str]:
         """Re-queue the trials of silent tuners; return the ids of the tuners let go."""
         if not self.lease_seconds:
@@ -178,14 +247,14 @@ class _Deadline:
 
     deadline: float | None = None
 
-    @keras_tuner.synchronized
+    @synchronized
     def create_trial(self, tuner_id: str) -> Any:
         if self.deadline is not None and time.time() >= self.deadline:
             stopped = keras_tuner.engine.trial.TrialStatus.STOPPED
             return keras_tuner.engine.trial.Trial(self.hyperparameters.copy(), status=stopped)
         return super().create_trial(tuner_id)
 
-    @keras_tuner.synchronized
+    @synchronized
     def update_trial(self, trial_id: str, metrics: dict, step: int = 0) -> Any:
         """The trial, answered STOPPED once the deadline has passed: a distributed worker
         (which cannot see the chief's clock) stops its running trial at the next epoch."""
@@ -242,7 +311,7 @@ assert tuple(_ORACLE_BASES) == TUNERS, "core.contract.TUNERS names every oracle"
 ORACLES = {
     name: type(
         bases[-1].__name__,
-        (_RecordsTrials, _OverBudgetIsNoFailure, _Deadline, _WorkerLeases, *bases),
+        (_RecordsTrials, _StopAfterFailures, _Deadline, _WorkerLeases, *bases),
         {},
     )
     for name, bases in _ORACLE_BASES.items()
@@ -354,6 +423,21 @@ class RecordingTuner(keras_tuner.Tuner):
         self.trials_run: list[str] = []
         self.tracking = Tracking()
         self._measured: dict[str, dict[str, Any]] = {}  # Hyperband runs a candidate again
+        self._told_to_stop: str | None = None
+        self._ask_for_trial = self.oracle.create_trial
+        # KerasTuner's search loop drops the STOPPED answer: keep its reason (a worker's oracle
+        # is a gRPC client and has no other way to say why)
+        self.oracle.create_trial = self._create_trial
+
+    def _create_trial(self, tuner_id: str) -> Any:
+        trial = self._ask_for_trial(tuner_id)
+        self._told_to_stop = stop_reason(trial) or self._told_to_stop
+        return trial
+
+    def failure(self) -> str | None:
+        """Why the search stopped before its end (trials that kept failing), as the oracle
+        said, here or on the chief; None when it ran its course."""
+        return getattr(self.oracle, "failure", None) or self._told_to_stop
 
     def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
         self.trials_run.append(trial.trial_id)
