@@ -25,6 +25,7 @@ from typing import Any
 import keras
 import keras_tuner
 
+from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset
 from cnnforge.modeling.hypermodel import PluginHyperModel
@@ -304,9 +305,9 @@ def make_plan(
 ) -> SearchPlan:
     """The auto search's plan: one made from the counts asked for (without a budget); else
     the one the run directory recorded (a resume; a distributed worker always takes the
-    chief's), else one made from the budget at the first candidate's pace (measured by a
-    probe, or derived from its FLOPs with ``--deterministic``), within ``--max-trials`` and
-    ``--epochs`` when given. ``hps``: the whole space, with --fix and --space over it; a budget
+    chief's, waiting for it under a budget), else one made from the budget at the first
+    candidate's pace (measured by a probe, or derived from its FLOPs with ``--deterministic``),
+    within ``--max-trials`` and ``--epochs`` when given. ``hps``: the whole space, with --fix and --space over it; a budget
     counts from ``started`` (a ``time.time()``) and keeps ``keep_after`` seconds for later."""
     batch = config.batch_size
     train = round(len(dataset.y_train) * config.search_fraction)
@@ -315,6 +316,8 @@ def make_plan(
     paired = sum(kinds.get(name) not in (None, "Fixed") for name in PAIRED)
     budget = config.effective_time_budget()
     run = RunDir(config.run_dir)
+    if config.distributed == "worker" and budget is not None:
+        return _chiefs_plan(config, run)
     saved = run.read_json(run.plan) if run.plan.is_file() else None
     if saved and (config.distributed == "worker" or (budget and saved["basis"] != "counts")):
         return SearchPlan.from_json(saved)
@@ -336,6 +339,22 @@ def make_plan(
         max_trials=config.max_trials,
         max_epochs=config.epochs,
     )
+
+
+def _chiefs_plan(config: SearchConfig, run: RunDir) -> SearchPlan:
+    """A worker's plan under a time budget: the chief's, which depends on the chief's probe and
+    clock. The chief writes plan.json before it serves; a worker started with it waits for the
+    file up to ``worker_timeout`` seconds rather than plan alone."""
+    give_up = time.monotonic() + config.worker_timeout
+    while not run.plan.is_file():
+        if time.monotonic() >= give_up:
+            raise CnnforgeError(
+                f"no plan from the chief in {run.plan} after {config.worker_timeout:g} s; start "
+                "the chief first, and give chief and workers the same --run-dir on a shared "
+                "filesystem (or a longer --worker-timeout)"
+            )
+        time.sleep(0.5)
+    return SearchPlan.from_json(run.read_json(run.plan))
 
 
 def _first_candidates_pace(

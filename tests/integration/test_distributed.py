@@ -166,3 +166,20 @@ def test_trials_that_always_fail_stop_chief_and_worker_with_the_reason(small_npz
         assert code not in (0, None) and len(lines) == 1, err
         assert reason in lines[0] and "MemoryError: pretend out of memory" in lines[0], err
         assert "Traceback" not in err
+
+
+def test_a_worker_whose_chief_never_plans_stops_with_one_line(small_npz, tmp_path):
+    """An auto search's worker waits for the chief's plan.json up to --worker-timeout; when it
+    never comes (no chief, or a run directory the chief does not share), it says so and exits."""
+    address = f"127.0.0.1:{free_port()}"  # nobody listens
+    role = ("--distributed", "worker", "--chief", address, "--worker-id", "w1")
+    cmd = small_search(small_npz, tmp_path / "run", *role, "--worker-timeout", "2")
+    lonely = start(cmd)
+    try:
+        _, err = lonely.communicate(timeout=90)
+    finally:
+        lonely.kill()
+    lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert lonely.returncode == 1 and len(lines) == 1, err
+    assert "no plan from the chief" in lines[0] and "--run-dir" in lines[0], err
+    assert "Traceback" not in err
