@@ -17,6 +17,7 @@ import platform
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 
 from cnnforge import registry
 from cnnforge.core.atomic import save_model_atomic
-from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.core.objectives import objective_direction
 from cnnforge.core.rundir import RunDir
 from cnnforge.core.version import __version__
@@ -137,19 +138,49 @@ def constrained_hyperparameters(config: SearchConfig, space: list) -> keras_tune
     return hps
 
 
-def _check_run_dir(config: SearchConfig) -> None:
-    """Refuse to mix two different searches in one run directory."""
+# how a refusal names the parts of a data fingerprint that differ
+_FINGERPRINT_PARTS = {
+    "class_names": "class names",
+    "input_shape": "input shape",
+    "splits": "split sizes",
+    "content": "content",
+}
+
+
+def _check_run_dir(config: SearchConfig, dataset: Dataset) -> None:
+    """Refuse to mix two different searches, or one search on two datasets, in one run
+    directory."""
     run = RunDir(config.run_dir)
     if not run.is_run():
         return
     # read as a configuration: settings an older cnnforge did not record take their defaults
     previous = SearchConfig.from_json(run.read_config().get("search", {})).identity()
     differs = [k for k, v in config.identity().items() if previous.get(k) != v]
+    data = _data_differs(run, dataset)
+    if data:
+        differs.append(f"data ({', '.join(data)})")
     if differs:
         raise CnnforgeError(
             f"run directory {config.run_dir} holds a different search (differs in "
             f"{', '.join(differs)}); pass another --run-dir, or delete it to start fresh"
         )
+
+
+def _data_differs(run: RunDir, dataset: Dataset) -> list[str]:
+    """The parts of the data's fingerprint that differ from the run's. A run directory of an
+    older cnnforge recorded none: its data is taken to be the same (with a warning), and the
+    search records the fingerprint for the next resume."""
+    saved = (run.read_json(run.data) or {}).get("fingerprint")
+    if saved is None:
+        warnings.warn(
+            f"run directory {run.path} records no fingerprint of its data (an older cnnforge): "
+            "resuming on the data given, taken to be the same",
+            CnnforgeWarning,
+            stacklevel=2,
+        )
+        return []
+    now = dataset.fingerprint()
+    return [word for key, word in _FINGERPRINT_PARTS.items() if saved.get(key) != now[key]]
 
 
 @contextlib.contextmanager
@@ -229,7 +260,7 @@ def _prepare(
     what chief, worker and a local search share."""
     config.batch_size = config.batch_size or auto_batch_size(len(dataset.y_train))
     plugin = resolve_plugin(config)
-    _check_run_dir(config)
+    _check_run_dir(config, dataset)
     keras.utils.set_random_seed(config.seed)
     space = default_space(plugin, dataset.spec)
     hps = constrained_hyperparameters(config, space)
