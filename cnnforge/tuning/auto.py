@@ -29,6 +29,7 @@ from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset
 from cnnforge.modeling.hypermodel import PluginHyperModel
+from cnnforge.modeling.training import SAFETY
 from cnnforge.tuning.candidate import measure_candidate
 from cnnforge.tuning.config import SearchConfig
 from cnnforge.tuning.plan import (
@@ -37,6 +38,7 @@ from cnnforge.tuning.plan import (
     SearchPlan,
     budget_plan,
     count_plan,
+    final_reserve,
     nominal_probe,
     probe,
 )
@@ -328,7 +330,7 @@ def make_plan(
     pace, basis = _first_candidates_pace(config, dataset, hypermodel, first)
     # a --deterministic plan does not read the clock: the same budget, the same plan
     spent = time.time() - started if started and not config.deterministic else 0.0
-    return budget_plan(
+    plan = budget_plan(
         budget - keep_after - spent,
         pace,
         train_examples=train,
@@ -339,6 +341,26 @@ def make_plan(
         max_trials=config.max_trials,
         max_epochs=config.epochs,
     )
+    if not config.deterministic:  # a --deterministic plan runs whole, by no clock
+        _check_budget_holds(plan, budget, keep_after + spent)
+    return plan
+
+
+def _check_budget_holds(plan: SearchPlan, budget: float, taken: float) -> None:
+    """Refuse a budget in which the search's clock would start no trial: it must hold one trial
+    of one epoch and the final training's reserve (one epoch), beside the ``taken`` seconds
+    (spent before planning, kept for after the search)."""
+    overhead = plan.trial_overhead_s or 0.0
+    needed = taken + overhead + (plan.seconds_per_epoch or 0.0)
+    if plan.final_epochs:
+        needed += final_reserve(1, plan.final_epoch_seconds or 0.0, overhead, SAFETY)
+    if budget < needed:
+        smallest = 10 * math.ceil(needed / 10)
+        raise CnnforgeError(
+            f"time budget {budget:g}s is too short for this data and model: one trial of one "
+            f"epoch and the final training need about {smallest}s at the pace planned; "
+            f"give --time-budget {smallest}s or more"
+        )
 
 
 def _chiefs_plan(config: SearchConfig, run: RunDir) -> SearchPlan:

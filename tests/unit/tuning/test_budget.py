@@ -232,3 +232,16 @@ def test_patience_leaves_a_scheduled_learning_rate_alone():
 
     assert stopped(1e-3)
     assert not stopped(keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=100))
+
+
+def test_a_budget_too_short_for_one_trial_is_refused_with_the_smallest_that_works(tmp_path):
+    """30 s on the bundled data planned no trial and ended with an empty trials.csv: it is
+    refused up front, naming the smallest budget that holds one trial and the final training."""
+    run_dir = tmp_path / "r"
+    result = CliRunner().invoke(cli, ["search", "--time-budget", "30s", "--run-dir", str(run_dir)])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "time budget 30s is too short" in lines[0] and "--time-budget" in lines[0], lines[0]
+    smallest = int(lines[0].split("give --time-budget ")[1].split("s")[0])
+    assert 30 < smallest < 600
+    assert not run_dir.exists()  # refused before anything is written
