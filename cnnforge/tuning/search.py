@@ -4,7 +4,8 @@ A run directory belongs to one search configuration. Running the same configurat
 resumes it from KerasTuner's state in ``tuner/``; a different configuration is refused rather
 than mixed. A search runs in one process, or as a chief that serves the oracle over gRPC and
 workers that run trials (KerasTuner's own engine, driven through its ``KERASTUNER_*`` variables).
-The KerasTuner customisations (recording, oracles, atomic state) live in ``tuners.py``.
+The KerasTuner customisations live in ``tuners.py`` (recording, atomic state) and
+``oracles.py``.
 """
 
 from __future__ import annotations

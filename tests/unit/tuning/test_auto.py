@@ -116,7 +116,7 @@ def test_an_auto_search_runs_its_rungs_then_decides_flips_in_paired_trials(small
 def _auto_oracle(tmp_path, plan):
     import keras_tuner
 
-    from cnnforge.tuning.tuners import ORACLES
+    from cnnforge.tuning.oracles import ORACLES
 
     hps = keras_tuner.HyperParameters()
     hps.Int("units", 1, 64, default=4)

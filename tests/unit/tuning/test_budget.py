@@ -194,7 +194,8 @@ def test_past_the_deadline_a_running_trial_is_answered_stopped(tmp_path):
     once the deadline has passed, and the tuner stops that trial's training."""
     import keras_tuner
 
-    from cnnforge.tuning.tuners import ORACLES, RecordingTuner
+    from cnnforge.tuning.oracles import ORACLES
+    from cnnforge.tuning.tuners import RecordingTuner
 
     hps = keras_tuner.HyperParameters()
     hps.Int("units", 1, 4)

@@ -8,7 +8,7 @@ import threading
 import keras_tuner
 import pytest
 
-from cnnforge.tuning import tuners
+from cnnforge.tuning import oracles, tuners
 from cnnforge.tuning.config import SearchConfig
 from cnnforge.tuning.search import DEBUG_ENV, _search_context
 
@@ -44,7 +44,7 @@ def test_debug_is_read_when_the_search_starts(monkeypatch, variable, expected):
 def _oracle(tmp_path) -> keras_tuner.Oracle:
     hps = keras_tuner.HyperParameters()
     hps.Int("units", 1, 100)
-    oracle = tuners.ORACLES["random"](
+    oracle = oracles.ORACLES["random"](
         objective=keras_tuner.Objective("val_accuracy", "max"),
         hyperparameters=hps,
         max_trials=10,
@@ -70,7 +70,7 @@ def test_an_error_inside_an_oracle_call_releases_its_lock(tmp_path, monkeypatch)
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(tuners, "write_trials_csv", disk_full)
+    monkeypatch.setattr(oracles, "write_trials_csv", disk_full)
     trial.status = "FAILED"
     with pytest.raises(OSError, match="No space left"):
         oracle.end_trial(trial)
@@ -91,5 +91,5 @@ def test_failures_in_a_row_stop_every_tuner_with_the_reason(tmp_path):
     assert oracle.update_trial(running.trial_id, {"val_accuracy": 0.5}).status == "STOPPED"
     for tuner_id in ("w1", "w2"):
         stopped = oracle.create_trial(tuner_id)
-        assert stopped.status == "STOPPED" and tuners.stop_reason(stopped) == oracle.failure
+        assert stopped.status == "STOPPED" and oracles.stop_reason(stopped) == oracle.failure
     assert not oracle.tuner_ids and not oracle.ongoing_trials  # a chief may exit
