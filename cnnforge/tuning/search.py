@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from cnnforge.registry import Plugin
 from cnnforge.tracking import Tracking, open_tracking, parse_track
 from cnnforge.tuning.auto import make_plan
 from cnnforge.tuning.config import SearchConfig
+from cnnforge.tuning.distributed import kerastuner_role, watch_as_chief
 from cnnforge.tuning.final_training import (
     FinalTraining,
     class_weight,
@@ -202,29 +203,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 DEBUG_ENV = "CNNFORGE_DEBUG"  # set by the CLI's --debug
-KERASTUNER_VARIABLES = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
-
-
-@contextlib.contextmanager
-def _kerastuner_role(config: SearchConfig) -> Iterator[None]:
-    """Set KerasTuner's distributed-search variables for this process while the search runs."""
-    if not config.distributed:
-        yield
-        return
-    host, _, port = config.address.rpartition(":")  # type: ignore[union-attr]
-    tuner_id = "chief" if config.distributed == "chief" else config.worker_id
-    saved = {name: os.environ.get(name) for name in KERASTUNER_VARIABLES}
-    os.environ.update(
-        KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port
-    )
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -236,7 +214,7 @@ def _search_context(config: SearchConfig, debug: bool | None) -> Iterator[None]:
         debug = bool(os.environ.get(DEBUG_ENV))
     with (
         kerastuner_settings(debug=debug),
-        _kerastuner_role(config),
+        kerastuner_role(config),
         training.precision_policy(config.precision),
         training.op_determinism(config.deterministic),
     ):
@@ -339,34 +317,6 @@ def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, p
     raise CnnforgeError(f"search stopped: {failure}; see {run.trials}")
 
 
-def _watch_as_chief(tuner: RecordingTuner) -> Callable[[], None]:
-    """While the chief serves: let silent workers go, and report trials as they end (to the
-    front end and the trackers: a distributed search is logged by its chief only). Returns
-    what stops the watch, once the trials that ended since its last look are reported."""
-    stop, oracle = threading.Event(), tuner.oracle
-    reported = set(oracle.end_order)
-
-    def report_ended() -> None:
-        for trial_id in [t for t in oracle.end_order if t not in reported]:
-            reported.add(trial_id)
-            tuner.report_trial_end(oracle.trials[trial_id])
-
-    def watch() -> None:
-        while not stop.wait(1.0):
-            oracle.expire_silent_tuners()
-            report_ended()
-        report_ended()
-
-    thread = threading.Thread(target=watch, name="cnnforge-chief-watch", daemon=True)
-    thread.start()
-
-    def stop_watching() -> None:
-        stop.set()
-        thread.join()
-
-    return stop_watching
-
-
 def search(
     config: SearchConfig,
     *,
@@ -393,7 +343,7 @@ def search(
         _announce_plan(config, tuner, progress)
         tuner.tracking = _start_tracking(config, tuner)
         with contextlib.closing(tuner.tracking):
-            stop_watching = _watch_as_chief(tuner) if config.distributed == "chief" else None
+            stop_watching = watch_as_chief(tuner) if config.distributed == "chief" else None
             try:
                 _run_trials(config, tuner, dataset, progress)
             finally:
