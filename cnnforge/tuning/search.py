@@ -312,9 +312,8 @@ def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, p
         return
     if config.distributed == "worker":
         raise CnnforgeError(f"search stopped: {failure}; see the chief's trials.csv")
-    run = RunDir(config.run_dir)
-    write_trials_csv(trial_records(tuner.oracle), run)
-    raise CnnforgeError(f"search stopped: {failure}; see {run.trials}")
+    # the oracle wrote trials.csv as the last trial ended
+    raise CnnforgeError(f"search stopped: {failure}; see {RunDir(config.run_dir).trials}")
 
 
 def search(
