@@ -202,6 +202,7 @@ class _Deadline:
     @synchronized
     def create_trial(self, tuner_id: str) -> Any:
         if self.deadline is not None and time.time() >= self.deadline:
+            self.tuner_ids.discard(tuner_id)  # as KerasTuner's STOPPED does: the chief may exit
             stopped = keras_tuner.engine.trial.TrialStatus.STOPPED
             return keras_tuner.engine.trial.Trial(self.hyperparameters.copy(), status=stopped)
         return super().create_trial(tuner_id)

@@ -4,6 +4,7 @@ decided when the search starts (``--debug``), not when cnnforge was imported."""
 from __future__ import annotations
 
 import threading
+import time
 
 import keras_tuner
 import pytest
@@ -93,3 +94,16 @@ def test_failures_in_a_row_stop_every_tuner_with_the_reason(tmp_path):
         stopped = oracle.create_trial(tuner_id)
         assert stopped.status == "STOPPED" and oracles.stop_reason(stopped) == oracle.failure
     assert not oracle.tuner_ids and not oracle.ongoing_trials  # a chief may exit
+
+
+def test_a_tuner_stopped_by_the_deadline_no_longer_keeps_a_chief(tmp_path):
+    """KerasTuner's chief exits once no tuner is left; one answered STOPPED at the deadline
+    stayed among them until its lease ran out (300 s by default) past the budget."""
+    oracle = _oracle(tmp_path)
+    trial = oracle.create_trial("w1")
+    trial.status = "COMPLETED"
+    oracle.update_trial(trial.trial_id, {"val_accuracy": 0.5})
+    oracle.end_trial(trial)
+    oracle.deadline = time.time() - 1
+    assert oracle.create_trial("w1").status == "STOPPED"
+    assert not oracle.tuner_ids and not oracle.ongoing_trials
