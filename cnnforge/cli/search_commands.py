@@ -44,7 +44,8 @@ from cnnforge.cli.output import (
     type=click.FloatRange(min=1),
     default=300,
     show_default=True,
-    help="Chief: seconds of silence after which a worker's trial goes to another.",
+    help="Chief: seconds of silence after which a worker's trial goes to another. Worker: "
+    "seconds to wait for the chief's plan (auto search).",
 )
 def search(**options: Any) -> None:
     """Search an architecture's or a backbone's hyperparameters with KerasTuner; keep the best."""

@@ -11,6 +11,7 @@ exported model takes raw pixels.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 from cnnforge import registry
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.preprocessing import Preprocessing
+
+FINGERPRINT_SAMPLE = 256  # images per split hashed into a dataset's fingerprint
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,29 @@ class Dataset:
             },
             "skipped": self.skipped,
             "ignored": self.ignored,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What tells this data from other data, cheap to compute on any size: class names,
+        input shape, split sizes, and a hash over every label and a fixed, evenly spaced sample
+        of ``FINGERPRINT_SAMPLE`` images per split (an edit elsewhere may go unnoticed)."""
+        digest = hashlib.sha256()
+        splits = {
+            "train": (self.x_train, self.y_train),
+            "val": (self.x_val, self.y_val),
+            "test": (self.x_test, self.y_test),
+        }
+        for x, y in splits.values():
+            digest.update(np.asarray(y, dtype=np.int64).tobytes())
+            count = min(FINGERPRINT_SAMPLE, len(x))
+            for index in np.linspace(0, len(x) - 1, count, dtype=np.int64):
+                digest.update(np.ascontiguousarray(x[index]).tobytes())
+        return {
+            "class_names": list(self.spec.class_names),
+            "input_shape": list(self.spec.input_shape),
+            "splits": {name: len(y) for name, (_, y) in splits.items()},
+            "content": digest.hexdigest()[:16],
         }
 
     def class_weights(self) -> dict[int, float]:

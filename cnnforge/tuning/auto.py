@@ -25,9 +25,11 @@ from typing import Any
 import keras
 import keras_tuner
 
+from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset
 from cnnforge.modeling.hypermodel import PluginHyperModel
+from cnnforge.modeling.training import SAFETY
 from cnnforge.tuning.candidate import measure_candidate
 from cnnforge.tuning.config import SearchConfig
 from cnnforge.tuning.plan import (
@@ -36,6 +38,7 @@ from cnnforge.tuning.plan import (
     SearchPlan,
     budget_plan,
     count_plan,
+    final_reserve,
     nominal_probe,
     probe,
 )
@@ -304,9 +307,9 @@ def make_plan(
 ) -> SearchPlan:
     """The auto search's plan: one made from the counts asked for (without a budget); else
     the one the run directory recorded (a resume; a distributed worker always takes the
-    chief's), else one made from the budget at the first candidate's pace (measured by a
-    probe, or derived from its FLOPs with ``--deterministic``), within ``--max-trials`` and
-    ``--epochs`` when given. ``hps``: the whole space, with --fix and --space over it; a budget
+    chief's, waiting for it under a budget), else one made from the budget at the first
+    candidate's pace (measured by a probe, or derived from its FLOPs with ``--deterministic``),
+    within ``--max-trials`` and ``--epochs`` when given. ``hps``: the whole space, with --fix and --space over it; a budget
     counts from ``started`` (a ``time.time()``) and keeps ``keep_after`` seconds for later."""
     batch = config.batch_size
     train = round(len(dataset.y_train) * config.search_fraction)
@@ -315,6 +318,8 @@ def make_plan(
     paired = sum(kinds.get(name) not in (None, "Fixed") for name in PAIRED)
     budget = config.effective_time_budget()
     run = RunDir(config.run_dir)
+    if config.distributed == "worker" and budget is not None:
+        return _chiefs_plan(config, run)
     saved = run.read_json(run.plan) if run.plan.is_file() else None
     if saved and (config.distributed == "worker" or (budget and saved["basis"] != "counts")):
         return SearchPlan.from_json(saved)
@@ -325,7 +330,7 @@ def make_plan(
     pace, basis = _first_candidates_pace(config, dataset, hypermodel, first)
     # a --deterministic plan does not read the clock: the same budget, the same plan
     spent = time.time() - started if started and not config.deterministic else 0.0
-    return budget_plan(
+    plan = budget_plan(
         budget - keep_after - spent,
         pace,
         train_examples=train,
@@ -336,6 +341,42 @@ def make_plan(
         max_trials=config.max_trials,
         max_epochs=config.epochs,
     )
+    if not config.deterministic:  # a --deterministic plan runs whole, by no clock
+        _check_budget_holds(plan, budget, keep_after + spent)
+    return plan
+
+
+def _check_budget_holds(plan: SearchPlan, budget: float, taken: float) -> None:
+    """Refuse a budget in which the search's clock would start no trial: it must hold one trial
+    of one epoch and the final training's reserve (one epoch), beside the ``taken`` seconds
+    (spent before planning, kept for after the search)."""
+    overhead = plan.trial_overhead_s or 0.0
+    needed = taken + overhead + (plan.seconds_per_epoch or 0.0)
+    if plan.final_epochs:
+        needed += final_reserve(1, plan.final_epoch_seconds or 0.0, overhead, SAFETY)
+    if budget < needed:
+        smallest = 10 * math.ceil(needed / 10)
+        raise CnnforgeError(
+            f"time budget {budget:g}s is too short for this data and model: one trial of one "
+            f"epoch and the final training need about {smallest}s at the pace planned; "
+            f"give --time-budget {smallest}s or more"
+        )
+
+
+def _chiefs_plan(config: SearchConfig, run: RunDir) -> SearchPlan:
+    """A worker's plan under a time budget: the chief's, which depends on the chief's probe and
+    clock. The chief writes plan.json before it serves; a worker started with it waits for the
+    file up to ``worker_timeout`` seconds rather than plan alone."""
+    give_up = time.monotonic() + config.worker_timeout
+    while not run.plan.is_file():
+        if time.monotonic() >= give_up:
+            raise CnnforgeError(
+                f"no plan from the chief in {run.plan} after {config.worker_timeout:g} s; start "
+                "the chief first, and give chief and workers the same --run-dir on a shared "
+                "filesystem (or a longer --worker-timeout)"
+            )
+        time.sleep(0.5)
+    return SearchPlan.from_json(run.read_json(run.plan))
 
 
 def _first_candidates_pace(

@@ -42,6 +42,9 @@ IDENTITY_KEYS = (
     "resize",
     "interpolation",
     "class_weight",
+    "precision",
+    "patience",
+    "deterministic",
     *LIMITS.values(),  # a budget decides which trials train
 )
 # What the command line passes through unchanged (beside data, model, fix and space).

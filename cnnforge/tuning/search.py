@@ -4,7 +4,8 @@ A run directory belongs to one search configuration. Running the same configurat
 resumes it from KerasTuner's state in ``tuner/``; a different configuration is refused rather
 than mixed. A search runs in one process, or as a chief that serves the oracle over gRPC and
 workers that run trials (KerasTuner's own engine, driven through its ``KERASTUNER_*`` variables).
-The KerasTuner customisations (recording, oracles, atomic state) live in ``tuners.py``.
+The KerasTuner customisations live in ``tuners.py`` (recording, atomic state) and
+``oracles.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import platform
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ import numpy as np
 
 from cnnforge import registry
 from cnnforge.core.atomic import save_model_atomic
-from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.core.objectives import objective_direction
 from cnnforge.core.rundir import RunDir
 from cnnforge.core.version import __version__
@@ -39,6 +41,7 @@ from cnnforge.registry import Plugin
 from cnnforge.tracking import Tracking, open_tracking, parse_track
 from cnnforge.tuning.auto import make_plan
 from cnnforge.tuning.config import SearchConfig
+from cnnforge.tuning.distributed import kerastuner_role, watch_as_chief
 from cnnforge.tuning.final_training import (
     FinalTraining,
     class_weight,
@@ -61,7 +64,6 @@ from cnnforge.tuning.tuners import (
     NonFiniteLoss,
     PatienceUnlessScheduled,
     RecordingTuner,
-    TooManyFailures,
     kerastuner_settings,
     make_tuner,
 )
@@ -138,19 +140,49 @@ def constrained_hyperparameters(config: SearchConfig, space: list) -> keras_tune
     return hps
 
 
-def _check_run_dir(config: SearchConfig) -> None:
-    """Refuse to mix two different searches in one run directory."""
+# how a refusal names the parts of a data fingerprint that differ
+_FINGERPRINT_PARTS = {
+    "class_names": "class names",
+    "input_shape": "input shape",
+    "splits": "split sizes",
+    "content": "content",
+}
+
+
+def _check_run_dir(config: SearchConfig, dataset: Dataset) -> None:
+    """Refuse to mix two different searches, or one search on two datasets, in one run
+    directory."""
     run = RunDir(config.run_dir)
     if not run.is_run():
         return
     # read as a configuration: settings an older cnnforge did not record take their defaults
     previous = SearchConfig.from_json(run.read_config().get("search", {})).identity()
     differs = [k for k, v in config.identity().items() if previous.get(k) != v]
+    data = _data_differs(run, dataset)
+    if data:
+        differs.append(f"data ({', '.join(data)})")
     if differs:
         raise CnnforgeError(
             f"run directory {config.run_dir} holds a different search (differs in "
             f"{', '.join(differs)}); pass another --run-dir, or delete it to start fresh"
         )
+
+
+def _data_differs(run: RunDir, dataset: Dataset) -> list[str]:
+    """The parts of the data's fingerprint that differ from the run's. A run directory of an
+    older cnnforge recorded none: its data is taken to be the same (with a warning), and the
+    search records the fingerprint for the next resume."""
+    saved = (run.read_json(run.data) or {}).get("fingerprint")
+    if saved is None:
+        warnings.warn(
+            f"run directory {run.path} records no fingerprint of its data (an older cnnforge): "
+            "resuming on the data given, taken to be the same",
+            CnnforgeWarning,
+            stacklevel=2,
+        )
+        return []
+    now = dataset.fingerprint()
+    return [word for key, word in _FINGERPRINT_PARTS.items() if saved.get(key) != now[key]]
 
 
 @contextlib.contextmanager
@@ -171,29 +203,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 DEBUG_ENV = "CNNFORGE_DEBUG"  # set by the CLI's --debug
-KERASTUNER_VARIABLES = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
-
-
-@contextlib.contextmanager
-def _kerastuner_role(config: SearchConfig) -> Iterator[None]:
-    """Set KerasTuner's distributed-search variables for this process while the search runs."""
-    if not config.distributed:
-        yield
-        return
-    host, _, port = config.address.rpartition(":")  # type: ignore[union-attr]
-    tuner_id = "chief" if config.distributed == "chief" else config.worker_id
-    saved = {name: os.environ.get(name) for name in KERASTUNER_VARIABLES}
-    os.environ.update(
-        KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP=host, KERASTUNER_ORACLE_PORT=port
-    )
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -205,7 +214,7 @@ def _search_context(config: SearchConfig, debug: bool | None) -> Iterator[None]:
         debug = bool(os.environ.get(DEBUG_ENV))
     with (
         kerastuner_settings(debug=debug),
-        _kerastuner_role(config),
+        kerastuner_role(config),
         training.precision_policy(config.precision),
         training.op_determinism(config.deterministic),
     ):
@@ -230,7 +239,7 @@ def _prepare(
     what chief, worker and a local search share."""
     config.batch_size = config.batch_size or auto_batch_size(len(dataset.y_train))
     plugin = resolve_plugin(config)
-    _check_run_dir(config)
+    _check_run_dir(config, dataset)
     keras.utils.set_random_seed(config.seed)
     space = default_space(plugin, dataset.spec)
     hps = constrained_hyperparameters(config, space)
@@ -288,55 +297,23 @@ def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, p
                 mode=objective_direction(config.objective),
             )
         )
-    try:
-        with _sigterm_as_interrupt():
-            tuner.search(
-                *trial_training_data(dataset, config, tuner.plan),
-                validation_data=(dataset.x_val, dataset.y_val),
-                epochs=config.trial_epochs,
-                batch_size=config.batch_size,
-                callbacks=callbacks,
-                verbose=0,
-                **class_weight(config, dataset),
-            )
-    except TooManyFailures as exc:
-        run = RunDir(config.run_dir)
-        records = trial_records(tuner.oracle)
-        write_trials_csv(records, run)
-        failed = [r for r in records if r.status == "FAILED"]
-        raise CnnforgeError(
-            f"search stopped: {len(failed)} trial(s) failed, the last "
-            f"{tuner.oracle.max_consecutive_failed_trials} in a row (last: {failed[-1].message}); "
-            f"see {run.trials}"
-        ) from exc
-
-
-def _watch_as_chief(tuner: RecordingTuner) -> Callable[[], None]:
-    """While the chief serves: let silent workers go, and report trials as they end (to the
-    front end and the trackers: a distributed search is logged by its chief only). Returns
-    what stops the watch, once the trials that ended since its last look are reported."""
-    stop, oracle = threading.Event(), tuner.oracle
-    reported = set(oracle.end_order)
-
-    def report_ended() -> None:
-        for trial_id in [t for t in oracle.end_order if t not in reported]:
-            reported.add(trial_id)
-            tuner.report_trial_end(oracle.trials[trial_id])
-
-    def watch() -> None:
-        while not stop.wait(1.0):
-            oracle.expire_silent_tuners()
-            report_ended()
-        report_ended()
-
-    thread = threading.Thread(target=watch, name="cnnforge-chief-watch", daemon=True)
-    thread.start()
-
-    def stop_watching() -> None:
-        stop.set()
-        thread.join()
-
-    return stop_watching
+    with _sigterm_as_interrupt():
+        tuner.search(
+            *trial_training_data(dataset, config, tuner.plan),
+            validation_data=(dataset.x_val, dataset.y_val),
+            epochs=config.trial_epochs,
+            batch_size=config.batch_size,
+            callbacks=callbacks,
+            verbose=0,
+            **class_weight(config, dataset),
+        )
+    failure = tuner.failure()
+    if failure is None:
+        return
+    if config.distributed == "worker":
+        raise CnnforgeError(f"search stopped: {failure}; see the chief's trials.csv")
+    # the oracle wrote trials.csv as the last trial ended
+    raise CnnforgeError(f"search stopped: {failure}; see {RunDir(config.run_dir).trials}")
 
 
 def search(
@@ -365,7 +342,7 @@ def search(
         _announce_plan(config, tuner, progress)
         tuner.tracking = _start_tracking(config, tuner)
         with contextlib.closing(tuner.tracking):
-            stop_watching = _watch_as_chief(tuner) if config.distributed == "chief" else None
+            stop_watching = watch_as_chief(tuner) if config.distributed == "chief" else None
             try:
                 _run_trials(config, tuner, dataset, progress)
             finally:

@@ -1,24 +1,18 @@
-"""cnnforge's additions to KerasTuner's engine: what is recorded per trial, and the oracles.
+"""cnnforge's tuners over KerasTuner's engine (its oracles: ``cnnforge.tuning.oracles``).
 
-- Every oracle rewrites ``trials.csv`` when a trial ends, from KerasTuner's state plus the cost
-  file each trial leaves beside it (``tuner/trial_N/cnnforge_cost.json``): parameters, epochs,
-  seconds, and the failure reason. Local searches and a distributed chief work the same way.
+- Each trial leaves its cost file beside it (``tuner/trial_N/cnnforge_cost.json``): parameters,
+  epochs, seconds, and the failure reason; the oracles rewrite ``trials.csv`` from it.
 - Before training, each candidate is exported and timed with onnxruntime (``cnnforge.tuning.candidate``);
   one over the budget is not trained: it ends FAILED for KerasTuner (never ranked, never retried,
   not counted among consecutive failures) and OVER_BUDGET in trials.csv, with the reason.
-- ``auto`` runs the search's plan (``cnnforge.tuning.auto``); ``random``, ``bayesian`` and
-  ``hyperband`` start with the default build (the baseline).
-- Past the time budget's deadline no trial starts, and a running trial's next epoch report is
-  answered STOPPED (a distributed worker's trial stops too).
-- ``grid`` survives a reload (KerasTuner's forgets its walk through the grid).
-- A worker that falls silent for longer than its lease loses its trial to the next worker.
+- A trial stops at the time budget's deadline (after the current batch), or when the oracle
+  answers an epoch's report STOPPED (a distributed chief's deadline, or failures in a row).
 - KerasTuner's state files are written atomically (below).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import math
@@ -34,16 +28,16 @@ import keras
 import keras_tuner
 
 from cnnforge.core.atomic import atomic_write_text
-from cnnforge.core.contract import TUNERS
 from cnnforge.core.objectives import objective_direction
 from cnnforge.core.rundir import RunDir
 from cnnforge.modeling import whole
 from cnnforge.modeling.training import SAFETY, learning_rate_schedule
 from cnnforge.tracking import Tracking
-from cnnforge.tuning.auto import EPOCHS, AutoOracle
+from cnnforge.tuning.auto import EPOCHS
 from cnnforge.tuning.candidate import Budget, Target, measure_candidate
+from cnnforge.tuning.oracles import ORACLES, stop_reason
 from cnnforge.tuning.plan import SearchPlan
-from cnnforge.tuning.records import SearchProgress, trial_record, trial_records, write_trials_csv
+from cnnforge.tuning.records import SearchProgress, trial_record
 from cnnforge.tuning.timebudget import TimeBudget, pace
 
 
@@ -71,182 +65,6 @@ def kerastuner_settings(*, debug: bool) -> Iterator[None]:
         yield
     finally:
         utils.save_json, config.DEBUG = saved
-
-
-class TooManyFailures(RuntimeError):
-    """KerasTuner's limit of failed trials in a row was reached. A RuntimeError, like the error
-    KerasTuner raises there, so its engine treats it the same; cnnforge catches this type."""
-
-
-# --- oracles ---------------------------------------------------------------------------------
-
-
-class _RecordsTrials:
-    """Oracle mixin: trials.csv is rewritten whenever a trial ends, wherever it ran."""
-
-    @keras_tuner.synchronized
-    def end_trial(self, trial: Any) -> None:
-        super().end_trial(trial)
-        write_trials_csv(trial_records(self), RunDir.of_tuner(self._project_dir))
-
-
-class _OverBudgetIsNoFailure:
-    """Oracle mixin: KerasTuner stops a search after N FAILED trials in a row; a candidate
-    refused for its budget is FAILED (so never ranked nor retried) but is no failure: it
-    neither counts towards that limit nor breaks a run of real failures."""
-
-    def _check_consecutive_failures(self) -> None:
-        in_a_row = 0
-        for trial_id in self.end_order:
-            trial = self.trials[trial_id]
-            if trial.status != keras_tuner.engine.trial.TrialStatus.FAILED:
-                in_a_row = 0
-            elif not RunDir.of_tuner(self._project_dir).read_cost(trial_id).get("over_budget"):
-                in_a_row += 1
-            if in_a_row == self.max_consecutive_failed_trials:
-                raise TooManyFailures(
-                    "Number of consecutive failures exceeded the limit "
-                    f"of {self.max_consecutive_failed_trials}.\n{trial.message or ''}"
-                )
-
-
-class _WorkerLeases:
-    """Oracle mixin: a tuner that has neither asked for a trial nor finished an epoch for
-    ``lease_seconds`` is taken for dead; its trial goes back in the queue for the next tuner,
-    and it no longer keeps a distributed chief waiting."""
-
-    lease_seconds: float | None = None
-
-    def _last_seen(self) -> dict[str, float]:
-        if not hasattr(self, "_seen"):
-            self._seen: dict[str, float] = {}
-        return self._seen
-
-    @keras_tuner.synchronized
-    def create_trial(self, tuner_id: str) -> Any:
-        self._last_seen()[tuner_id] = time.monotonic()
-        self.expire_silent_tuners()
-        if self._others_may_give_back(tuner_id):
-            # Every trial is handed out, but another tuner may still die and give one back:
-            # wait (IDLE) instead of stopping, so a trial is never left without a tuner.
-            idle = keras_tuner.engine.trial.TrialStatus.IDLE
-            return keras_tuner.engine.trial.Trial(self.hyperparameters.copy(), "idle", status=idle)
-        return super().create_trial(tuner_id)
-
-    def _others_may_give_back(self, tuner_id: str) -> bool:
-        return bool(
-            self.lease_seconds
-            and self.max_trials
-            and len(self.trials) >= self.max_trials
-            and not self._retry_queue
-            and tuner_id not in self.ongoing_trials
-            and self.ongoing_trials
-        )
-
-    @keras_tuner.synchronized
-    def update_trial(self, trial_id: str, metrics: dict, step: int = 0) -> Any:
-        for tuner_id, trial in self.ongoing_trials.items():
-            if trial.trial_id == trial_id:
-                self._last_seen()[tuner_id] = time.monotonic()
-        return super().update_trial(trial_id, metrics, step=step)
-
-    @keras_tuner.synchronized
-    def expire_silent_tuners(self) -> list[str]:
-        """Re-queue the trials of silent tuners; return the ids of the tuners let go."""
-        if not self.lease_seconds:
-            return []
-        now, seen = time.monotonic(), self._last_seen()
-        silent = [
-            tuner_id
-            for tuner_id in {*self.tuner_ids, *self.ongoing_trials}
-            if now - seen.setdefault(tuner_id, now) > self.lease_seconds
-        ]
-        for tuner_id in silent:
-            trial = self.ongoing_trials.pop(tuner_id, None)
-            if trial is not None:
-                self._retry_queue.append(trial.trial_id)
-            self.tuner_ids.discard(tuner_id)
-            del seen[tuner_id]
-        if silent:
-            self.save()
-        return silent
-
-
-class _Deadline:
-    """Oracle mixin: no trial starts after ``deadline`` (``time.time()``; None: no limit), which
-    the tuner moves as trials end (``cnnforge.tuning.timebudget``)."""
-
-    deadline: float | None = None
-
-    @keras_tuner.synchronized
-    def create_trial(self, tuner_id: str) -> Any:
-        if self.deadline is not None and time.time() >= self.deadline:
-            stopped = keras_tuner.engine.trial.TrialStatus.STOPPED
-            return keras_tuner.engine.trial.Trial(self.hyperparameters.copy(), status=stopped)
-        return super().create_trial(tuner_id)
-
-    @keras_tuner.synchronized
-    def update_trial(self, trial_id: str, metrics: dict, step: int = 0) -> Any:
-        """The trial, answered STOPPED once the deadline has passed: a distributed worker
-        (which cannot see the chief's clock) stops its running trial at the next epoch."""
-        trial = super().update_trial(trial_id, metrics, step=step)
-        if self.deadline is not None and time.time() >= self.deadline:
-            trial = copy.copy(trial)
-            trial.status = keras_tuner.engine.trial.TrialStatus.STOPPED
-        return trial
-
-
-class _BaselineFirst:
-    """Oracle mixin: the first trial is the default build, so a search never ends below baseline
-    (Hyperband adds its bracket bookkeeping to it as to any sampled candidate)."""
-
-    def _random_values(self) -> dict[str, Any] | None:
-        if not self.trials:
-            return {hp.name: hp.default for hp in self.hyperparameters.space}
-        return super()._random_values()
-
-
-class _ResumableGrid:
-    """Oracle mixin for the grid: KerasTuner keeps its walk through the grid (the order of the
-    tried trials and the queue of trials to expand) outside its saved state, so a reloaded grid
-    search fails with a KeyError. This saves both and rebuilds them on reload."""
-
-    def get_state(self) -> dict[str, Any]:
-        order, ids = [], self._ordered_ids
-        index = ids._next_index[None]
-        while index is not None:
-            order.append(ids._memory[index])
-            index = ids._next_index[index]
-        return {
-            **super().get_state(),
-            "grid_order": order,
-            "populate_next": list(self._populate_next),
-        }
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        super().set_state(state)
-        self._ordered_ids = keras_tuner.src.tuners.gridsearch.LinkedList()
-        for trial_id in state.get("grid_order", []):
-            self._ordered_ids.insert(trial_id)
-        self._populate_next = list(state.get("populate_next", []))
-
-
-_ORACLE_BASES = {
-    "auto": (AutoOracle, keras_tuner.Oracle),
-    "random": (_BaselineFirst, keras_tuner.oracles.RandomSearchOracle),
-    "bayesian": (_BaselineFirst, keras_tuner.oracles.BayesianOptimizationOracle),
-    "grid": (_ResumableGrid, keras_tuner.oracles.GridSearchOracle),  # starts from the defaults
-    "hyperband": (_BaselineFirst, keras_tuner.oracles.HyperbandOracle),
-}
-assert tuple(_ORACLE_BASES) == TUNERS, "core.contract.TUNERS names every oracle"
-ORACLES = {
-    name: type(
-        bases[-1].__name__,
-        (_RecordsTrials, _OverBudgetIsNoFailure, _Deadline, _WorkerLeases, *bases),
-        {},
-    )
-    for name, bases in _ORACLE_BASES.items()
-}
 
 
 # --- tuners ----------------------------------------------------------------------------------
@@ -354,6 +172,21 @@ class RecordingTuner(keras_tuner.Tuner):
         self.trials_run: list[str] = []
         self.tracking = Tracking()
         self._measured: dict[str, dict[str, Any]] = {}  # Hyperband runs a candidate again
+        self._told_to_stop: str | None = None
+        self._ask_for_trial = self.oracle.create_trial
+        # KerasTuner's search loop drops the STOPPED answer: keep its reason (a worker's oracle
+        # is a gRPC client and has no other way to say why)
+        self.oracle.create_trial = self._create_trial
+
+    def _create_trial(self, tuner_id: str) -> Any:
+        trial = self._ask_for_trial(tuner_id)
+        self._told_to_stop = stop_reason(trial) or self._told_to_stop
+        return trial
+
+    def failure(self) -> str | None:
+        """Why the search stopped before its end (trials that kept failing), as the oracle
+        said, here or on the chief; None when it ran its course."""
+        return getattr(self.oracle, "failure", None) or self._told_to_stop
 
     def run_trial(self, trial: Any, *args: Any, **kwargs: Any) -> Any:
         self.trials_run.append(trial.trial_id)

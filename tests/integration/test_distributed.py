@@ -130,3 +130,56 @@ def test_distributed_flags_are_checked():
     ]:
         result = CliRunner().invoke(cli, ["search", *args])
         assert result.exit_code == 1 and message in result.stderr, result.stderr
+
+
+def test_trials_that_always_fail_stop_chief_and_worker_with_the_reason(small_npz, tmp_path):
+    """Three failed trials in a row (every draw after the baseline) stop a distributed search: the chief (whose oracle counts
+    them while a worker reports) and the worker both exit non-zero with the one-line reason,
+    instead of the chief hanging on the oracle's lock."""
+    plugin = tmp_path / "failing_plugin.py"
+    plugin.write_text(
+        "import cnnforge\nimport keras\n\n@cnnforge.architecture('failing_net')\ndef build(hp, x, spec):\n"
+        "    if hp.Int('attempt', 0, 1000, default=0):  # only the default build (checked first)\n"
+        "        raise MemoryError('pretend out of memory')\n"
+        "    return keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(x))\n"
+    )
+    run_dir, address = tmp_path / "run", f"127.0.0.1:{free_port()}"
+
+    def failing(*role: str) -> list[str]:
+        cmd = small_search(
+            small_npz, run_dir, "--tuner", "random", "--max-trials", "6", "--epochs", "1", *role
+        )
+        cmd[cmd.index("--fix") : cmd.index("--fix") + 6] = []  # failing_net has no such space
+        return [*cmd[:3], "--plugin", str(plugin), *cmd[3:], "--arch", "failing_net"]
+
+    chief = start(failing("--distributed", "chief", "--listen", address))
+    one = start(failing("--distributed", "worker", "--chief", address, "--worker-id", "w1"))
+    try:
+        _, worker_err = one.communicate(timeout=180)
+        _, chief_err = chief.communicate(timeout=60)
+    finally:
+        for process in (chief, one):
+            process.kill()
+    reason = "search stopped: 3 trial(s) failed, the last 3 in a row"
+    for code, err in ((one.returncode, worker_err), (chief.returncode, chief_err)):
+        lines = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert code not in (0, None) and len(lines) == 1, err
+        assert reason in lines[0] and "MemoryError: pretend out of memory" in lines[0], err
+        assert "Traceback" not in err
+
+
+def test_a_worker_whose_chief_never_plans_stops_with_one_line(small_npz, tmp_path):
+    """An auto search's worker waits for the chief's plan.json up to --worker-timeout; when it
+    never comes (no chief, or a run directory the chief does not share), it says so and exits."""
+    address = f"127.0.0.1:{free_port()}"  # nobody listens
+    role = ("--distributed", "worker", "--chief", address, "--worker-id", "w1")
+    cmd = small_search(small_npz, tmp_path / "run", *role, "--worker-timeout", "2")
+    lonely = start(cmd)
+    try:
+        _, err = lonely.communicate(timeout=90)
+    finally:
+        lonely.kill()
+    lines = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert lonely.returncode == 1 and len(lines) == 1, err
+    assert "no plan from the chief" in lines[0] and "--run-dir" in lines[0], err
+    assert "Traceback" not in err

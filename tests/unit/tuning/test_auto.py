@@ -116,7 +116,7 @@ def test_an_auto_search_runs_its_rungs_then_decides_flips_in_paired_trials(small
 def _auto_oracle(tmp_path, plan):
     import keras_tuner
 
-    from cnnforge.tuning.tuners import ORACLES
+    from cnnforge.tuning.oracles import ORACLES
 
     hps = keras_tuner.HyperParameters()
     hps.Int("units", 1, 64, default=4)
@@ -202,3 +202,29 @@ def test_the_winner_is_the_best_whole_trial_at_the_longest_length(tmp_path, epoc
     top.status = "COMPLETED"
     oracle.end_trial(top)
     assert oracle.get_best_trials(1)[0].score == winner
+
+
+def test_a_worker_waits_for_the_chiefs_plan(small_npz, tmp_path):
+    """A worker started with its chief finds no plan.json yet: it waits for the chief's (here
+    written a second later) instead of planning alone from counts on the whole training split."""
+    import threading
+
+    from cnnforge.core.rundir import RunDir
+    from cnnforge.tuning.auto import make_plan
+
+    run_dir = tmp_path / "run"
+    role = dict(distributed="worker", address="127.0.0.1:1", worker_id="w1", worker_timeout=30)
+    config = SearchConfig(data=str(small_npz), run_dir=run_dir, time_budget=120, **role)
+    config.batch_size = 32
+    chiefs = planning.SearchPlan([planning.Rung(2, 1)], 0, 1, 32, 10, "probe")
+    run = RunDir(run_dir)
+    run.path.mkdir()
+    later = threading.Timer(1.0, run.write_json, (run.plan, chiefs.to_json()))
+    later.start()
+    try:
+        got = make_plan(
+            config, config.load_data(), None, keras_tuner.HyperParameters(), [], None, 0
+        )
+    finally:
+        later.cancel()
+    assert got == chiefs

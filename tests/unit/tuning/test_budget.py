@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 import time
 
 import keras
@@ -31,6 +33,23 @@ def test_durations_read_as_people_write_them(text, seconds):
 def test_a_duration_that_is_not_one_is_refused(text):
     with pytest.raises(CnnforgeError, match="time budget"):
         parse_duration(text)
+
+
+def test_a_long_malformed_duration_is_refused_at_once():
+    """The parser is linear: 40 digits and a stray letter (a regex that backtracks took
+    exponential time on it) are refused within seconds, in a process the test can kill."""
+    code = (
+        "from cnnforge.core.errors import CnnforgeError\n"
+        "from cnnforge.tuning.timebudget import parse_duration\n"
+        "try:\n"
+        f"    parse_duration({'1' * 40 + 'x'!r})\n"
+        "except CnnforgeError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "is not a duration" in done.stdout
 
 
 def test_the_cli_refuses_a_bad_budget_in_one_line():
@@ -175,7 +194,8 @@ def test_past_the_deadline_a_running_trial_is_answered_stopped(tmp_path):
     once the deadline has passed, and the tuner stops that trial's training."""
     import keras_tuner
 
-    from cnnforge.tuning.tuners import ORACLES, RecordingTuner
+    from cnnforge.tuning.oracles import ORACLES
+    from cnnforge.tuning.tuners import RecordingTuner
 
     hps = keras_tuner.HyperParameters()
     hps.Int("units", 1, 4)
@@ -213,3 +233,16 @@ def test_patience_leaves_a_scheduled_learning_rate_alone():
 
     assert stopped(1e-3)
     assert not stopped(keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=100))
+
+
+def test_a_budget_too_short_for_one_trial_is_refused_with_the_smallest_that_works(tmp_path):
+    """30 s on the bundled data planned no trial and ended with an empty trials.csv: it is
+    refused up front, naming the smallest budget that holds one trial and the final training."""
+    run_dir = tmp_path / "r"
+    result = CliRunner().invoke(cli, ["search", "--time-budget", "30s", "--run-dir", str(run_dir)])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "time budget 30s is too short" in lines[0] and "--time-budget" in lines[0], lines[0]
+    smallest = int(lines[0].split("give --time-budget ")[1].split("s")[0])
+    assert 30 < smallest < 600
+    assert not run_dir.exists()  # refused before anything is written

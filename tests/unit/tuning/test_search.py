@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
+from PIL import Image
 
-from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.tuning.search import SearchConfig, search
 
 
@@ -174,3 +178,64 @@ def test_mirrored_strategy_trains_a_trial(small_npz, tmp_path):
     )
     result = search(config)
     assert result.trials[0].status == "COMPLETED" and result.best_model.is_file()
+
+
+@pytest.mark.parametrize(
+    "change", [{"precision": "float32"}, {"patience": 1}, {"deterministic": True}]
+)
+def test_resuming_with_another_precision_patience_or_determinism_is_refused(finished_run, change):
+    saved = json.loads((finished_run.run_dir / "config.json").read_text())["search"]
+    (name,) = change
+    with pytest.raises(CnnforgeError, match=rf"holds a different search \(differs in {name}\)"):
+        search(SearchConfig.from_json(saved, **change))
+
+
+def _class_folder(root: Path, name: str, count: int = 12) -> None:
+    rng = np.random.default_rng(len(name))
+    (root / name).mkdir(parents=True)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (12, 12), dtype=np.uint8)
+        Image.fromarray(pixels, "L").save(root / name / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_resuming_on_changed_data_is_refused_naming_what_changed(tmp_path):
+    """The same command on a folder that gained a class, or whose images changed, would rank
+    trials of two datasets together: the run directory refuses it."""
+    from click.testing import CliRunner
+
+    from cnnforge.cli import cli
+
+    data, run_dir = tmp_path / "photos", tmp_path / "run"
+    for name in ("ants", "bees"):
+        _class_folder(data, name)
+    command = ["search", "--data", f"dir:{data}", "--run-dir", str(run_dir), "--tuner", "random"]
+    command += ["--max-trials", "1", "--epochs", "1", "--patience", "0", "--no-retrain"]
+    first = CliRunner().invoke(cli, command)
+    assert first.exit_code == 0, first.output
+
+    _class_folder(data, "wasps")
+    added = CliRunner().invoke(cli, command)
+    lines = [line for line in added.stderr.splitlines() if line.strip()]
+    assert added.exit_code == 1 and len(lines) == 1, added.output
+    assert "differs in data (class names, split sizes, content)" in lines[0], lines[0]
+
+    shutil.rmtree(data / "wasps")
+    Image.fromarray(np.zeros((12, 12), np.uint8), "L").save(data / "ants" / "0.png")
+    edited = CliRunner().invoke(cli, command)
+    assert edited.exit_code == 1 and "differs in data (content)" in edited.stderr, edited.output
+
+
+@pytest.mark.slow
+def test_a_run_directory_without_a_data_fingerprint_resumes_with_a_warning(finished_run, tmp_path):
+    """Run directories of an older cnnforge recorded no fingerprint: their data is taken to be
+    the same (with a warning), and the fingerprint is recorded from then on."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    record = json.loads((run_dir / "data.json").read_text())
+    record.pop("fingerprint", None)
+    (run_dir / "data.json").write_text(json.dumps(record))
+    saved = json.loads((run_dir / "config.json").read_text())["search"]
+    with pytest.warns(CnnforgeWarning, match="no fingerprint of its data"):
+        search(SearchConfig.from_json(saved, run_dir=run_dir))
+    assert json.loads((run_dir / "data.json").read_text())["fingerprint"]["splits"]
