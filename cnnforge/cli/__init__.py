@@ -23,7 +23,7 @@ from cnnforge.cli import (
     search_commands,
     serve_command,
 )
-from cnnforge.cli.output import err_console, show_warning
+from cnnforge.cli.output import err_console, show_warning, silence_tensorflow_logs
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 
 
@@ -87,6 +87,8 @@ def cli(
     ctx.obj = {"debug": debug}
     if debug:
         os.environ["CNNFORGE_DEBUG"] = "1"
+    else:
+        silence_tensorflow_logs()
     if unsafe_deserialization:
         os.environ["CNNFORGE_UNSAFE_DESERIALIZATION"] = "1"
     registry.load_plugins(plugins)
