@@ -236,6 +236,9 @@ def print_trials(result: SearchResult) -> None:
     headers = ["trial", "status", result.objective, "params", "ms", "ep", "s", "vs winner"]
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=False)]
     console.print("[bold]Trials, best first[/] (all hyperparameters: trials.csv)")
+    recipes = sorted({r.training for r in ranked if r.training})
+    if recipes:  # cnnforge's, or the model's own (its compile, at its own batch size)
+        console.print(escape(f"training recipe: {'; '.join(recipes)}"))
     for line in [headers, *rows]:
         cells = [str(c).ljust(w) for c, w in zip(line[:-1], widths, strict=False)]
         console.print(escape(" ".join([*cells, line[-1]])), soft_wrap=True)

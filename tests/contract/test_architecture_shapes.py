@@ -3,6 +3,8 @@ for parity: the same contract whatever shape the plugin was written in."""
 
 from __future__ import annotations
 
+import csv
+import math
 import warnings
 from pathlib import Path
 
@@ -82,6 +84,9 @@ def test_a_compiled_model_trains_with_its_own_optimizer(small_npz, tmp_path):
     assert not [w for w in caught if "optimizer" in str(w.message)]  # no stale inner optimizer
     assert type(best.optimizer).__name__ == "SGD"
     assert "lr" in result.best_trial.hyperparameters
+    # its own training, as plain Keras runs it: Keras's batch of 32, not cnnforge's 128
+    row = next(csv.DictReader((tmp_path / "run" / "trials.csv").open()))
+    assert row["batch_size"] == "32" and row["training"] == "the model's own (batch 32)"
 
 
 def test_a_hypermodels_own_fit_is_called_with_one_hot_labels(small_npz, tmp_path):
@@ -114,6 +119,56 @@ def test_a_compiled_model_registered_with_recipe_searches_cnnforges_recipe(tmp_p
     assert {hp.name for hp in default_space(plugin, GRAY)} >= RECIPE
     model = build_model(plugin, GRAY, keras_tuner.HyperParameters())
     assert type(model.optimizer).__name__ == "Adam"
+
+
+class Steps(keras.callbacks.Callback):
+    """The steps of each epoch of a fit."""
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.steps = self.params["steps"]
+
+
+def _fit_steps(plugin_name: str, hp: keras_tuner.HyperParameters, asked: int = 128) -> tuple:
+    """One epoch of ``plugin_name`` on 256 images, asked to train at batch ``asked`` (as the
+    search asks): the steps it took and the batch size it recorded."""
+    from cnnforge.modeling.hypermodel import PluginHyperModel
+
+    hypermodel = PluginHyperModel(cnnforge.get("architecture", plugin_name), GRAY)
+    model = hypermodel.build(hp)
+    x = np.random.default_rng(0).integers(0, 256, (256, 28, 28, 1)).astype("uint8")
+    y = np.arange(256) % 10
+    steps = Steps()
+    hypermodel.fit(hp, model, x, y, batch_size=asked, epochs=1, callbacks=[steps], verbose=0)
+    keras.backend.clear_session()
+    return steps.steps, hypermodel.last_fit["batch_size"], hypermodel.last_fit["training"]
+
+
+COMPILED_MODEL = """
+@cnnforge.architecture('compiled_{name}', pixel_range=(0, 1){recipe})
+def compiled_{name}(hp):
+    {batch}
+    model = keras.Sequential([layers.Flatten(), layers.Dense(10, activation='softmax')])
+    model.compile(optimizer='adam', loss='sparse_categorical_crossentropy')
+    return model
+"""
+
+
+def test_a_compiled_model_trains_at_keras_batch_size_unless_it_asks_for_the_recipe(tmp_path):
+    for name, recipe, batch in (
+        ("own", "", "pass"),
+        ("recipe", ", recipe=True", "pass"),
+        ("tuned", "", "hp.Choice('batch_size', [16, 64], default=64)"),
+    ):
+        _register(tmp_path, COMPILED_MODEL.format(name=name, recipe=recipe, batch=batch))
+    hp = keras_tuner.HyperParameters
+    # Keras's default, as the user's own KerasTuner script trains it
+    assert _fit_steps("compiled_own", hp()) == (8, 32, "the model's own (batch 32)")
+    # recipe=True: cnnforge's recipe and batch size
+    assert _fit_steps("compiled_recipe", hp()) == (math.ceil(256 / 128), 128, "cnnforge's")
+    # the batch size its hyperparameters name
+    tuned = hp()
+    tuned.Fixed("batch_size", 16)
+    assert _fit_steps("compiled_tuned", tuned) == (16, 16, "the model's own (batch 16)")
 
 
 def test_a_whole_model_that_does_not_say_its_pixel_range_is_refused(tmp_path):
