@@ -17,6 +17,7 @@ import platform
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,13 +29,18 @@ import numpy as np
 
 from cnnforge import registry
 from cnnforge.core.atomic import save_model_atomic
-from cnnforge.core.errors import CnnforgeError
+from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.core.objectives import objective_direction
 from cnnforge.core.rundir import RunDir
 from cnnforge.core.version import __version__
 from cnnforge.data.dataset import Dataset, DataSpec
 from cnnforge.modeling import training, transfer
-from cnnforge.modeling.hypermodel import PluginHyperModel, default_space, plugin_priors
+from cnnforge.modeling.hypermodel import (
+    CNNFORGE_TRAINING,
+    PluginHyperModel,
+    default_build,
+    plugin_priors,
+)
 from cnnforge.registry import Plugin
 from cnnforge.tracking import Tracking, open_tracking, parse_track
 from cnnforge.tuning.auto import make_plan
@@ -228,11 +234,15 @@ def _prepare(
     """Check everything, plan an auto search, write config.json, data.json and plan.json (not a
     worker: it shares the chief's run directory and must not overwrite them), build the tuner:
     what chief, worker and a local search share."""
+    asked = config.batch_size
     config.batch_size = config.batch_size or auto_batch_size(len(dataset.y_train))
     plugin = resolve_plugin(config)
     _check_run_dir(config)
     keras.utils.set_random_seed(config.seed)
-    space = default_space(plugin, dataset.spec)
+    built = default_build(plugin, dataset.spec)
+    space = built.space
+    if asked is not None and built.training != CNNFORGE_TRAINING:
+        _warn_batch_size_unused(asked, plugin, built.training)
     hps = constrained_hyperparameters(config, space)
     hypermodel = PluginHyperModel(plugin, dataset.spec, seed=config.seed)
     run = RunDir(config.run_dir)
@@ -269,6 +279,17 @@ def _prepare(
         overwrite=False,
         progress=progress,
         distribution_strategy=_strategy(config.strategy),
+    )
+
+
+def _warn_batch_size_unused(asked: int, plugin: Plugin, training: str) -> None:
+    """--batch-size sets cnnforge's recipe; a model that trains with its own is not given it."""
+    warnings.warn(
+        f"--batch-size {asked} is for cnnforge's training recipe; {plugin.name!r} trains with "
+        f"{training}: to set its batch size declare hp.Choice('batch_size', [...]) (or "
+        "hp.Fixed) in its build, or register it with recipe=True for cnnforge's recipe",
+        CnnforgeWarning,
+        stacklevel=3,
     )
 
 

@@ -77,7 +77,9 @@ def test_each_shape_searches_exports_and_keeps_parity(name, small_npz, tmp_path)
 
 
 def test_a_compiled_model_trains_with_its_own_optimizer(small_npz, tmp_path):
-    result = _one_trial(small_npz, tmp_path, "shape_model_spec")
+    # --batch-size is cnnforge's recipe's: a model trained with its own compile is not given it
+    with pytest.warns(cnnforge.CnnforgeWarning, match="--batch-size 64 .*hp.Choice.*recipe=True"):
+        result = _one_trial(small_npz, tmp_path, "shape_model_spec", batch_size=64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         best = keras.models.load_model(result.best_model)
@@ -308,7 +310,7 @@ def test_a_hypermodels_own_fit_on_streamed_images_is_refused(tmp_path, monkeypat
         hypermodel.fit(hp, model, data.x_train, data.y_train)
 
 
-def _one_trial(small_npz, tmp_path, arch: str):
+def _one_trial(small_npz, tmp_path, arch: str, **options):
     """A one-trial, one-epoch search of ``arch`` on the small data, not retrained."""
     config = SearchConfig(
         data=str(small_npz),
@@ -318,5 +320,6 @@ def _one_trial(small_npz, tmp_path, arch: str):
         epochs=1,
         patience=0,
         retrain=False,
+        **options,
     )
     return search(config)
