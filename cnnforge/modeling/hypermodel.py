@@ -147,6 +147,9 @@ class DefaultBuild:
 
     space: list[keras_tuner.engine.hyperparameters.HyperParameter]
     training: str
+    # the batch size it trains at when its own compile picks it (``own_batch_size``); None:
+    # cnnforge's (or its own fit's, not known before it runs)
+    batch_size: int | None = None
 
 
 def default_build(plugin: Plugin, spec: DataSpec) -> DefaultBuild:
@@ -159,8 +162,9 @@ def default_build(plugin: Plugin, spec: DataSpec) -> DefaultBuild:
         plugin = dataclasses.replace(plugin, info={**plugin.info, "weights": None})
     model = build_model(plugin, spec, hp)
     training = training_of(plugin, model, hp)
+    own = whole.is_compiled_like_users(model) and not whole.overrides_fit(plugin)
     keras.backend.clear_session()
-    return DefaultBuild(list(hp.space), training)
+    return DefaultBuild(list(hp.space), training, own_batch_size(hp) if own else None)
 
 
 def default_space(

@@ -234,15 +234,17 @@ def _prepare(
     """Check everything, plan an auto search, write config.json, data.json and plan.json (not a
     worker: it shares the chief's run directory and must not overwrite them), build the tuner:
     what chief, worker and a local search share."""
-    asked = config.batch_size
-    config.batch_size = config.batch_size or auto_batch_size(len(dataset.y_train))
     plugin = resolve_plugin(config)
-    _check_run_dir(config)
     keras.utils.set_random_seed(config.seed)
     built = default_build(plugin, dataset.spec)
     space = built.space
-    if asked is not None and built.training != CNNFORGE_TRAINING:
-        _warn_batch_size_unused(asked, plugin, built.training)
+    if config.batch_size is not None and built.training != CNNFORGE_TRAINING:
+        _warn_batch_size_unused(config.batch_size, plugin, built.training)
+    # the batch size trials train at, planned and recorded: a model's own compile picks its own
+    config.batch_size = (
+        built.batch_size or config.batch_size or auto_batch_size(len(dataset.y_train))
+    )
+    _check_run_dir(config)
     hps = constrained_hyperparameters(config, space)
     hypermodel = PluginHyperModel(plugin, dataset.spec, seed=config.seed)
     run = RunDir(config.run_dir)

@@ -4,6 +4,7 @@ for parity: the same contract whatever shape the plugin was written in."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import warnings
 from pathlib import Path
@@ -89,6 +90,16 @@ def test_a_compiled_model_trains_with_its_own_optimizer(small_npz, tmp_path):
     # its own training, as plain Keras runs it: Keras's batch of 32, not cnnforge's 128
     row = next(csv.DictReader((tmp_path / "run" / "trials.csv").open()))
     assert row["batch_size"] == "32" and row["training"] == "the model's own (batch 32)"
+
+
+def test_a_compiled_models_search_is_planned_and_recorded_at_its_batch_size(small_npz, tmp_path):
+    batch = "hp.Choice('batch_size', [16, 64], default=16)"  # the small data's own batch: 32
+    _register(tmp_path, COMPILED_MODEL.format(name="planned", recipe="", batch=batch))
+    result = _one_trial(small_npz, tmp_path, "compiled_planned")
+    run = tmp_path / "run"
+    assert json.loads((run / "plan.json").read_text())["batch_size"] == 16
+    assert json.loads((run / "config.json").read_text())["search"]["batch_size"] == 16
+    assert result.trials[0].batch_size == 16
 
 
 def test_a_hypermodels_own_fit_is_called_with_one_hot_labels(small_npz, tmp_path):
