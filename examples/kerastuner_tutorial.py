@@ -3,8 +3,9 @@
 https://keras.io/guides/keras_tuner/getting_started/ (Define the search space). Only the
 decorator line is added: the tutorial feeds the model pixels scaled to 0-1, so cnnforge is told
 ``pixel_range=(0, 1)`` and scales raw 0-255 pixels to that before the model. The model is
-compiled, so each trial trains with its own Adam and loss; its hyperparameters (``num_layers``,
-``units_*``, ``activation``, ``dropout``, ``lr``) are the search space.
+compiled, so each trial trains with its own Adam and loss at Keras's default batch of 32, as
+the tutorial's ``tuner.search`` does; its hyperparameters (``num_layers``, ``units_*``,
+``activation``, ``dropout``, ``lr``) are the search space.
 
     cnnforge --plugin examples/kerastuner_tutorial.py run --arch build_model --max-trials 3
 

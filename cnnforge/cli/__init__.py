@@ -24,7 +24,7 @@ from cnnforge.cli import (
     search_commands,
     serve_command,
 )
-from cnnforge.cli.output import err_console, show_warning
+from cnnforge.cli.output import err_console, show_warning, silence_tensorflow_logs
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 
 
@@ -102,6 +102,8 @@ def cli(
         os.environ["CNNFORGE_CACHE_DIR"] = str(cache_dir)
     if debug:
         os.environ["CNNFORGE_DEBUG"] = "1"
+    else:
+        silence_tensorflow_logs()
     if unsafe_deserialization:
         os.environ["CNNFORGE_UNSAFE_DESERIALIZATION"] = "1"
     registry.load_plugins(plugins)

@@ -3,8 +3,12 @@ bench tables that ``run`` shares with ``search`` and ``bench``."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.util
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -32,6 +36,55 @@ def quiet_tensorflow() -> None:
     importing them."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     warnings.filterwarnings("ignore", module=r"(keras|tensorflow|tf2onnx|google)(\..*)?")
+
+
+def silence_tensorflow_logs() -> None:
+    """Keep TensorFlow's C++ log lines off the terminal; call before importing it (the CLI does,
+    unless --debug). Level 3 drops what it logs once running (tf2onnx's grappler pass logs
+    "Starting new session" per converted model; on TensorFlow 2.21 level 2 lets those through);
+    the notices it writes while its libraries load, before absl's logging is set up, pass any
+    level ("oneDNN custom operations are on"), so its import runs with stderr on /dev/null. A
+    variable the user set is kept."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" not in sys.modules and not any(
+        isinstance(finder, _QuietTensorFlowImport) for finder in sys.meta_path
+    ):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` (once) as the other finders do, its loader's ``exec_module``
+    wrapped to run with stderr on /dev/null. An import that fails still raises its error."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def exec_module(module: Any) -> None:
+                with _stderr_to_devnull():
+                    run(module)
+
+            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Any:
+    """File descriptor 2 (C++ writes there, not to ``sys.stderr``) on /dev/null, then back."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def show_warning(fallback: Callable, message: Any, category: type, *args: Any) -> None:
@@ -183,6 +236,9 @@ def print_trials(result: SearchResult) -> None:
     headers = ["trial", "status", result.objective, "params", "ms", "ep", "s", "vs winner"]
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=False)]
     console.print("[bold]Trials, best first[/] (all hyperparameters: trials.csv)")
+    recipes = sorted({r.training for r in ranked if r.training})
+    if recipes:  # cnnforge's, or the model's own (its compile, at its own batch size)
+        console.print(escape(f"training recipe: {'; '.join(recipes)}"))
     for line in [headers, *rows]:
         cells = [str(c).ljust(w) for c, w in zip(line[:-1], widths, strict=False)]
         console.print(escape(" ".join([*cells, line[-1]])), soft_wrap=True)

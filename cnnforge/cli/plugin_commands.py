@@ -53,10 +53,12 @@ def plugins_show(name: str, data: str) -> None:
         console.print(f"{sizes}; weights: imagenet (default), none, or a weights file")
     quiet_tensorflow()
     from cnnforge.data.dataset import load_dataset
-    from cnnforge.modeling.hypermodel import default_space
+    from cnnforge.modeling.hypermodel import default_build
 
+    built = default_build(plugin, load_dataset(data).spec)
+    console.print(f"training recipe: {built.training}")
     table = Table("hyperparameter", "type", "range or choices", "default", box=None, pad_edge=False)
-    for hp in default_space(plugin, load_dataset(data).spec):
+    for hp in built.space:
         table.add_row(hp.name, type(hp).__name__, _describe_range(hp), repr(hp.default))
     console.print(table)
 
@@ -77,7 +79,8 @@ def _architecture_shape(plugin: registry.Plugin) -> str:
     training = (
         "cnnforge's training recipe"
         if plugin.info.get("recipe")
-        else "its own optimizer and loss if compiled, else cnnforge's training recipe"
+        else "its own optimizer, loss and batch size (Keras's 32, or its hp 'batch_size') if "
+        "compiled, else cnnforge's training recipe"
     )
     fit = ""
     if form == registry.HYPERMODEL:

@@ -90,6 +90,37 @@ def uses_recipe(plugin: Plugin, users_model: keras.Model | None = None) -> bool:
     return bool(plugin.info.get("recipe")) or not whole.compiled_by_user(users_model)
 
 
+# keras.Model.fit's batch size when none is given: what a plain Keras or KerasTuner script
+# trains at, and so a model that brings its own compile (and the user's results with it).
+KERAS_BATCH_SIZE = 32
+CNNFORGE_TRAINING = "cnnforge's"
+
+
+def own_batch_size(hp: keras_tuner.HyperParameters) -> int:
+    """The batch size of a model trained with its own compile: the ``batch_size`` its
+    hyperparameters name (``hp.Choice("batch_size", ...)``), else Keras's default."""
+    value = hp.values.get("batch_size")
+    return KERAS_BATCH_SIZE if value is None else int(value)
+
+
+def training_of(plugin: Plugin, model: keras.Model, hp: keras_tuner.HyperParameters) -> str:
+    """Which training a model of ``plugin`` (built, with ``hp``) gets, in words: its own fit,
+    its own compile at its own batch size, or cnnforge's recipe."""
+    if whole.overrides_fit(plugin):
+        return "the model's own fit()"
+    if whole.is_compiled_like_users(model):
+        return f"the model's own (batch {own_batch_size(hp)})"
+    return CNNFORGE_TRAINING
+
+
+def may_pick_its_batch_size(plugin: Plugin) -> bool:
+    """Whether a model of ``plugin`` may train at a batch size of its own (a whole model not
+    registered with ``recipe=True``: its own fit, or its own compile), told before it is built."""
+    if plugin.kind != "architecture" or plugin.info.get("form", FEATURES) == FEATURES:
+        return False
+    return not plugin.info.get("recipe") or whole.overrides_fit(plugin)
+
+
 def plugin_priors(plugin: Plugin, spec: DataSpec) -> list[dict[str, Any]]:
     """The plugin's priors for ``spec`` (``priors=`` at registration), best first; none: []."""
     priors = plugin.info.get("priors") or []
@@ -109,19 +140,38 @@ def plugin_priors(plugin: Plugin, spec: DataSpec) -> list[dict[str, Any]]:
     return [dict(p) for p in priors]
 
 
-def default_space(
-    plugin: Plugin, spec: DataSpec
-) -> list[keras_tuner.engine.hyperparameters.HyperParameter]:
-    """The plugin's search space, read from its own ``hp`` calls by building the default model.
+@dataclasses.dataclass(frozen=True)
+class DefaultBuild:
+    """What building a plugin's default model tells: its search space, and which training it
+    gets (``training_of``)."""
+
+    space: list[keras_tuner.engine.hyperparameters.HyperParameter]
+    training: str
+    # the batch size it trains at when its own compile picks it (``own_batch_size``); None:
+    # cnnforge's (or its own fit's, not known before it runs)
+    batch_size: int | None = None
+
+
+def default_build(plugin: Plugin, spec: DataSpec) -> DefaultBuild:
+    """Build the plugin's default model once, to read its space from its own ``hp`` calls.
 
     A backbone is built without pretrained weights here: the space does not depend on them.
     """
     hp = keras_tuner.HyperParameters()
     if plugin.kind == "backbone" and "weights" in plugin.info:
         plugin = dataclasses.replace(plugin, info={**plugin.info, "weights": None})
-    build_model(plugin, spec, hp)
+    model = build_model(plugin, spec, hp)
+    training = training_of(plugin, model, hp)
+    own = whole.is_compiled_like_users(model) and not whole.overrides_fit(plugin)
     keras.backend.clear_session()
-    return list(hp.space)
+    return DefaultBuild(list(hp.space), training, own_batch_size(hp) if own else None)
+
+
+def default_space(
+    plugin: Plugin, spec: DataSpec
+) -> list[keras_tuner.engine.hyperparameters.HyperParameter]:
+    """The plugin's search space, read from its own ``hp`` calls by building the default model."""
+    return default_build(plugin, spec).space
 
 
 def trial_seed(seed: int, hp: keras_tuner.HyperParameters) -> int:
@@ -186,21 +236,24 @@ class PluginHyperModel(keras_tuner.HyperModel):
         y: Any,
         *,
         validation_data: tuple[Any, Any] | None = None,
-        batch_size: int = 32,
+        batch_size: int = KERAS_BATCH_SIZE,
         epochs: int = 1,
         initial_epoch: int = 0,
         **kwargs: Any,
     ):
         """Train ``model`` on ``x``, ``y`` (numpy: uint8 or float pixels, integer labels); a
         schedule spans the epochs of this call (a continued Hyperband trial restarts it). A
-        whole model compiled by its plugin keeps its optimizer; a HyperModel's own ``fit`` is
-        called with float pixels and one-hot labels."""
+        whole model compiled by its plugin keeps its optimizer and trains at its own batch size
+        (``own_batch_size``), not ``batch_size``; a HyperModel's own ``fit`` is called with
+        float pixels and one-hot labels."""
         start = time.perf_counter()
-        own_recipe = not whole.is_compiled_like_users(model)
-        # the recipe's defaults (no augmentation) where the plugin brought its own training
-        recipe = training.recipe(hp if own_recipe else keras_tuner.HyperParameters())
+        cnnforges = not whole.is_compiled_like_users(model)
+        # the recipe's defaults (no augmentation) where the plugin brought its own training,
+        # at the batch size its own script would train at
+        recipe = training.recipe(hp if cnnforges else keras_tuner.HyperParameters())
+        batch_size = batch_size if cnnforges else own_batch_size(hp)
         steps = training.steps_per_epoch(len(x), batch_size) * max(1, epochs - initial_epoch)
-        if own_recipe:
+        if cnnforges:
             training.compile_model(model, recipe, steps=steps)
         clock = TrainingClock()
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), clock]
@@ -237,6 +290,8 @@ class PluginHyperModel(keras_tuner.HyperModel):
             "steady_seconds": clock.steady_seconds,
             # a plugin's own fit picks its own batch size: its pace is not known
             "steady_examples": None if own_fit else clock.steady_steps * batch_size,
+            "batch_size": None if own_fit else batch_size,
+            "training": training_of(self.plugin, model, hp),
             # KerasTuner keeps only each metric's best epoch; the report plots every epoch.
             "history": {k: [float(v) for v in values] for k, values in history.history.items()},
         }

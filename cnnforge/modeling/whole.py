@@ -20,8 +20,9 @@ is not the data's is refused too.
 
 Training: a compiled model trains with its own optimizer (a fresh copy per trial) and loss, on
 cnnforge's one-hot batches, so a sparse categorical cross-entropy becomes its categorical twin
-(the same maths). An uncompiled model, or one registered with ``recipe=True``, is compiled with
-cnnforge's searched training recipe like any other architecture.
+(the same maths), at the batch size the user's own script would use
+(``hypermodel.own_batch_size``). An uncompiled model, or one registered with ``recipe=True``, is
+compiled with cnnforge's searched training recipe like any other architecture.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnforge.core.objectives import TrialPoint, as_number, best_first, run_order
+from cnnforge.core.objectives import TrialPoint, as_number, best_first, pareto_front, run_order
 from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, as_dataset
 from cnnforge.deploy.runtime import open_session
@@ -37,10 +37,32 @@ def trial_points(trials: list[dict[str, str]]) -> list[TrialPoint]:
     rows = sorted(trials, key=lambda t: run_order(t["trial_id"]))
     return [
         TrialPoint(
-            t["trial_id"], t["status"], as_number(t["score"]), as_number(t.get(column or ""))
+            t["trial_id"],
+            t["status"],
+            as_number(t["score"]),
+            as_number(t.get(column or "")),
+            as_number(t.get("size_mb")),
         )
         for t in rows
     ]
+
+
+@dataclass(frozen=True)
+class ParetoFronts:
+    """The front of the objective against latency (what a plot of the two can show), and the
+    trials that join it once ONNX size counts too (the trials table's ``pareto`` column is the
+    two together): each is smaller than every trial that beats it."""
+
+    latency: list[TrialPoint]
+    smaller: list[TrialPoint]
+
+
+def pareto_fronts(points: list[TrialPoint], objective: str) -> ParetoFronts:
+    """The fronts of ``points`` by latency, and by latency and size (when sizes are recorded)."""
+    latency = pareto_front(points, objective)
+    on_it = {p.trial_id for p in latency}
+    with_size = pareto_front(points, objective, with_size=True)
+    return ParetoFronts(latency, [p for p in with_size if p.trial_id not in on_it])
 
 
 def best_trial(run: dict[str, Any]) -> tuple[str | None, bool]:

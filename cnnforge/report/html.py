@@ -18,12 +18,7 @@ from typing import Any
 
 from cnnforge.core.atomic import atomic_write_text
 from cnnforge.core.errors import CnnforgeError
-from cnnforge.core.objectives import (
-    as_number,
-    best_first,
-    pareto_front,
-    run_order,
-)
+from cnnforge.core.objectives import as_number, best_first, run_order
 from cnnforge.core.preprocessing import Preprocessing
 from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, load_dataset
@@ -155,7 +150,7 @@ def _missing_part(missing: list[figures.Missing]) -> str:
     return f'<div class="note"><strong>Missing from this run</strong><ul>{items}</ul></div>'
 
 
-TRIAL_HEADERS = {"trial_id": "trial", "duration_s": "seconds"}
+TRIAL_HEADERS = {"trial_id": "trial", "duration_s": "seconds", "pareto": "pareto (with size)"}
 
 
 def trials_table(trials: list[dict[str, str]], objective: str, best_id: str | None) -> str:
@@ -204,20 +199,35 @@ def _search_part(run: dict[str, Any], best_id: str | None) -> str:
     ]
     column = figures.latency_column(trials)
     if column and any(p.latency is not None for p in points):
-        front = pareto_front(points, objective)
+        fronts = figures.pareto_fronts(points, objective)
         parts.append(
             _figure(
-                plots.render_score_latency(points, front, objective, column, best_id),
+                plots.render_score_latency(points, fronts, objective, column, best_id),
                 f"{objective} against {column}",
-                "Green: the Pareto front, trials that no other trial beats on both "
-                f"{objective} and latency ({', '.join(p.trial_id for p in front)}).",
+                _front_caption(fronts, objective),
             )
         )
     parts.append(
-        "<p>Every trial, best first; click a column header to sort.</p>"
+        "<p>Every trial, best first; click a column header to sort. <em>pareto (with size)</em>: "
+        f"on the Pareto front of {html.escape(objective)}, latency and ONNX size.</p>"
         + trials_table(trials, objective, best_id)
     )
     return "\n".join(parts)
+
+
+def _front_caption(fronts: figures.ParetoFronts, objective: str) -> str:
+    """Which front the plot draws, and which trials the table's size-aware front adds."""
+    caption = (
+        "Green line: the Pareto front, trials that no other trial beats on both "
+        f"{objective} and latency ({', '.join(p.trial_id for p in fronts.latency)})."
+    )
+    if fronts.smaller:
+        caption += (
+            " Hollow green: on the front once ONNX size counts too "
+            f"({', '.join(p.trial_id for p in fronts.smaller)}), as in the table's pareto "
+            "column: smaller than every trial that beats them."
+        )
+    return caption
 
 
 def _training_part(run_dir: Path, best_id: str | None, finished: bool) -> str:

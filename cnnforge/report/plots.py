@@ -17,6 +17,7 @@ from cnnforge.core.objectives import TrialPoint, higher_is_better
 
 if TYPE_CHECKING:
     from cnnforge.report.explain import Explanation, FeatureMaps, FilterBank
+    from cnnforge.report.figures import ParetoFronts
 
 MAPS_PER_LAYER = 16
 FILTERS_SHOWN = 32
@@ -115,12 +116,13 @@ def latency_axis(column: str) -> str:
 
 def render_score_latency(
     points: list[TrialPoint],
-    front: list[TrialPoint],
+    fronts: ParetoFronts,
     objective: str,
     latency_name: str,
     best_id: str | None,
 ) -> bytes:
-    """Objective against latency per trial, with the Pareto front (no trial beats those on both)."""
+    """Objective against latency per trial, with the Pareto front (no trial beats those on both)
+    as a line, and the trials that join it once size counts as hollow markers."""
     label, factor = metric_axis(objective)
     measured = [p for p in points if p.score is not None and p.latency is not None]
     figure = _figure(7, 4.5)
@@ -133,14 +135,25 @@ def render_score_latency(
         zorder=2,
     )
     ax.step(
-        [p.latency for p in front],
-        [p.score * factor for p in front],
+        [p.latency for p in fronts.latency],
+        [p.score * factor for p in fronts.latency],
         where="post",
         color=FRONT_COLOUR,
         marker="o",
         label="Pareto front",
         zorder=3,
     )
+    if fronts.smaller:
+        ax.scatter(
+            [p.latency for p in fronts.smaller],
+            [p.score * factor for p in fronts.smaller],
+            s=120,
+            facecolors="none",
+            edgecolors=FRONT_COLOUR,
+            linewidths=2,
+            label="on the front for its size",
+            zorder=3,
+        )
     for p in measured:
         colour = BEST_COLOUR if p.trial_id == best_id else "black"
         text = f"{p.trial_id} (best)" if p.trial_id == best_id else p.trial_id

@@ -150,7 +150,10 @@ def final_training(
             lambda: deadline,
             planned=planned,
             most=most,
-            steps_per_epoch=training.steps_per_epoch(len(x), config.batch_size),
+            # the trial's batch size: a model trained with its own compile picks its own
+            steps_per_epoch=training.steps_per_epoch(
+                len(x), record.batch_size or config.batch_size
+            ),
         )
         callbacks += [plan, StopAtDeadline(lambda: deadline)]
     if progress:

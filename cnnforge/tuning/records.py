@@ -32,6 +32,8 @@ class TrialRecord:
     size_mb: float | None = None
     measure_s: float | None = None
     train_gflops: float | None = None  # the trainer's pace: 3 x forward FLOPs over steady steps
+    batch_size: int | None = None  # what it trained at; None: its own fit() chose
+    training: str = ""  # whose training recipe: cnnforge's, or the model's own
     pareto: bool = False  # on the front of (objective, latency, size) among completed trials
 
 
@@ -75,6 +77,8 @@ def trial_record(trial: Any, run: RunDir) -> TrialRecord:
         size_mb=cost.get("size_mb"),
         measure_s=cost.get("measure_s"),
         train_gflops=cost.get("train_gflops"),
+        batch_size=cost.get("batch_size"),
+        training=cost.get("training", ""),
     )
 
 
@@ -108,7 +112,8 @@ def write_trials_csv(records: list[TrialRecord], run: RunDir) -> None:
     metric_names = sorted({m for r in records for m in r.metrics})
     hp_names = list(dict.fromkeys(h for r in records for h in r.hyperparameters))
     header = ["trial_id", "status", "score", *metric_names, "params", "epochs", "best_epoch"]
-    header += ["duration_s", *MEASURED, "pareto"] + [f"hp_{h}" for h in hp_names] + ["message"]
+    header += ["duration_s", *MEASURED, "pareto", "batch_size", "training"]
+    header += [f"hp_{h}" for h in hp_names] + ["message"]
     rows = [
         (
             [r.trial_id, r.status, r.score, *(r.metrics.get(m) for m in metric_names)]
@@ -119,7 +124,7 @@ def write_trials_csv(records: list[TrialRecord], run: RunDir) -> None:
                 None if r.duration_s is None else round(r.duration_s, 3),
             ]
             + [_rounded(getattr(r, m)) for m in MEASURED]
-            + [int(r.pareto)]
+            + [int(r.pareto), r.batch_size, r.training]
             + [r.hyperparameters.get(h) for h in hp_names]
             + [r.message]
         )

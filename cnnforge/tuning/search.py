@@ -36,7 +36,12 @@ from cnnforge.core.rundir import RunDir
 from cnnforge.core.version import __version__
 from cnnforge.data.dataset import Dataset, DataSpec
 from cnnforge.modeling import training, transfer
-from cnnforge.modeling.hypermodel import PluginHyperModel, default_space, plugin_priors
+from cnnforge.modeling.hypermodel import (
+    CNNFORGE_TRAINING,
+    PluginHyperModel,
+    default_build,
+    plugin_priors,
+)
 from cnnforge.registry import Plugin
 from cnnforge.tracking import Tracking, open_tracking, parse_track
 from cnnforge.tuning.auto import make_plan
@@ -237,11 +242,17 @@ def _prepare(
     """Check everything, plan an auto search, write config.json, data.json and plan.json (not a
     worker: it shares the chief's run directory and must not overwrite them), build the tuner:
     what chief, worker and a local search share."""
-    config.batch_size = config.batch_size or auto_batch_size(len(dataset.y_train))
     plugin = resolve_plugin(config)
-    _check_run_dir(config, dataset)
     keras.utils.set_random_seed(config.seed)
-    space = default_space(plugin, dataset.spec)
+    built = default_build(plugin, dataset.spec)
+    space = built.space
+    if config.batch_size is not None and built.training != CNNFORGE_TRAINING:
+        _warn_batch_size_unused(config.batch_size, plugin, built.training)
+    # the batch size trials train at, planned and recorded: a model's own compile picks its own
+    config.batch_size = (
+        built.batch_size or config.batch_size or auto_batch_size(len(dataset.y_train))
+    )
+    _check_run_dir(config, dataset)
     hps = constrained_hyperparameters(config, space)
     hypermodel = PluginHyperModel(plugin, dataset.spec, seed=config.seed)
     run = RunDir(config.run_dir)
@@ -278,6 +289,17 @@ def _prepare(
         overwrite=False,
         progress=progress,
         distribution_strategy=_strategy(config.strategy),
+    )
+
+
+def _warn_batch_size_unused(asked: int, plugin: Plugin, training: str) -> None:
+    """--batch-size sets cnnforge's recipe; a model that trains with its own is not given it."""
+    warnings.warn(
+        f"--batch-size {asked} is for cnnforge's training recipe; {plugin.name!r} trains with "
+        f"{training}: to set its batch size declare hp.Choice('batch_size', [...]) (or "
+        "hp.Fixed) in its build, or register it with recipe=True for cnnforge's recipe",
+        CnnforgeWarning,
+        stacklevel=3,
     )
 
 

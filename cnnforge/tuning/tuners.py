@@ -30,7 +30,7 @@ import keras_tuner
 from cnnforge.core.atomic import atomic_write_text
 from cnnforge.core.objectives import objective_direction
 from cnnforge.core.rundir import RunDir
-from cnnforge.modeling import whole
+from cnnforge.modeling.hypermodel import may_pick_its_batch_size
 from cnnforge.modeling.training import SAFETY, learning_rate_schedule
 from cnnforge.tracking import Tracking
 from cnnforge.tuning.auto import EPOCHS
@@ -210,10 +210,10 @@ class RecordingTuner(keras_tuner.Tuner):
             stop = StopAtDeadline(lambda: getattr(self.oracle, "deadline", None))
             kwargs["callbacks"] = [*kwargs.get("callbacks", []), stop]
             if self.tracking.names:
-                # a plugin's own fit picks its own batch size: no throughput from ours
+                # a plugin's own fit or compile picks its own batch size: no throughput from ours
                 plugin = getattr(self.hypermodel, "plugin", None)
-                own_fit = plugin is not None and whole.overrides_fit(plugin)
-                batch = None if own_fit else kwargs.get("batch_size")
+                own_batch = plugin is not None and may_pick_its_batch_size(plugin)
+                batch = None if own_batch else kwargs.get("batch_size")
                 tracked = self.tracking.callback(trial.trial_id, batch)
                 kwargs["callbacks"].append(tracked)
             result = super().run_trial(trial, *args, **kwargs)

@@ -399,11 +399,26 @@ def test_plugins_show_prints_the_space_of_every_architecture_shape():
     for text in ("build(hp) -> keras.Model", "pixels scaled to 0..1", "num_layers", "units_0"):
         assert text in shown.output
     assert "learning_rate" not in shown.output  # compiled: its own Adam and "lr"
+    assert "training recipe: the model's own (batch 32)" in shown.output  # Keras's default
     shapes = str(Path(__file__).resolve().parents[1] / "contract" / "shape_plugins.py")
     for name, texts in {
-        "shape_hypermodel_class": ("keras_tuner.HyperModel", "its own fit", "units"),
-        "shape_model_spec": ("build(hp, spec) -> keras.Model", "lr", "filters"),
-        "shape_features": ("build(hp, inputs, spec) -> features", "filters", "learning_rate"),
+        "shape_hypermodel_class": (
+            "keras_tuner.HyperModel",
+            "training recipe: the model's own fit()",
+            "units",
+        ),
+        "shape_model_spec": (
+            "build(hp, spec) -> keras.Model",
+            "training recipe: the model's own (batch 32)",
+            "lr",
+            "filters",
+        ),
+        "shape_features": (
+            "build(hp, inputs, spec) -> features",
+            "training recipe: cnnforge's",
+            "filters",
+            "learning_rate",
+        ),
     }.items():
         shown = invoke("--plugin", shapes, "plugins", "show", name)
         assert shown.exit_code == 0, shown.output

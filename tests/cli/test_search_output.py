@@ -52,6 +52,16 @@ def test_the_trials_table_is_one_unwrapped_line_a_trial_showing_what_differs(mon
     assert lines[4].startswith("#2") and "FAILED" in lines[4] and lines[4].endswith("flip=False")
 
 
+def test_the_trials_table_says_whose_training_recipe_the_trials_had(monkeypatch):
+    trials = [record("0", 0.90), record("1", 0.91)]
+    for trial in trials:
+        trial.training = "the model's own (batch 32)"
+    result = SimpleNamespace(trials=trials, objective="val_accuracy", best_trial=trials[1])
+    lines = printed(monkeypatch, lambda: output.print_trials(result))
+    assert lines[1] == "training recipe: the model's own (batch 32)"
+    assert lines[3].startswith("#1") and lines[3].endswith("(winner)")
+
+
 def test_progress_says_the_best_so_far_and_the_time_left(monkeypatch):
     progress = output.RichSearchProgress("val_accuracy")
 

@@ -3,6 +3,9 @@ for parity: the same contract whatever shape the plugin was written in."""
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 import warnings
 from pathlib import Path
 
@@ -75,13 +78,28 @@ def test_each_shape_searches_exports_and_keeps_parity(name, small_npz, tmp_path)
 
 
 def test_a_compiled_model_trains_with_its_own_optimizer(small_npz, tmp_path):
-    result = _one_trial(small_npz, tmp_path, "shape_model_spec")
+    # --batch-size is cnnforge's recipe's: a model trained with its own compile is not given it
+    with pytest.warns(cnnforge.CnnforgeWarning, match="--batch-size 64 .*hp.Choice.*recipe=True"):
+        result = _one_trial(small_npz, tmp_path, "shape_model_spec", batch_size=64)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         best = keras.models.load_model(result.best_model)
     assert not [w for w in caught if "optimizer" in str(w.message)]  # no stale inner optimizer
     assert type(best.optimizer).__name__ == "SGD"
     assert "lr" in result.best_trial.hyperparameters
+    # its own training, as plain Keras runs it: Keras's batch of 32, not cnnforge's 128
+    row = next(csv.DictReader((tmp_path / "run" / "trials.csv").open()))
+    assert row["batch_size"] == "32" and row["training"] == "the model's own (batch 32)"
+
+
+def test_a_compiled_models_search_is_planned_and_recorded_at_its_batch_size(small_npz, tmp_path):
+    batch = "hp.Choice('batch_size', [16, 64], default=16)"  # the small data's own batch: 32
+    _register(tmp_path, COMPILED_MODEL.format(name="planned", recipe="", batch=batch))
+    result = _one_trial(small_npz, tmp_path, "compiled_planned")
+    run = tmp_path / "run"
+    assert json.loads((run / "plan.json").read_text())["batch_size"] == 16
+    assert json.loads((run / "config.json").read_text())["search"]["batch_size"] == 16
+    assert result.trials[0].batch_size == 16
 
 
 def test_a_hypermodels_own_fit_is_called_with_one_hot_labels(small_npz, tmp_path):
@@ -114,6 +132,56 @@ def test_a_compiled_model_registered_with_recipe_searches_cnnforges_recipe(tmp_p
     assert {hp.name for hp in default_space(plugin, GRAY)} >= RECIPE
     model = build_model(plugin, GRAY, keras_tuner.HyperParameters())
     assert type(model.optimizer).__name__ == "Adam"
+
+
+class Steps(keras.callbacks.Callback):
+    """The steps of each epoch of a fit."""
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.steps = self.params["steps"]
+
+
+def _fit_steps(plugin_name: str, hp: keras_tuner.HyperParameters, asked: int = 128) -> tuple:
+    """One epoch of ``plugin_name`` on 256 images, asked to train at batch ``asked`` (as the
+    search asks): the steps it took and the batch size it recorded."""
+    from cnnforge.modeling.hypermodel import PluginHyperModel
+
+    hypermodel = PluginHyperModel(cnnforge.get("architecture", plugin_name), GRAY)
+    model = hypermodel.build(hp)
+    x = np.random.default_rng(0).integers(0, 256, (256, 28, 28, 1)).astype("uint8")
+    y = np.arange(256) % 10
+    steps = Steps()
+    hypermodel.fit(hp, model, x, y, batch_size=asked, epochs=1, callbacks=[steps], verbose=0)
+    keras.backend.clear_session()
+    return steps.steps, hypermodel.last_fit["batch_size"], hypermodel.last_fit["training"]
+
+
+COMPILED_MODEL = """
+@cnnforge.architecture('compiled_{name}', pixel_range=(0, 1){recipe})
+def compiled_{name}(hp):
+    {batch}
+    model = keras.Sequential([layers.Flatten(), layers.Dense(10, activation='softmax')])
+    model.compile(optimizer='adam', loss='sparse_categorical_crossentropy')
+    return model
+"""
+
+
+def test_a_compiled_model_trains_at_keras_batch_size_unless_it_asks_for_the_recipe(tmp_path):
+    for name, recipe, batch in (
+        ("own", "", "pass"),
+        ("recipe", ", recipe=True", "pass"),
+        ("tuned", "", "hp.Choice('batch_size', [16, 64], default=64)"),
+    ):
+        _register(tmp_path, COMPILED_MODEL.format(name=name, recipe=recipe, batch=batch))
+    hp = keras_tuner.HyperParameters
+    # Keras's default, as the user's own KerasTuner script trains it
+    assert _fit_steps("compiled_own", hp()) == (8, 32, "the model's own (batch 32)")
+    # recipe=True: cnnforge's recipe and batch size
+    assert _fit_steps("compiled_recipe", hp()) == (math.ceil(256 / 128), 128, "cnnforge's")
+    # the batch size its hyperparameters name
+    tuned = hp()
+    tuned.Fixed("batch_size", 16)
+    assert _fit_steps("compiled_tuned", tuned) == (16, 16, "the model's own (batch 16)")
 
 
 def test_a_whole_model_that_does_not_say_its_pixel_range_is_refused(tmp_path):
@@ -253,7 +321,7 @@ def test_a_hypermodels_own_fit_on_streamed_images_is_refused(tmp_path, monkeypat
         hypermodel.fit(hp, model, data.x_train, data.y_train)
 
 
-def _one_trial(small_npz, tmp_path, arch: str):
+def _one_trial(small_npz, tmp_path, arch: str, **options):
     """A one-trial, one-epoch search of ``arch`` on the small data, not retrained."""
     config = SearchConfig(
         data=str(small_npz),
@@ -263,5 +331,6 @@ def _one_trial(small_npz, tmp_path, arch: str):
         epochs=1,
         patience=0,
         retrain=False,
+        **options,
     )
     return search(config)

@@ -15,6 +15,7 @@ from cnnforge.report.figures import (
     latency_column,
     misclassified,
     missing_artifacts,
+    pareto_fronts,
     predict_test_split,
     training_history,
     trial_points,
@@ -72,6 +73,7 @@ def test_trial_points_in_run_order_with_failures_and_latency():
         TrialPoint("2", "FAILED", None, None),
         TrialPoint("10", "COMPLETED", 0.9, 2.0),
     ]
+    assert trial_points(_trials([("0", "COMPLETED", "0.5", {"size_mb": "1.5"})]))[0].size == 1.5
     without = _trials([("0", "COMPLETED", "0.5", {"params": "10"})])
     assert latency_column(without) is None and trial_points(without)[0].latency is None
 
@@ -88,6 +90,43 @@ def test_pareto_front_for_a_maximised_and_a_minimised_objective():
     assert [p.trial_id for p in pareto_front(points, "val_accuracy")] == ["a", "b", "d"]
     # As a loss, lower is better: a (0.80 at 1 ms) and c (0.70 at 2 ms).
     assert [p.trial_id for p in pareto_front(points, "val_loss")] == ["a", "c"]
+
+
+# b is slower and worse than a, but smaller: on the front once size counts, not on the plot's.
+SIZE_CHANGES_THE_FRONT = [
+    ("0", "COMPLETED", "0.90", {"latency_ms": "1.0", "size_mb": "2.0"}),
+    ("1", "COMPLETED", "0.80", {"latency_ms": "2.0", "size_mb": "0.5"}),
+    ("2", "COMPLETED", "0.70", {"latency_ms": "3.0", "size_mb": "2.0"}),
+]
+
+
+def test_the_plot_and_the_trials_table_show_the_same_front():
+    from cnnforge.tuning.records import TrialRecord, mark_pareto_front
+
+    trials = _trials(SIZE_CHANGES_THE_FRONT)
+    records = [
+        TrialRecord(
+            t["trial_id"],
+            t["status"],
+            float(t["score"]),
+            {},
+            {},
+            latency_ms=float(t["latency_ms"]),
+            size_mb=float(t["size_mb"]),
+        )
+        for t in trials
+    ]
+    mark_pareto_front(records, "val_accuracy")  # the trials table's pareto column
+    table_front = {r.trial_id for r in records if r.pareto}
+    assert table_front == {"0", "1"}
+    fronts = pareto_fronts(trial_points(trials), "val_accuracy")
+    assert [p.trial_id for p in fronts.latency] == ["0"]  # the plot's line: score and latency
+    assert [p.trial_id for p in fronts.smaller] == ["1"]  # marked apart: on it for its size
+    assert {p.trial_id for p in fronts.latency + fronts.smaller} == table_front
+    without_size = _trials(
+        [(i, s, v, {"latency_ms": m["latency_ms"]}) for i, s, v, m in SIZE_CHANGES_THE_FRONT]
+    )
+    assert pareto_fronts(trial_points(without_size), "val_accuracy").smaller == []
 
 
 def test_best_trial_is_the_winner_or_the_best_so_far():

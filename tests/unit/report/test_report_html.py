@@ -159,6 +159,29 @@ def test_a_run_without_a_finished_search_reports_what_there_is(finished_run, tmp
     assert "Pareto front" in page
 
 
+def test_the_report_says_which_front_the_plot_and_the_table_show(finished_run, tmp_path):
+    run_dir = tmp_path / "sized"
+    run_dir.mkdir()
+    shutil.copy(finished_run.run_dir / "config.json", run_dir / "config.json")
+    shutil.copytree(finished_run.run_dir / "tuner", run_dir / "tuner")
+    with (finished_run.run_dir / "trials.csv").open() as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: -float(r["score"]))
+    assert len(rows) == 2 and rows[0]["score"] != rows[1]["score"]
+    # the worse trial is slower too, but smaller: on the front only once size counts
+    for row, latency, size, pareto in ((rows[0], "1.0", "2.0", "1"), (rows[1], "2.0", "0.5", "1")):
+        row.update(latency_ms=latency, size_mb=size, pareto=pareto)
+    with (run_dir / "trials.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_html_report(run_dir)
+    page = (run_dir / "report.html").read_text()
+    best, smaller = rows[0]["trial_id"], rows[1]["trial_id"]
+    assert f"and latency ({best})" in page
+    assert f"once ONNX size counts too ({smaller})" in page
+    assert "<th>pareto (with size)</th>" in page
+
+
 def _with_latency_column(source: Path, target: Path) -> None:
     with source.open() as f:
         rows = list(csv.DictReader(f))
