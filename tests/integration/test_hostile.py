@@ -254,14 +254,20 @@ def test_unsafe_keras_lambda_is_not_deserialised(tmp_path, monkeypatch):
         keras.layers.Flatten()(keras.layers.Lambda(lambda t: t * 2.0)(inputs))
     )
     keras.Model(inputs, outputs).save(tmp_path / "lambda.keras")
-    result = invoke("export", str(tmp_path / "lambda.keras"))
-    assert_refused(result, "cannot load Keras model", "lambda.keras", "--unsafe-deserialization")
-    assert files_under(tmp_path) == ["lambda.keras"]
-    trusted = CliRunner().invoke(
-        cli, ["--unsafe-deserialization", "export", str(tmp_path / "lambda.keras")]
+    assert_refused_unless_trusted(
+        tmp_path / "lambda.keras", "cannot load Keras model", "--unsafe-deserialization"
     )
+
+
+def assert_refused_unless_trusted(model: Path, *words: str) -> None:
+    """``cnnforge export MODEL`` refuses in one line naming ``words`` and writes nothing; with
+    ``--unsafe-deserialization`` it exports."""
+    result = invoke("export", str(model))
+    assert_refused(result, model.name, *words)
+    assert files_under(model.parent) == [model.name]
+    trusted = CliRunner().invoke(cli, ["--unsafe-deserialization", "export", str(model)])
     assert trusted.exit_code == 0, trusted.stderr
-    assert (tmp_path / "model.onnx").is_file()
+    assert (model.parent / "model.onnx").is_file()
 
 
 def test_legacy_h5_model_is_refused_in_safe_mode(tmp_path, monkeypatch):
@@ -272,14 +278,7 @@ def test_legacy_h5_model_is_refused_in_safe_mode(tmp_path, monkeypatch):
     inputs = keras.Input((8, 8, 1))
     outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(inputs))
     keras.Model(inputs, outputs).save(tmp_path / "legacy.h5")
-    result = invoke("export", str(tmp_path / "legacy.h5"))
-    assert_refused(result, "legacy.h5", "HDF5", "--unsafe-deserialization")
-    assert files_under(tmp_path) == ["legacy.h5"]
-    trusted = CliRunner().invoke(
-        cli, ["--unsafe-deserialization", "export", str(tmp_path / "legacy.h5")]
-    )
-    assert trusted.exit_code == 0, trusted.stderr
-    assert (tmp_path / "model.onnx").is_file()
+    assert_refused_unless_trusted(tmp_path / "legacy.h5", "HDF5", "--unsafe-deserialization")
 
 
 def test_keras_floor_excludes_versions_with_published_safe_mode_bypasses():
