@@ -114,11 +114,12 @@ def default_space(
 ) -> list[keras_tuner.engine.hyperparameters.HyperParameter]:
     """The plugin's search space, read from its own ``hp`` calls by building the default model.
 
-    A backbone is built without pretrained weights here: the space does not depend on them.
+    A backbone is built without loading its weights here (no download); the space is still the
+    one its weights give (``image_size`` starts at the native size only for pretrained ones).
     """
     hp = keras_tuner.HyperParameters()
-    if plugin.kind == "backbone" and "weights" in plugin.info:
-        plugin = dataclasses.replace(plugin, info={**plugin.info, "weights": None})
+    if plugin.kind == "backbone":
+        plugin = dataclasses.replace(plugin, info={**plugin.info, transfer.SPACE_ONLY: True})
     build_model(plugin, spec, hp)
     keras.backend.clear_session()
     return list(hp.space)

@@ -233,6 +233,7 @@ def _prepare(
     _check_run_dir(config)
     keras.utils.set_random_seed(config.seed)
     space = default_space(plugin, dataset.spec)
+    _tell_image_size(config, plugin, dataset.spec, progress)
     hps = constrained_hyperparameters(config, space)
     hypermodel = PluginHyperModel(plugin, dataset.spec, seed=config.seed)
     run = RunDir(config.run_dir)
@@ -270,6 +271,20 @@ def _prepare(
         progress=progress,
         distribution_strategy=_strategy(config.strategy),
     )
+
+
+def _tell_image_size(
+    config: SearchConfig, plugin: Plugin, spec: DataSpec, progress: SearchProgress | None
+) -> None:
+    """Say, in one line, that a backbone with random weights starts from the data's image size
+    (unless the user chose the sizes)."""
+    hear = getattr(progress, "note", None)
+    chosen = "image_size" in config.fix or "image_size" in config.space
+    if plugin.kind != "backbone" or chosen or hear is None:
+        return
+    note = transfer.image_size_note(plugin, spec)
+    if note:
+        hear(note)
 
 
 def _strategy(name: str | None) -> Any:
