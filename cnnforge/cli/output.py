@@ -141,6 +141,9 @@ class RichSearchProgress:
         left = f", {_clock(ends_at - time.time())} budget left" if ends_at else ""
         console.print(f"plan: {summary}{left}")
 
+    def note(self, text: str) -> None:
+        console.print(text)
+
     def trial_started(
         self, number: int, total: int | None, hyperparameters: dict[str, Any]
     ) -> None:

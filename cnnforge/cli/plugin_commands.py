@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import click
@@ -50,7 +51,11 @@ def plugins_show(name: str, data: str) -> None:
         console.print(_architecture_shape(plugin))
     if plugin.kind == "backbone":
         sizes = ", ".join(f"{k} {v}" for k, v in plugin.info.items() if k.endswith("size"))
-        console.print(f"{sizes}; weights: imagenet (default), none, or a weights file")
+        console.print(
+            f"{sizes}; weights: imagenet (default; its space is shown), none (image_size then "
+            "starts at the data's size), or a weights file"
+        )
+        plugin = dataclasses.replace(plugin, info={**plugin.info, "weights": "imagenet"})
     quiet_tensorflow()
     from cnnforge.data.dataset import load_dataset
     from cnnforge.modeling.hypermodel import default_build

@@ -15,6 +15,7 @@ gate). The figures go into the variant's ``NAME.parity.json`` and its ``cnnforge
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -121,6 +122,9 @@ def to_onnx(
             f"tf2onnx could not convert the model at opset {opset} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); try another --opset"
         ) from exc
+    # tf2onnx's graph objects hold reference cycles: left to the collector, ConvNeXt-Tiny's
+    # kept 3.6 GB resident through the parity check and the accuracy gate that follow
+    gc.collect()
     _rename_value(proto.graph, proto.graph.input[0].name, INPUT_NAME)
     _rename_value(proto.graph, proto.graph.output[0].name, OUTPUT_NAME)
     _name_batch_axis(proto.graph)

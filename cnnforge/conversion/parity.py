@@ -21,13 +21,14 @@ is false, so a broken model would otherwise pass every bound.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from cnnforge.core.contract import OUTPUT_NAME
-from cnnforge.deploy.runtime import open_session, to_layout
+from cnnforge.deploy.runtime import open_session, prediction_batch_size, to_layout
 
 
 @dataclass
@@ -114,10 +115,31 @@ def _as_list(outputs: Any) -> list[np.ndarray]:
     return [np.asarray(o) for o in outputs]
 
 
+_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _as_graph(model: Any) -> Any:
+    """``model(x, training=False)`` as one TensorFlow graph for any batch size, traced once per
+    model. Called eagerly, a functional Keras model keeps every layer's output until the call
+    ends (about 100 MB an image for MobileNetV2 at 224×224); a graph frees each once used, and
+    a batch of one ran in 0.1 s instead of 1.3 s there."""
+    if model not in _graphs:
+        import tensorflow as tf
+
+        held = weakref.ref(model)  # the cache must not keep the model alive
+        shape = (None, *model.inputs[0].shape[1:])
+        _graphs[model] = tf.function(
+            lambda x: held()(x, training=False),
+            input_signature=[tf.TensorSpec(shape, tf.float32)],
+        )
+    return _graphs[model]
+
+
 def keras_outputs(model: Any, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Every output of the Keras model on ``images`` (NHWC), ``batch_size`` at a time."""
+    forward = _as_graph(model)
     batches = [
-        _as_list(model(images[i : i + batch_size], training=False))
+        _as_list(forward(images[i : i + batch_size].astype(np.float32)))
         for i in range(0, len(images), batch_size)
     ]
     return [np.concatenate(parts) for parts in zip(*batches, strict=True)]
@@ -231,10 +253,12 @@ def measure_accuracy(
     max_drop_points: float,
     layout: str = "NHWC",
     provider: str = "cpu",
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> AccuracyCheck:
-    """Accuracy of Keras and of onnxruntime on the same labelled images (NHWC)."""
+    """Accuracy of Keras and of onnxruntime on the same labelled images (NHWC), ``batch_size``
+    at a time (None: as many as fit :func:`cnnforge.deploy.runtime.prediction_batch_size`)."""
     session = open_session(onnx_model, provider=provider)
+    batch_size = batch_size or prediction_batch_size(onnx_model)
     keras_top1 = keras_outputs(model, images, batch_size)[0].argmax(-1)
     onnx_top1 = onnx_outputs(session, to_layout(images, layout), batch_size)[0].argmax(-1)
     return AccuracyCheck.judge(

@@ -260,6 +260,29 @@ def flops_per_image(model: Any, input_shapes: dict[str, tuple[int, ...]] | None 
     return int(total) // batch
 
 
+def largest_tensor_bytes(model: Any) -> int:
+    """Bytes of the largest tensor the graph makes for one image (0: no shape is known).
+
+    What running a batch costs in memory: a backbone run takes the dataset's 28×28 pixels and
+    resizes them to 224×224 inside, so its input says nothing about it. Read from onnx's shape
+    inference with the batch axis set to 1 (a fixed batch of N counts N images), shapes computed
+    in the graph propagated too (tf2onnx's reshapes: ConvNeXt's largest tensors are behind them)."""
+    import onnx
+
+    proto = load(model)
+    fixed = _with_fixed_inputs(proto, {})
+    graph = onnx.shape_inference.infer_shapes(fixed, data_prop=True).graph
+    largest = 0
+    for value in [*graph.value_info, *graph.output]:
+        dims = _dims(value)
+        element = value.type.tensor_type.elem_type
+        if not _known(dims) or element == onnx.TensorProto.UNDEFINED:
+            continue
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(element).itemsize
+        largest = max(largest, int(np.prod(dims)) * itemsize)
+    return largest // _fixed_batch(proto)
+
+
 def _fixed_batch(proto: Any) -> int:
     """The fixed batch size of the first input (1 when the batch axis is dynamic)."""
     real = _graph_inputs(proto)

@@ -12,7 +12,13 @@ from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.preprocessing import IMAGE_MODES, Preprocessing, pixel_range_of, scale
 from cnnforge.data.dataset import Dataset, as_dataset
 from cnnforge.deploy.onnxinfo import image_input
-from cnnforge.deploy.runtime import metadata, open_session, predict, to_layout
+from cnnforge.deploy.runtime import (
+    metadata,
+    open_session,
+    predict,
+    prediction_batch_size,
+    to_layout,
+)
 
 
 @dataclass
@@ -55,14 +61,15 @@ def predict_images(
     onnx_path: Path | str,
     images: np.ndarray,
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     session: Any | None = None,
     source: str = "the input",
 ) -> np.ndarray:
     """(images × classes) probabilities of the ONNX model for ``images``: raw pixels, NHWC (as
     datasets hold them), handed to the model in its own input layout (NHWC or NCHW, from its
     ``cnnforge.input_layout`` metadata, else its input shape), scaled to its
-    ``cnnforge.pixel_range``, ``batch_size`` at a time.
+    ``cnnforge.pixel_range``, ``batch_size`` at a time (None: as many as fit the memory budget of
+    :func:`cnnforge.deploy.runtime.prediction_batch_size`).
 
     Every stage that runs the exported model on a dataset's images uses this (``evaluate``, the
     report's test-split figures). ``session``: an open session on ``onnx_path`` to reuse;
@@ -78,6 +85,7 @@ def predict_images(
     low, high = pixel_range_of(metadata(session))
     if (low, high) != (0, 255):  # the model takes other than raw pixels: as predict scales them
         images = scale(images, (low, high))  # (raw ones are made float32 a batch at a time)
+    batch_size = batch_size or prediction_batch_size(onnx_path)
     return predict(session, to_layout(images, image.layout), batch_size)
 
 

@@ -155,11 +155,12 @@ class DefaultBuild:
 def default_build(plugin: Plugin, spec: DataSpec) -> DefaultBuild:
     """Build the plugin's default model once, to read its space from its own ``hp`` calls.
 
-    A backbone is built without pretrained weights here: the space does not depend on them.
+    A backbone is built without loading its weights here (no download); the space is still the
+    one its weights give (``image_size`` starts at the native size only for pretrained ones).
     """
     hp = keras_tuner.HyperParameters()
-    if plugin.kind == "backbone" and "weights" in plugin.info:
-        plugin = dataclasses.replace(plugin, info={**plugin.info, "weights": None})
+    if plugin.kind == "backbone":
+        plugin = dataclasses.replace(plugin, info={**plugin.info, transfer.SPACE_ONLY: True})
     model = build_model(plugin, spec, hp)
     training = training_of(plugin, model, hp)
     own = whole.is_compiled_like_users(model) and not whole.overrides_fit(plugin)

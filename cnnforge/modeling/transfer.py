@@ -43,6 +43,9 @@ IMAGENET = "imagenet"
 MAX_DENSE = 2
 FINE_TUNE_LAYERS = (0, 10, 20, 50, 100)
 DOWNLOAD_TIMEOUT_S = 60
+# set in a plugin's info while it is built only to read its space: the weights are not loaded
+# (no download), but the space is the one they give (pretrained or not)
+SPACE_ONLY = "space_only"
 
 
 # --- resolving a backbone and its weights ----------------------------------------------------
@@ -120,7 +123,7 @@ def build_backbone(
     plugin: Plugin, input_shape: tuple[int, int, int], **options: Any
 ) -> keras.Model:
     """Call the plugin with its bound weights; weights problems become one-line errors."""
-    weights = plugin.info.get("weights")
+    weights = None if plugin.info.get(SPACE_ONLY) else plugin.info.get("weights")
     try:
         with _download_timeout(DOWNLOAD_TIMEOUT_S):
             model = plugin.fn(input_shape, weights, **options)
@@ -166,6 +169,42 @@ def smallest_size(plugin: Plugin) -> int:
     return info.get("min_size", info["native_size"])
 
 
+def pretrained(plugin: Plugin) -> bool:
+    """Whether the backbone brings learned weights: ``run:`` ones, or any bound but none."""
+    return "input_shape" in plugin.info or plugin.info.get("weights") is not None
+
+
+def size_for_data(plugin: Plugin, spec: DataSpec) -> int:
+    """The smallest size the backbone takes, in steps of 32, that holds the data's images
+    (at most the native size): 32 for 28×28 data and every built-in backbone."""
+    info, side = plugin.info, max(spec.input_shape[:2])
+    if "sizes" in info:
+        fitting = [size for size in sorted(info["sizes"]) if size >= side]
+        return fitting[0] if fitting else max(info["sizes"])
+    rounded = max(smallest_size(plugin), -(-side // 32) * 32)
+    return min(rounded, info["native_size"])
+
+
+def default_image_size(plugin: Plugin, spec: DataSpec) -> int:
+    """Where the search starts: pretrained weights at the size they were trained at (native);
+    random ones (``--weights none``) at the data's own size, since upscaling learns nothing
+    there and costs the square of the factor (28×28 to 224: 64× the pixels)."""
+    return plugin.info["native_size"] if pretrained(plugin) else size_for_data(plugin, spec)
+
+
+def image_size_note(plugin: Plugin, spec: DataSpec) -> str | None:
+    """One line saying that random weights start from the data's size (None where they do not)."""
+    size = default_image_size(plugin, spec)
+    if pretrained(plugin) or size == plugin.info["native_size"]:
+        return None
+    height, width = spec.input_shape[:2]
+    return (
+        f"--weights none: image_size {size} by default (the data is {height}x{width}; "
+        f"{plugin.name}'s native {plugin.info['native_size']} is for its pretrained weights); "
+        "--fix image_size=N or --space image_size=... to choose"
+    )
+
+
 def check_image_size(plugin: Plugin, size: int) -> None:
     info = plugin.info
     if "sizes" in info and size not in info["sizes"]:
@@ -207,7 +246,9 @@ def backbone_features(plugin: Plugin, hp: Any, inputs: Any, spec: DataSpec) -> A
     if "input_shape" in plugin.info:  # a run: backbone takes exactly its own input shape
         height, width, channels = plugin.info["input_shape"]
     else:
-        size = hp.Choice("image_size", image_sizes(plugin), default=plugin.info["native_size"])
+        default = default_image_size(plugin, spec)
+        sizes = sorted({default, *image_sizes(plugin)})
+        size = hp.Choice("image_size", sizes, default=default)
         check_image_size(plugin, size)
         height, width, channels = size, size, plugin.info.get("channels", 3)
     x = inputs
@@ -221,10 +262,10 @@ def backbone_features(plugin: Plugin, hp: Any, inputs: Any, spec: DataSpec) -> A
         options["output_layer"] = hp.Choice("backbone_layer", layers, default=layers[0])
     backbone = build_backbone(plugin, (height, width, channels), **options)
     wrapped = keras.Model(backbone.inputs[0], backbone.outputs[0], name=BACKBONE_LAYER)
-    pretrained = "input_shape" in plugin.info or plugin.info.get("weights") is not None
-    wrapped.trainable = not pretrained
+    learned = pretrained(plugin)
+    wrapped.trainable = not learned
     # a pretrained backbone's BatchNormalization stays in inference mode, even fine-tuned
-    x = wrapped(x, training=False) if pretrained else wrapped(x)
+    x = wrapped(x, training=False) if learned else wrapped(x)
     if len(x.shape) == 4:
         pooling = hp.Choice("pooling", ["avg", "max"], default="avg")
         pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}

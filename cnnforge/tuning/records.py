@@ -39,7 +39,8 @@ class TrialRecord:
 
 class SearchProgress(Protocol):
     """What a front end hears while a search runs. It may also have ``search_planned(summary,
-    ends_at)``: what the search will run, and when its budget ends (``time.time()``; None)."""
+    ends_at)``: what the search will run, and when its budget ends (``time.time()``; None); and
+    ``note(text)``: one line about a choice made for the user (a backbone's image size)."""
 
     def trial_started(
         self, number: int, total: int | None, hyperparameters: dict[str, Any]

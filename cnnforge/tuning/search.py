@@ -253,6 +253,7 @@ def _prepare(
         built.batch_size or config.batch_size or auto_batch_size(len(dataset.y_train))
     )
     _check_run_dir(config, dataset)
+    _tell_image_size(config, plugin, dataset.spec, progress)
     hps = constrained_hyperparameters(config, space)
     hypermodel = PluginHyperModel(plugin, dataset.spec, seed=config.seed)
     run = RunDir(config.run_dir)
@@ -301,6 +302,20 @@ def _warn_batch_size_unused(asked: int, plugin: Plugin, training: str) -> None:
         CnnforgeWarning,
         stacklevel=3,
     )
+
+
+def _tell_image_size(
+    config: SearchConfig, plugin: Plugin, spec: DataSpec, progress: SearchProgress | None
+) -> None:
+    """Say, in one line, that a backbone with random weights starts from the data's image size
+    (unless the user chose the sizes)."""
+    hear = getattr(progress, "note", None)
+    chosen = "image_size" in config.fix or "image_size" in config.space
+    if plugin.kind != "backbone" or chosen or hear is None:
+        return
+    note = transfer.image_size_note(plugin, spec)
+    if note:
+        hear(note)
 
 
 def _strategy(name: str | None) -> Any:

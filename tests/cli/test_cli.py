@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -125,8 +126,6 @@ def test_run_with_a_backbone_end_to_end(small_npz, tmp_path):
         "mobilenet_v3_small",
         "--weights",
         "none",
-        "--fix",
-        "image_size=32",
         "--max-trials",
         "1",
         "--epochs",
@@ -134,6 +133,9 @@ def test_run_with_a_backbone_end_to_end(small_npz, tmp_path):
         "--no-retrain",  # the trial's model is deployed: a whole backbone traced once, not twice
     )
     assert result.exit_code == 0, result.output + result.stderr
+    # random weights: the image size starts from the data's 28x28, not the native 224
+    assert "--weights none: image_size 32" in result.output
+    assert next(csv.DictReader((run_dir / "trials.csv").open()))["hp_image_size"] == "32"
     assert "test accuracy (onnxruntime)" in result.output
     config = json.loads((run_dir / "config.json").read_text())["search"]
     assert (config["backbone"], config["weights"], config["arch"]) == (

@@ -160,3 +160,81 @@ def test_conv_transpose_with_an_input_of_unknown_shape_is_left_out_of_the_flops(
     assert onnxinfo.flops_per_image(known) == conv + transposed
     unknown = _conv_then_transposed(unknown_op_between=True)
     assert onnxinfo.flops_per_image(unknown) == conv  # the ConvTranspose's FLOPs are unknown
+
+
+def _upscaling_classifier(size: int) -> object:
+    """28×28×1 pixels resized to ``size``×``size`` inside the graph, as a backbone run's are."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    scales = numpy_helper.from_array(np.array([1, 1, size / 28, size / 28], "float32"), "s")
+    weights = numpy_helper.from_array(np.ones((8, 1, 3, 3), "float32"), "w")
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node("Resize", ["t", "", "s"], ["big"], mode="linear"),
+        helper.make_node("Conv", ["big", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Softmax", ["f"], ["probabilities"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "upscaling",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 28, 28, 1])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n", 8])],
+        [scales, weights],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_the_largest_tensor_of_one_image_is_read_from_the_graph():
+    """What a batch costs is set by the graph's largest tensor, not by its input: a backbone run
+    takes 28×28 pixels and resizes them to 224 inside."""
+    import tiny_onnx
+
+    assert onnxinfo.largest_tensor_bytes(_upscaling_classifier(224)) == 224 * 224 * 8 * 4
+    assert onnxinfo.largest_tensor_bytes(tiny_onnx.conv_classifier(size=16)) == 16 * 16 * 8 * 4
+
+
+def test_prediction_batches_are_sized_to_a_memory_budget():
+    import tiny_onnx
+
+    from cnnforge.deploy.runtime import BATCH_MEMORY_BYTES, TENSORS_ALIVE, prediction_batch_size
+
+    small = prediction_batch_size(tiny_onnx.conv_classifier(size=16))
+    assert small == 256  # a small model keeps the usual batch
+    big = _upscaling_classifier(448)
+    batch = prediction_batch_size(big)
+    assert 1 <= batch < 256
+    assert batch * onnxinfo.largest_tensor_bytes(big) * TENSORS_ALIVE <= BATCH_MEMORY_BYTES
+
+
+def test_the_largest_tensor_behind_a_computed_reshape_is_found():
+    """tf2onnx writes Keras' Dense on a feature map as Reshape(Shape(x) ...) then MatMul:
+    ConvNeXt's 4x-wide MLP tensors are only known with the shapes propagated."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = [
+        numpy_helper.from_array(np.array([0], "int64"), "zero"),
+        numpy_helper.from_array(np.array([1], "int64"), "one"),
+        numpy_helper.from_array(np.array([4], "int64"), "four"),
+        numpy_helper.from_array(np.ones((4, 1024), "float32"), "w"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["batch"]),
+        helper.make_node("Concat", ["batch", "four"], ["flat_shape"], axis=0),
+        helper.make_node("Reshape", ["x", "flat_shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["wide"]),
+        helper.make_node("ReduceMax", ["wide"], ["probabilities"], keepdims=0, axes=[1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "reshaped",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 2])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["n"])],
+        constants,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    assert onnxinfo.largest_tensor_bytes(model) == 1024 * 4
