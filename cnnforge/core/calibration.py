@@ -31,12 +31,13 @@ ECE_BINS = 15
 # The temperatures searched (golden section on log T): far wider than any seen in practice.
 T_BOUNDS = (0.05, 20.0)
 DEFAULT_ACCEPTANCE = 0.95
-_TINY = 1e-12  # floor for probabilities before a logarithm
+# Floor of probabilities before a logarithm: here and in the exported graph (a float32 normal).
+LOG_FLOOR = 1e-30
 
 
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
-    """``log p`` (float64, floored at 1e-12): the logits up to a per-image constant."""
-    return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), _TINY, 1.0))
+    """``log p`` (float64, floored at ``LOG_FLOOR``): the logits up to a per-image constant."""
+    return np.log(np.clip(np.asarray(probabilities, dtype=np.float64), LOG_FLOOR, 1.0))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
