@@ -21,7 +21,7 @@ from cnnforge.cli.output import console, write_json
 @click.option("--data", required=True, help="Dataset whose test split to score on.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the scores here.")
 def evaluate(model: Path, data: str, json_out: Path | None) -> None:
-    """Accuracy and per-class precision/recall of an ONNX model, with onnxruntime."""
+    """Accuracy, per-class precision/recall and calibration of an ONNX model, with onnxruntime."""
     from cnnforge.evaluation.evaluate import evaluate as run_evaluate
 
     result = run_evaluate(model, data)
@@ -31,6 +31,12 @@ def evaluate(model: Path, data: str, json_out: Path | None) -> None:
     console.print(table)
     console.print(
         f"[bold]accuracy {result.accuracy:.2%}[/] on {result.images} test images of {data}"
+    )
+    selective = ", ".join(f"{a:.2%} at {c} coverage" for c, a in result.selective_accuracy.items())
+    console.print(
+        f"calibration: ECE {result.ece:.2%} (15 bins), NLL {result.nll:.4f}, Brier "
+        f"{result.brier:.4f}; selective accuracy {selective}",
+        soft_wrap=True,
     )
     if json_out:
         write_json(json_out, asdict(result))
