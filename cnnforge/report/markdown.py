@@ -170,11 +170,14 @@ def _bench_section(results: list[dict[str, Any]]) -> list[str]:
 
 def _evaluation_section(ev: dict[str, Any]) -> list[str]:
     rows = [[c["name"], c["precision"], c["recall"], c["support"]] for c in ev["per_class"]]
-    return [
-        f"Accuracy {ev['accuracy']:.2%} on {ev['images']} test images of `{ev['data']}`.",
-        "",
-        markdown_table(["class", "precision", "recall", "images"], rows),
-    ]
+    lines = [f"Accuracy {ev['accuracy']:.2%} on {ev['images']} test images of `{ev['data']}`."]
+    if "ece" in ev:  # an evaluation.json written before these figures has none
+        selective = ", ".join(f"{a:.2%} at {c}" for c, a in ev["selective_accuracy"].items())
+        lines.append(
+            f"Calibration: ECE {ev['ece']:.2%} (15 bins), NLL {ev['nll']:.4f}, Brier "
+            f"{ev['brier']:.4f}; accuracy by coverage: {selective}."
+        )
+    return [*lines, "", markdown_table(["class", "precision", "recall", "images"], rows)]
 
 
 def report_sections(run: dict[str, Any]) -> list[tuple[str, list[str] | None]]:
