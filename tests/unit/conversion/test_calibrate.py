@@ -90,3 +90,28 @@ def test_model_outside_a_run_is_fitted_on_its_own_validation_split(deploy_run, t
 
 def _npz_of(run_dir):
     return json.loads((run_dir / "config.json").read_text())["search"]["data"]
+
+
+@pytest.mark.slow
+def test_without_retraining_the_heldout_predictions_are_the_exported_models(small_npz, tmp_path):
+    from cnnforge.conversion.parity import keras_outputs
+    from cnnforge.data.dataset import load_dataset
+    from cnnforge.modeling.keras_io import load_keras_model
+    from cnnforge.tuning.search import SearchConfig, search
+
+    config = SearchConfig(
+        data=str(small_npz),
+        run_dir=tmp_path / "run",
+        tuner="random",
+        max_trials=1,
+        epochs=1,
+        patience=0,
+        retrain=False,
+    )
+    result = search(config)
+    with np.load(RunDir(result.run_dir).heldout) as saved:
+        probabilities, labels = saved["probabilities"], saved["labels"]
+    dataset = load_dataset(str(small_npz))  # the same seeded validation split
+    assert (labels == dataset.y_val).all()
+    own = keras_outputs(load_keras_model(result.best_model), dataset.x_val, 256)[0]
+    np.testing.assert_allclose(probabilities, own, atol=1e-5)
