@@ -115,3 +115,21 @@ def test_without_retraining_the_heldout_predictions_are_the_exported_models(smal
     assert (labels == dataset.y_val).all()
     own = keras_outputs(load_keras_model(result.best_model), dataset.x_val, 256)[0]
     np.testing.assert_allclose(probabilities, own, atol=1e-5)
+
+
+def test_an_int8_variant_carries_the_temperature_and_keeps_its_argmax(deploy_run, tmp_path):
+    from conftest import TEST_MODEL_MIN_AGREEMENT
+
+    out = tmp_path / "model-int8.onnx"
+    result = export(
+        deploy_run,
+        out,
+        precision="int8",
+        min_top1_agreement=TEST_MODEL_MIN_AGREEMENT,
+        calibrate=True,
+    )
+    assert result.parity.calibration["argmax_unchanged"] == 1.0
+    meta = _meta(out)
+    assert meta["cnnforge.precision"] == "int8"
+    assert "cnnforge.probability_calibration" in meta and "cnnforge.calibration" in meta
+    assert [n.op_type for n in onnx.load(str(out)).graph.node][-1] == "Softmax"
