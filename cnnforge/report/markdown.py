@@ -101,9 +101,21 @@ def _parity_section(parity: dict[str, Any]) -> list[str]:
         for c in parity["cases"]
     ]
     verdict = "passed" if parity["passed"] else "FAILED: " + "; ".join(parity["mismatches"])
+    scaled = parity.get("calibration")
+    calibrated = (
+        [
+            "",
+            f"Temperature {scaled['temperature']:.4f} in the graph: the argmax unchanged on "
+            f"{round(scaled['argmax_unchanged'] * scaled['images'])} of {scaled['images']} images "
+            "(checked against the graph without it, which is the one compared above).",
+        ]
+        if scaled
+        else []
+    )
     return [
         f"Keras vs onnxruntime on {parity['inputs']}, opset {parity['opset']}, atol {parity['atol']}: "
         f"{verdict}; batch axis dynamic: {parity['batch_axis_dynamic']}.",
+        *calibrated,
         "",
         markdown_table(
             ["batch", "images", "max abs diff", "max rel diff", "top-1 agreement"], rows

@@ -140,7 +140,11 @@ def test_the_page_of_a_finished_run(reported_run):
     assert "Missing from this run" not in page and "T-shirt/top" in page
     assert not re.search(r"(src|href)=\"(https?:)?//", page), "the page must not need a network"
     assert (reported_run / "report.md").read_text().count("## ") == 5  # report.md stays
-    assert "Calibration: ECE" in (reported_run / "report.md").read_text()
+    markdown = (reported_run / "report.md").read_text()
+    assert "Calibration: ECE" in markdown
+    assert re.search(
+        r"Temperature \d\.\d+ in the graph: the argmax unchanged on 200 of 200", markdown
+    )
 
 
 def test_a_run_without_a_finished_search_reports_what_there_is(finished_run, tmp_path):
