@@ -123,3 +123,13 @@ def test_serve_without_rejecting_shows_the_recorded_threshold_unused(calibrated,
         meta = httpx.get(f"{url}/metadata").json()
     assert "unknown" not in answer["predictions"][0]
     assert meta["unknown"]["min_confidence"] is None and meta["unknown"]["recorded"]
+
+
+def test_serve_command_refuses_a_bad_confidence_in_one_line_before_listening(plain):
+    result = CliRunner().invoke(
+        cli, ["serve", str(plain), "--port", "0", "--min-confidence", "1.5"]
+    )
+    assert result.exit_code != 0 and "min_confidence must be between 0 and 1" in result.output
+    assert "Traceback" not in result.output
+    unrecorded = CliRunner().invoke(cli, ["serve", str(plain), "--port", "0", "--reject-unknown"])
+    assert unrecorded.exit_code != 0 and "--min-confidence" in unrecorded.output
