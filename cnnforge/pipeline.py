@@ -85,7 +85,7 @@ def run(
     )
     run_dir = RunDir(found.run_dir)
     stage("export")
-    exported = export(run_dir.path, data=dataset)
+    exported = export(run_dir.path, data=dataset, calibrate=True)
     stage("bench")
     timing = benchmark(
         exported.onnx_path,

@@ -21,7 +21,7 @@ from cnnforge.cli.output import console, write_json
 @click.option("--data", required=True, help="Dataset whose test split to score on.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the scores here.")
 def evaluate(model: Path, data: str, json_out: Path | None) -> None:
-    """Accuracy and per-class precision/recall of an ONNX model, with onnxruntime."""
+    """Accuracy, per-class precision/recall and calibration of an ONNX model, with onnxruntime."""
     from cnnforge.evaluation.evaluate import evaluate as run_evaluate
 
     result = run_evaluate(model, data)
@@ -31,6 +31,12 @@ def evaluate(model: Path, data: str, json_out: Path | None) -> None:
     console.print(table)
     console.print(
         f"[bold]accuracy {result.accuracy:.2%}[/] on {result.images} test images of {data}"
+    )
+    selective = ", ".join(f"{a:.2%} at {c} coverage" for c, a in result.selective_accuracy.items())
+    console.print(
+        f"calibration: ECE {result.ece:.2%} (15 bins), NLL {result.nll:.4f}, Brier "
+        f"{result.brier:.4f}; selective accuracy {selective}",
+        soft_wrap=True,
     )
     if json_out:
         write_json(json_out, asdict(result))
@@ -89,17 +95,40 @@ def _print_metadata(ours: dict[str, Any], others: dict[str, str]) -> None:
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--provider", type=provider_choice(), default="cpu", show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the labels here.")
+@click.option(
+    "--reject-unknown",
+    is_flag=True,
+    help="Answer 'unknown' below the confidence threshold the model records (export --calibrate).",
+)
+@click.option(
+    "--min-confidence",
+    type=float,
+    metavar="P",
+    help="Answer 'unknown' where the top probability is below P (0 to 1).",
+)
 def predict_command(
-    model: Path, images: tuple[Path, ...], top_k: int, provider: str, json_out: Path | None
+    model: Path,
+    images: tuple[Path, ...],
+    top_k: int,
+    provider: str,
+    json_out: Path | None,
+    reject_unknown: bool,
+    min_confidence: float | None,
 ) -> None:
     """Top-k labels of IMAGE files with onnxruntime alone (no TensorFlow)."""
     from cnnforge.deploy.predict import Classifier
 
-    predictions = Classifier(model, provider=provider).predict(list(images), top_k)
+    classifier = Classifier(
+        model, provider=provider, reject_unknown=reject_unknown, min_confidence=min_confidence
+    )
+    predictions = classifier.predict(list(images), top_k)
     table = Table("image", "label", "probability", box=None, pad_edge=False)
     for prediction in predictions:
+        if prediction.unknown:
+            below = f"top < {prediction.min_confidence:.4f}"
+            table.add_row(escape(prediction.image), "[yellow]unknown[/]", below)
         for rank, (label, probability) in enumerate(prediction.top):
-            image = escape(prediction.image) if rank == 0 else ""
+            image = escape(prediction.image) if rank == 0 and not prediction.unknown else ""
             table.add_row(image, escape(label), f"{probability:.4f}")
     console.print(table)
     if json_out:

@@ -12,6 +12,17 @@ from cnnforge.core.contract import EXPORT_PRECISIONS, LAYOUTS
 from cnnforge.deploy.triton import DEFAULT_MAX_BATCH as TRITON_MAX_BATCH
 
 
+def calibration_summary(fitted: dict) -> str:
+    """One line: the temperature, what it was fitted on, ECE before → after, the threshold."""
+    cal, unknown = fitted["probability_calibration"], fitted["unknown_threshold"]
+    return (
+        f"temperature {cal['temperature']:.3f} fitted on {cal['images']} images ({cal['source']}): "
+        f"ECE {cal['ece_before']:.2%} → {cal['ece_after']:.2%}, NLL {cal['nll_before']:.3f} → "
+        f"{cal['nll_after']:.3f}; 'unknown' below max probability {unknown['threshold']:.3f} "
+        f"(accepts {unknown['acceptance']:.0%} of those images)"
+    )
+
+
 @click.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option(
@@ -93,6 +104,12 @@ from cnnforge.deploy.triton import DEFAULT_MAX_BATCH as TRITON_MAX_BATCH
     show_default=True,
     help="max_batch_size of the Triton config (the model's batch axis is open).",
 )
+@click.option(
+    "--calibrate",
+    is_flag=True,
+    help="Fit a temperature on held-out labelled images and put it in the graph (calibrated "
+    "probabilities, argmax unchanged), with the max-probability threshold for 'unknown'.",
+)
 def export(
     source: Path,
     output: Path | None,
@@ -109,6 +126,7 @@ def export(
     trial_id: str | None,
     triton_dir: Path | None,
     triton_max_batch: int,
+    calibrate: bool,
 ) -> None:
     """Export a run directory or .keras file to ONNX; check parity and test accuracy."""
     quiet_tensorflow()
@@ -126,6 +144,7 @@ def export(
         "force": force,
         "calibration_images": calibration_images,
         "provider": provider,
+        "calibrate": calibrate,
     }
     if trial_id is None:
         result = export_model(source, output, **options)
@@ -139,6 +158,8 @@ def export(
     console.print(f"parity: {result.parity.summary()} → {result.parity_path}", soft_wrap=True)
     if result.accuracy is not None:
         console.print(f"accuracy: {result.accuracy.summary()}", soft_wrap=True)
+    if result.calibration:
+        console.print(f"calibration: {calibration_summary(result.calibration)}", soft_wrap=True)
     if triton_dir is not None:
         from cnnforge.deploy.triton import write_triton_repository
 

@@ -73,6 +73,17 @@ from cnnforge.deploy.server import (
     help=f"Require Authorization: Bearer TOKEN on every route but /health (also {TOKEN_ENV}).",
 )
 @click.option("--provider", type=provider_choice(), default="cpu", show_default=True)
+@click.option(
+    "--reject-unknown",
+    is_flag=True,
+    help="Answer 'unknown' below the confidence threshold the model records (export --calibrate).",
+)
+@click.option(
+    "--min-confidence",
+    type=float,
+    metavar="P",
+    help="Answer 'unknown' where the top probability is below P (0 to 1).",
+)
 def serve(
     model: Path,
     host: str,
@@ -86,6 +97,8 @@ def serve(
     threads: int | None,
     token: str | None,
     provider: str,
+    reject_unknown: bool,
+    min_confidence: float | None,
 ) -> None:
     """Serve an ONNX model over HTTP: POST /predict, /health, /metadata, /metrics."""
     from cnnforge.deploy.server import serve as run_server
@@ -103,4 +116,6 @@ def serve(
         threads=threads,
         token=token or None,
         provider=provider,
+        reject_unknown=reject_unknown,
+        min_confidence=min_confidence,
     )

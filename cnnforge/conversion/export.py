@@ -20,16 +20,18 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cnnforge.conversion import calibrate as calibrating
 from cnnforge.conversion import handlers as onnx_handlers
 from cnnforge.conversion.parity import AccuracyCheck, ParityReport, check_parity, measure_accuracy
 from cnnforge.conversion.rewrite import convertible
 from cnnforge.core.atomic import atomic_paths, atomic_write_text
+from cnnforge.core.calibration import DEFAULT_ACCEPTANCE
 from cnnforge.core.contract import INPUT_NAME, LAYOUTS, META_PREFIX, OUTPUT_NAME
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.core.preprocessing import IMAGE_MODES, Preprocessing
@@ -60,6 +62,8 @@ class ExportResult:
     size_bytes: int
     precision: str = "fp32"
     layout: str = "NHWC"
+    # ``probability_calibration`` and ``unknown_threshold`` as stamped, where calibrated.
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> AccuracyCheck | None:
@@ -273,6 +277,8 @@ def export(
     force: bool = False,
     calibration_images: int | None = None,
     provider: str = "cpu",
+    calibrate: bool = False,
+    acceptance: float = DEFAULT_ACCEPTANCE,
 ) -> ExportResult:
     """Export a run directory or ``.keras`` file to ONNX at ``precision`` and ``layout``.
 
@@ -282,6 +288,11 @@ def export(
     percentage points is refused unless ``force``. A kept model and its ``parity.json`` (the
     evidence) replace the old ones together; a refused one leaves both as they were, its
     evidence in ``parity.failed.json`` (``NAME.parity.failed.json``).
+
+    ``calibrate``: fit a temperature on held-out predictions (``calibrate.py`` says which) and
+    put it in the graph, with the max-probability threshold accepting ``acceptance`` of the
+    held-out images; parity is checked on the graph without it, then the argmax of the graph
+    with it against the graph without it.
     """
     precision, layout = check_precision(precision), check_layout(layout)
     provider_name(provider)
@@ -296,6 +307,11 @@ def export(
         raise CnnforgeError(
             f"{precision} export needs the model's own data to calibrate and measure accuracy "
             f"on ({why_not})"
+        )
+    fitted = {}
+    if calibrate:
+        fitted = calibrating.fit(
+            *calibrating.heldout_probabilities(resolved, dataset, model), acceptance
         )
     calibration = None
     if precision == "int8":  # drawn before converting: a bad count fails at once
@@ -332,6 +348,13 @@ def export(
         max_accuracy_drop,
     )
     report.opset = opset
+    if fitted:
+        proto = calibrating.with_temperature(
+            proto, fitted["probability_calibration"]["temperature"]
+        )
+        images, _ = _parity_images(dataset, tuple(model.inputs[0].shape[1:]))
+        calibrated = proto.SerializeToString()
+        report.calibration = calibrating.check_argmax(variant, calibrated, images, layout, provider)
     if report.accuracy is not None:
         report.accuracy.forced = force and not report.accuracy.passed
     parity_path, failed_path = RunDir.parity_for(output), RunDir.failed_parity_for(output)
@@ -347,14 +370,15 @@ def export(
             CnnforgeWarning,
             stacklevel=2,
         )
-    stamp(proto, {**metadata, "precision": precision, **_measured(report, calibration, dataset)})
+    measured = _measured(report, calibration, dataset)
+    stamp(proto, {**metadata, "precision": precision, **measured, **fitted})
     onnx_bytes = proto.SerializeToString()
     with atomic_paths(output, parity_path) as (model_tmp, parity_tmp):
         model_tmp.write_bytes(onnx_bytes)
         parity_tmp.write_text(evidence)
     failed_path.unlink(missing_ok=True)  # an earlier attempt's: this model replaced it
     return ExportResult(
-        output, parity_path, report, opset, seconds, len(onnx_bytes), precision, layout
+        output, parity_path, report, opset, seconds, len(onnx_bytes), precision, layout, fitted
     )
 
 
@@ -402,6 +426,9 @@ def _failures(report: ParityReport, keras_path: Path, force: bool) -> list[str]:
     failures = []
     if not report.passed:
         failures.append(f"export of {keras_path} failed parity: {report.summary()}")
+    scaled = report.calibration
+    if scaled and (scaled["argmax_unchanged"] < 1 or scaled["max_abs_diff_from_numpy"] > 1e-4):
+        failures.append(f"the temperature-scaled graph of {keras_path} is wrong: {scaled}")
     if report.accuracy is not None and not report.accuracy.passed and not force:
         failures.append(
             f"{report.precision} variant refused: {report.accuracy.summary()}; raise "

@@ -86,6 +86,8 @@ class ParityReport:
     min_top1_agreement: float | None = None
     precision: str = "fp32"
     layout: str = "NHWC"
+    # The temperature-scaled graph next to the uncalibrated one checked above (calibrate.py).
+    calibration: dict | None = None
     accuracy: AccuracyCheck | None = None
 
     def summary(self) -> str:

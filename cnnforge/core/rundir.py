@@ -12,6 +12,7 @@ RUN/
                    parity.failed.json: the evidence of the last refused export, if any
   bench.json       latency results
   evaluation.json  onnxruntime accuracy on the test split
+  heldout.npz      the winning trial's probabilities on the validation split (calibration)
   report.md, report.html
   tensorboard/     TensorBoard logs: trial_ID/ per trial, the HParams configuration
   mlflow.db        MLflow's local store (--track mlflow), mlartifacts/ its artifacts
@@ -46,6 +47,7 @@ ONNX = "model.onnx"
 PARITY = "parity.json"
 BENCH = "bench.json"
 EVALUATION = "evaluation.json"
+HELDOUT = "heldout.npz"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 COST = "cnnforge_cost.json"
@@ -126,6 +128,12 @@ class RunDir:
     @property
     def evaluation(self) -> Path:
         return self.path / EVALUATION
+
+    @property
+    def heldout(self) -> Path:
+        """heldout.npz: the winning trial's probabilities on the validation split it did not
+        train on, and their labels (what the exported model's temperature is fitted on)."""
+        return self.path / HELDOUT
 
     @property
     def report_md(self) -> Path:

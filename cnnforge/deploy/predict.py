@@ -32,6 +32,8 @@ from cnnforge.deploy.quantize import warn_if_slow
 from cnnforge.deploy.runtime import metadata, open_session, predict, to_layout
 
 ImageLike = Any  # a path (str or Path), a uint8 array (H, W[, C]) or a PIL image
+# The label of an image whose top probability is below the confidence asked for.
+UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -41,27 +43,72 @@ class Prediction:
     image: str
     labels: tuple[str, ...]
     probabilities: tuple[float, ...]
+    # The least top probability accepted (None: every image gets its top label), and whether
+    # this image fell below it ("not one of the classes").
+    min_confidence: float | None = None
+    unknown: bool = False
 
     @property
     def top(self) -> list[tuple[str, float]]:
         return list(zip(self.labels, self.probabilities, strict=True))
 
+    @property
+    def label(self) -> str:
+        """The answer: the top label, or ``unknown`` below the confidence asked for."""
+        return UNKNOWN if self.unknown else self.labels[0]
+
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "image": self.image,
-            "top": [{"label": label, "probability": p} for label, p in self.top],
-        }
+        answer: dict[str, Any] = {"image": self.image}
+        if self.min_confidence is not None:
+            answer |= {
+                "label": self.label,
+                "unknown": self.unknown,
+                "min_confidence": self.min_confidence,
+            }
+        return answer | {"top": [{"label": label, "probability": p} for label, p in self.top]}
+
+
+def confidence_floor(
+    recorded: Any, model: str, reject_unknown: bool, min_confidence: float | None
+) -> float | None:
+    """The least top probability to answer a class for: ``min_confidence`` where given, else,
+    with ``reject_unknown``, the threshold recorded at export (``recorded``: the model's
+    ``cnnforge.unknown_threshold``), else None (every image gets its top label)."""
+    if min_confidence is not None:
+        if not 0 <= min_confidence <= 1:
+            raise CnnforgeError(f"min_confidence must be between 0 and 1, got {min_confidence}")
+        return float(min_confidence)
+    if not reject_unknown:
+        return None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("threshold"), (int, float)):
+        raise CnnforgeError(
+            f"{model} records no threshold for 'unknown' (cnnforge.unknown_threshold); export "
+            "it with --calibrate, or give --min-confidence P"
+        )
+    return float(recorded["threshold"])
 
 
 class Classifier:
     """An exported cnnforge model, ready to label images."""
 
     def __init__(
-        self, model: Path | str, *, provider: str = "cpu", threads: int | None = None
+        self,
+        model: Path | str,
+        *,
+        provider: str = "cpu",
+        threads: int | None = None,
+        reject_unknown: bool = False,
+        min_confidence: float | None = None,
     ) -> None:
+        """``reject_unknown``: answer ``unknown`` below the threshold the model records
+        (``cnnforge export --calibrate``); ``min_confidence``: below this top probability
+        instead."""
         self.model = str(model)
         self.session = open_session(model, provider=provider, threads=threads)
         self.metadata = metadata(self.session)
+        self.min_confidence = confidence_floor(
+            self.metadata.get("unknown_threshold"), self.model, reject_unknown, min_confidence
+        )
         graph_input = self.session.get_inputs()[0]
         per_image = graph_input.shape[1:]
         if len(graph_input.shape) != 4 or not all(isinstance(d, int) for d in per_image):
@@ -153,7 +200,8 @@ class Classifier:
 
     def top(self, names: Sequence[str], rows: np.ndarray, top_k: int) -> list[Prediction]:
         """The ``top_k`` most probable labels of each row of probabilities (``names``: the
-        images'); ties keep the class order, and ``top_k`` past the classes gives them all."""
+        images'); ties keep the class order, and ``top_k`` past the classes gives them all.
+        Below :attr:`min_confidence` a prediction is ``unknown`` (its labels stay)."""
         if top_k < 1:
             raise CnnforgeError(f"top_k must be at least 1, got {top_k}")
         classes = self.class_names or tuple(str(i) for i in range(rows.shape[1]))
@@ -161,9 +209,14 @@ class Classifier:
         results = []
         for name, row in zip(names, rows, strict=True):
             best = np.argsort(-row, kind="stable")[:k]
+            floor = self.min_confidence
             results.append(
                 Prediction(
-                    name, tuple(classes[i] for i in best), tuple(float(row[i]) for i in best)
+                    name,
+                    tuple(classes[i] for i in best),
+                    tuple(float(row[i]) for i in best),
+                    floor,
+                    floor is not None and float(row[best[0]]) < floor,
                 )
             )
         return results

@@ -56,6 +56,8 @@ def openapi_document(service: Service) -> dict[str, Any]:
                     "responses": {
                         "200": {
                             "description": "{predictions: [{image, top: [{label, probability}]}]}"
+                            "; served with --reject-unknown or --min-confidence, each also has "
+                            "label (unknown below the confidence), unknown, min_confidence"
                         },
                         **{
                             code: {"description": why, **json_error}

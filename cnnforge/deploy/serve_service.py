@@ -79,6 +79,8 @@ class Service:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         decoders: int = DECODERS,
         body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
+        reject_unknown: bool = False,
+        min_confidence: float | None = None,
     ) -> None:
         if max_body < 1 or max_pixels < 1 or decoders < 1:
             raise CnnforgeError(
@@ -87,7 +89,13 @@ class Service:
             )
         if not body_timeout > 0:
             raise CnnforgeError(f"body_timeout must be over 0 seconds, got {body_timeout}")
-        self.classifier = Classifier(model, provider=provider, threads=threads)
+        self.classifier = Classifier(
+            model,
+            provider=provider,
+            threads=threads,
+            reject_unknown=reject_unknown,
+            min_confidence=min_confidence,
+        )
         self.fixed_batch = fixed_batch(self.classifier, max_batch)
         max_batch = min(max_batch, self.fixed_batch or max_batch)
         self.max_batch, self.max_body, self.max_queue = max_batch, max_body, max_queue
@@ -171,6 +179,12 @@ class Service:
             "output": {"name": graph_output.name, "shape": graph_output.shape},
             "precision": c.precision,
             "metrics": {"accuracy": c.metadata["accuracy"]} if "accuracy" in c.metadata else {},
+            "calibration": c.metadata.get("probability_calibration"),
+            # the threshold recorded at export, and the one this server answers "unknown" below
+            "unknown": {
+                "recorded": c.metadata.get("unknown_threshold"),
+                "min_confidence": c.min_confidence,
+            },
             "limits": {
                 "max_images": self.max_batch,
                 "max_body_bytes": self.max_body,

@@ -173,11 +173,14 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     decoders: int = DECODERS,
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
+    reject_unknown: bool = False,
+    min_confidence: float | None = None,
 ) -> Any:
     """The ASGI app (Starlette) serving ``model``; the model is loaded now, so a bad file fails
     here, before anything listens. A request may carry at most ``max_batch`` images of at most
     ``max_pixels`` pixels each; at most ``decoders`` images are decoded at once. A body that
-    goes ``body_timeout`` seconds without a byte is a 408."""
+    goes ``body_timeout`` seconds without a byte is a 408. ``reject_unknown`` and
+    ``min_confidence``: answer ``unknown`` below a confidence, as :class:`Classifier` does."""
     _require_serve()
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -196,6 +199,8 @@ def create_app(
         max_pixels=max_pixels,
         decoders=decoders,
         body_timeout=body_timeout,
+        reject_unknown=reject_unknown,
+        min_confidence=min_confidence,
     )
 
     async def predict_route(request: Any) -> Any:

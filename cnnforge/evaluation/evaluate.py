@@ -1,4 +1,5 @@
-"""Accuracy of the deployed model: onnxruntime on the test split, per-class precision/recall."""
+"""Accuracy of the deployed model: onnxruntime on the test split, per-class precision/recall,
+and how far its probabilities can be trusted (ECE, NLL, Brier, selective accuracy)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnforge.core import calibration
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.preprocessing import IMAGE_MODES, Preprocessing, pixel_range_of, scale
 from cnnforge.data.dataset import Dataset, as_dataset
@@ -37,6 +39,22 @@ class Evaluation:
     accuracy: float
     per_class: list[ClassScore]
     confusion: list[list[int]]  # rows: true class, columns: predicted class
+    ece: float  # expected calibration error, 15 equal-width bins
+    nll: float  # mean negative log-likelihood of the true class
+    brier: float  # mean squared distance to the one-hot true class (0 to 2)
+    # accuracy on the most confident share of the images: {"100%": ..., "90%": ..., "80%": ...}
+    selective_accuracy: dict[str, float]
+
+
+COVERAGES = (1.0, 0.9, 0.8)
+
+
+def selective_accuracies(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy at each of ``COVERAGES``, keyed by the coverage in per cent."""
+    return {
+        f"{coverage:.0%}": calibration.selective_accuracy(probabilities, labels, coverage)
+        for coverage in COVERAGES
+    }
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> np.ndarray:
@@ -122,4 +140,8 @@ def evaluate(model_path: Path | str, data: str | Dataset) -> Evaluation:
         float(np.mean(predicted == dataset.y_test)),
         class_scores(matrix, names),
         matrix.tolist(),
+        calibration.ece(probabilities, dataset.y_test),
+        calibration.nll(probabilities, dataset.y_test),
+        calibration.brier(probabilities, dataset.y_test),
+        selective_accuracies(probabilities, dataset.y_test),
     )

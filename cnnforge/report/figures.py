@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from cnnforge.core.calibration import rescale, selective_accuracy
 from cnnforge.core.objectives import TrialPoint, as_number, best_first, pareto_front, run_order
 from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, as_dataset
-from cnnforge.deploy.runtime import open_session
+from cnnforge.deploy.runtime import metadata, open_session
 from cnnforge.evaluation.evaluate import (
     class_scores,
     confusion_matrix,
@@ -87,6 +88,8 @@ class Predictions:
     labels: np.ndarray  # (N,) true class
     predicted: np.ndarray  # (N,) predicted class
     confidence: np.ndarray  # (N,) probability of the predicted class
+    probabilities: np.ndarray | None = None  # (N, classes), as the exported model gives them
+    temperature: float | None = None  # the temperature in the model's graph, where calibrated
 
 
 def predict_test_split(model_path: Path, data: str | Dataset) -> Predictions:
@@ -97,12 +100,34 @@ def predict_test_split(model_path: Path, data: str | Dataset) -> Predictions:
     probabilities = predict_images(
         model_path, dataset.x_test, session=session, source=dataset.spec.name
     )
+    fitted = metadata(session).get("probability_calibration")
     return Predictions(
         dataset.x_test,
         dataset.y_test,
         probabilities.argmax(axis=1),
         probabilities.max(axis=1),
+        probabilities,
+        fitted.get("temperature") if isinstance(fitted, dict) else None,
     )
+
+
+def calibration_views(probabilities: np.ndarray, temperature: float | None) -> dict[str, Any]:
+    """The test probabilities to compare, by name: for a calibrated model, before (its
+    temperature undone: softmax of ``log q * T`` is the uncalibrated softmax) and after."""
+    if not temperature:
+        return {"exported model (not calibrated)": probabilities}
+    return {
+        "before calibration": rescale(probabilities, 1 / temperature),
+        f"after calibration (T = {temperature:.2f})": probabilities,
+    }
+
+
+def coverage_curve(
+    probabilities: np.ndarray, labels: np.ndarray, steps: int = 20
+) -> list[tuple[float, float]]:
+    """(coverage, accuracy on the most confident share) at ``steps`` even coverages up to 1."""
+    coverages = [(i + 1) / steps for i in range(steps)]
+    return [(c, selective_accuracy(probabilities, labels, c)) for c in coverages]
 
 
 def misclassified(predictions: Predictions, count: int = 12) -> list[int]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cnnforge.core import calibration
 from cnnforge.core.atomic import atomic_write_text
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.objectives import as_number, best_first, run_order
@@ -307,6 +308,8 @@ def _test_split_part(
                 "are; recall: of the images of the class, the share found.",
             )
         )
+    if predictions is not None and predictions.probabilities is not None:
+        parts += _calibration_figures(predictions)
     if predictions is not None:
         wrong = figures.misclassified(predictions, MISCLASSIFIED_SHOWN)
         if wrong:
@@ -324,6 +327,30 @@ def _test_split_part(
         else:
             parts.append(_note("The model classified every test image correctly."))
     return "\n".join(parts)
+
+
+def _calibration_figures(predictions: figures.Predictions) -> list[str]:
+    """The reliability diagram and the accuracy-coverage curve, before and after calibration."""
+    views = figures.calibration_views(predictions.probabilities, predictions.temperature)
+    labels = predictions.labels
+    return [
+        _figure(
+            plots.render_reliability(
+                {name: calibration.reliability(p, labels) for name, p in views.items()},
+                {name: calibration.ece(p, labels) for name, p in views.items()},
+            ),
+            "reliability diagram on the test split",
+            "Test images in 15 bins of the model's top probability: the share right against "
+            "the mean top probability. On the diagonal, 0.9 means right nine times in ten.",
+        ),
+        _figure(
+            plots.render_coverage(
+                {name: figures.coverage_curve(p, labels) for name, p in views.items()}
+            ),
+            "accuracy against coverage on the test split",
+            "Answering only the images the model is surest of: the accuracy on that share.",
+        ),
+    ]
 
 
 def _learned_part(

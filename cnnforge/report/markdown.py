@@ -101,9 +101,21 @@ def _parity_section(parity: dict[str, Any]) -> list[str]:
         for c in parity["cases"]
     ]
     verdict = "passed" if parity["passed"] else "FAILED: " + "; ".join(parity["mismatches"])
+    scaled = parity.get("calibration")
+    calibrated = (
+        [
+            "",
+            f"Temperature {scaled['temperature']:.4f} in the graph: the argmax unchanged on "
+            f"{round(scaled['argmax_unchanged'] * scaled['images'])} of {scaled['images']} images "
+            "(checked against the graph without it, which is the one compared above).",
+        ]
+        if scaled
+        else []
+    )
     return [
         f"Keras vs onnxruntime on {parity['inputs']}, opset {parity['opset']}, atol {parity['atol']}: "
         f"{verdict}; batch axis dynamic: {parity['batch_axis_dynamic']}.",
+        *calibrated,
         "",
         markdown_table(
             ["batch", "images", "max abs diff", "max rel diff", "top-1 agreement"], rows
@@ -170,11 +182,14 @@ def _bench_section(results: list[dict[str, Any]]) -> list[str]:
 
 def _evaluation_section(ev: dict[str, Any]) -> list[str]:
     rows = [[c["name"], c["precision"], c["recall"], c["support"]] for c in ev["per_class"]]
-    return [
-        f"Accuracy {ev['accuracy']:.2%} on {ev['images']} test images of `{ev['data']}`.",
-        "",
-        markdown_table(["class", "precision", "recall", "images"], rows),
-    ]
+    lines = [f"Accuracy {ev['accuracy']:.2%} on {ev['images']} test images of `{ev['data']}`."]
+    if "ece" in ev:  # an evaluation.json written before these figures has none
+        selective = ", ".join(f"{a:.2%} at {c}" for c, a in ev["selective_accuracy"].items())
+        lines.append(
+            f"Calibration: ECE {ev['ece']:.2%} (15 bins), NLL {ev['nll']:.4f}, Brier "
+            f"{ev['brier']:.4f}; accuracy by coverage: {selective}."
+        )
+    return [*lines, "", markdown_table(["class", "precision", "recall", "images"], rows)]
 
 
 def report_sections(run: dict[str, Any]) -> list[tuple[str, list[str] | None]]:

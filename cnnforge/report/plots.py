@@ -240,6 +240,44 @@ def render_class_scores(per_class: list[dict[str, Any]]) -> bytes:
     return _png(figure)
 
 
+def render_reliability(views: dict[str, list[dict[str, Any]]], ece: dict[str, float]) -> bytes:
+    """Accuracy against mean confidence per bin of confidence, for each view (before / after
+    calibration), with the diagonal a calibrated model would follow."""
+    figure = _figure(5.5, 5)
+    ax = figure.add_subplot()
+    ax.plot([0, 100], [0, 100], color=FAILED_COLOUR, linestyle=":", label="calibrated")
+    for name, rows in views.items():
+        full = [r for r in rows if r["count"]]
+        ax.plot(
+            [r["confidence"] * 100 for r in full],
+            [r["accuracy"] * 100 for r in full],
+            marker="o",
+            label=f"{name}: ECE {ece[name]:.2%}",
+        )
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("mean confidence in the bin (%)")
+    ax.set_ylabel("accuracy in the bin (%)")
+    ax.set_title("Reliability diagram (15 equal-width bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(figure)
+
+
+def render_coverage(curves: dict[str, list[tuple[float, float]]]) -> bytes:
+    """Accuracy on the most confident share of the test images against that share."""
+    figure = _figure(6, 4)
+    ax = figure.add_subplot()
+    for name, points in curves.items():
+        ax.plot([c * 100 for c, _ in points], [a * 100 for _, a in points], marker=".", label=name)
+    ax.set_xlabel("coverage: share of the test images answered, most confident first (%)")
+    ax.set_ylabel("accuracy on them (%)")
+    ax.set_title("Accuracy against coverage")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(figure)
+
+
 def _show_pixels(ax: Any, pixels: np.ndarray) -> None:
     """Raw 0-255 pixels as they are: grayscale for one channel, colour for three."""
     if pixels.shape[-1] == 1:

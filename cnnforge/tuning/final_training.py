@@ -5,6 +5,7 @@ checkpoint; and what each trial trains on."""
 from __future__ import annotations
 
 import contextlib
+import io
 import time
 import warnings
 from collections.abc import Callable
@@ -15,6 +16,9 @@ from typing import Any
 import keras
 import numpy as np
 
+from cnnforge.conversion.parity import keras_outputs
+from cnnforge.core.atomic import atomic_write_bytes
+from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, stratified_split
 from cnnforge.modeling import training
 from cnnforge.modeling.hypermodel import PluginHyperModel
@@ -69,6 +73,31 @@ def trial_training_data(
     return dataset.x_train[subset], dataset.y_train[subset]
 
 
+def trial_checkpoint(tuner: RecordingTuner, best_trial: Any) -> keras.Model | None:
+    """The trial's model from its checkpoint, or None where the checkpoint is elsewhere."""
+    if not Path(tuner._get_checkpoint_fname(best_trial.trial_id)).exists():
+        return None
+    with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
+        warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+        return tuner.load_model(best_trial)
+
+
+def save_heldout(run: RunDir, model: keras.Model | None, dataset: Dataset, trial_id: str) -> None:
+    """The winning trial's probabilities on the validation split, which no trial trained on
+    (``RunDir.heldout``): the exported model's temperature is fitted on them, since the final
+    model trains on that split too. Nothing is saved without a model or a validation split."""
+    if model is None or len(dataset.y_val) == 0:
+        return
+    probabilities = keras_outputs(model, dataset.x_val, 256)[0].astype(np.float32)
+    source = (
+        f"validation split of {dataset.spec.name} ({len(dataset.y_val)} images), predicted by "
+        f"trial {trial_id}'s model, trained on the training split only"
+    )
+    buffer = io.BytesIO()
+    np.savez(buffer, probabilities=probabilities, labels=dataset.y_val, source=np.array(source))
+    atomic_write_bytes(run.heldout, buffer.getvalue())
+
+
 def trial_checkpoint_or_retrained(
     tuner: RecordingTuner,
     best_trial: Any,
@@ -78,10 +107,9 @@ def trial_checkpoint_or_retrained(
 ) -> keras.Model:
     """The best trial's checkpoint, or, when it stayed with a worker that did not share the run
     directory, the same hyperparameters trained again for the epochs that trial ran."""
-    if Path(tuner._get_checkpoint_fname(best_trial.trial_id)).exists():
-        with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
-            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            return tuner.load_model(best_trial)
+    model = trial_checkpoint(tuner, best_trial)
+    if model is not None:
+        return model
     return train_again(
         tuner.hypermodel,
         best_trial.hyperparameters,

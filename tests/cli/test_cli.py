@@ -172,7 +172,17 @@ def test_export_bench_evaluate_commands(finished_run, small_npz, tmp_path):
         "evaluate", str(out), "--data", str(small_npz), "--json", str(tmp_path / "e.json")
     )
     assert evaluated.exit_code == 0 and "accuracy" in evaluated.output
-    assert json.loads((tmp_path / "e.json").read_text())["images"] == 200
+    assert "ECE" in evaluated.output and "at 90% coverage" in evaluated.output
+    scores = json.loads((tmp_path / "e.json").read_text())
+    assert scores["images"] == 200 and {"ece", "nll", "brier", "selective_accuracy"} <= set(scores)
+
+
+def test_export_calibrate_says_what_it_fitted(finished_run, tmp_path):
+    out = tmp_path / "calibrated.onnx"
+    result = invoke("export", str(finished_run.run_dir), "-o", str(out), "--calibrate")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "calibration: temperature" in result.output and "ECE" in result.output
+    assert "'unknown' below max probability" in result.output
 
 
 def test_report_rebuilds_both_reports_and_names_what_is_missing(finished_run, tmp_path):

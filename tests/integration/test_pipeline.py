@@ -30,3 +30,5 @@ def test_a_run_reads_its_data_once_and_leaves_every_artifact(small_npz, tmp_path
     assert "misclassified test images" in html or "classified every test image" in html
     assert "filters and feature maps for test image" in html
     assert result.export.parity.passed
+    assert result.export.calibration["probability_calibration"]["temperature"] > 0  # by default
+    assert result.export.parity.calibration["argmax_unchanged"] == 1.0

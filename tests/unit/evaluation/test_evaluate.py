@@ -36,6 +36,25 @@ def test_evaluate_the_exported_model(finished_run, small_npz):
     assert result.per_class[0].name == "T-shirt/top"
 
 
+def test_evaluate_reports_calibration_and_selective_accuracy(finished_run, small_npz):
+    from cnnforge.core import calibration
+    from cnnforge.evaluation.evaluate import predict_images
+
+    model = finished_run.run_dir / "model.onnx"
+    result = evaluate(model, str(small_npz))
+    with np.load(small_npz) as data:
+        probabilities = predict_images(model, data["x_test"][..., None])
+        labels = data["y_test"]
+    assert result.ece == pytest.approx(calibration.ece(probabilities, labels))
+    assert result.nll == pytest.approx(calibration.nll(probabilities, labels))
+    assert result.brier == pytest.approx(calibration.brier(probabilities, labels))
+    assert result.selective_accuracy["100%"] == pytest.approx(result.accuracy)
+    assert result.selective_accuracy["80%"] == pytest.approx(
+        calibration.selective_accuracy(probabilities, labels, 0.8)
+    )
+    assert list(result.selective_accuracy) == ["100%", "90%", "80%"]
+
+
 def test_evaluate_reads_data_of_another_size_as_predict_would(finished_run, tmp_path):
     from PIL import Image
 

@@ -11,7 +11,9 @@ from cnnforge.core.objectives import TrialPoint, pareto_front
 from cnnforge.report.figures import (
     Predictions,
     best_trial,
+    calibration_views,
     class_table,
+    coverage_curve,
     latency_column,
     misclassified,
     missing_artifacts,
@@ -53,6 +55,28 @@ def test_misclassified_most_confident_mistakes_first():
     assert misclassified(KNOWN) == [4, 2]  # 0.95 (dog→eel) before 0.7 (cat→dog)
     assert misclassified(KNOWN, count=1) == [4]
     assert misclassified(_predictions([0, 1], [0, 1], [0.9, 0.9])) == []
+
+
+def test_coverage_curve_by_hand():
+    probabilities = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.55, 0.45]])
+    labels = np.array([0, 0, 1, 1])  # by confidence: 0.9 right, 0.8 right, 0.6 wrong, 0.55 wrong
+    assert coverage_curve(probabilities, labels, steps=4) == [
+        (0.25, 1.0),
+        (0.5, 1.0),
+        (0.75, pytest.approx(2 / 3)),
+        (1.0, 0.5),
+    ]
+
+
+def test_calibration_views_undo_the_recorded_temperature():
+    from cnnforge.core.calibration import rescale
+
+    raw = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])
+    calibrated = rescale(raw, 2.0)
+    views = calibration_views(calibrated, 2.0)
+    assert list(views) == ["before calibration", "after calibration (T = 2.00)"]
+    np.testing.assert_allclose(views["before calibration"], raw, atol=1e-9)
+    assert list(calibration_views(raw, None)) == ["exported model (not calibrated)"]
 
 
 def _trials(rows: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from cnnforge.bench.results import results_as_json
 from cnnforge.bench.sweep import benchmark
 from cnnforge.cli import cli
+from cnnforge.conversion.export import export
 from cnnforge.evaluation.evaluate import evaluate
 from cnnforge.report.html import markdown_to_html, trials_table, write_html_report
 from cnnforge.report.markdown import write_report
@@ -39,6 +40,7 @@ def reported_run(finished_run, small_npz, tmp_path_factory) -> Path:
     """A copy of the finished run with its evaluation and a short benchmark, both reports written."""
     run_dir = tmp_path_factory.mktemp("reported") / "run"
     shutil.copytree(finished_run.run_dir, run_dir)
+    export(run_dir, calibrate=True)  # its figures show before and after the temperature
     scored = evaluate(run_dir / "model.onnx", str(small_npz))
     (run_dir / "evaluation.json").write_text(json.dumps(asdict(scored)))
     timing = benchmark(
@@ -130,12 +132,19 @@ def test_the_page_of_a_finished_run(reported_run):
         f"training and validation curves of trial {json.loads((reported_run / 'search.json').read_text())['trial_id']}",
         "confusion matrix on the test split",
         "precision and recall per class",
+        "reliability diagram on the test split",
+        "accuracy against coverage on the test split",
         "misclassified test images",
         "filters and feature maps for test image 0",
     ]
     assert "Missing from this run" not in page and "T-shirt/top" in page
     assert not re.search(r"(src|href)=\"(https?:)?//", page), "the page must not need a network"
     assert (reported_run / "report.md").read_text().count("## ") == 5  # report.md stays
+    markdown = (reported_run / "report.md").read_text()
+    assert "Calibration: ECE" in markdown
+    assert re.search(
+        r"Temperature \d\.\d+ in the graph: the argmax unchanged on 200 of 200", markdown
+    )
 
 
 def test_a_run_without_a_finished_search_reports_what_there_is(finished_run, tmp_path):
@@ -325,7 +334,7 @@ def test_report_html_renders_in_headless_chromium(reported_run, tmp_path):
         images = json.loads(
             browser.call("Runtime.evaluate", session, expression=IMAGES_JS)["result"]["value"]
         )
-        assert len(images) == 7
+        assert len(images) == 9
         assert [alt for alt, complete, width in images if not (complete and width > 0)] == []
 
         # The trials table sorts: click "trial" once, ascending ids.

@@ -1,0 +1,135 @@
+""" "Not one of the classes": below the recorded (or a given) confidence, Classifier, `cnnforge
+predict` and `cnnforge serve` answer the label `unknown`, say so in their JSON, and keep the
+probabilities."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+import serving
+from click.testing import CliRunner
+from PIL import Image
+
+from cnnforge.cli import cli
+from cnnforge.core.errors import CnnforgeError
+from cnnforge.deploy.predict import UNKNOWN, Classifier
+from cnnforge.deploy.server import create_app
+
+
+def _images(tmp_path, count: int = 8) -> list:
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(count):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def images(tmp_path):
+    return _images(tmp_path)
+
+
+@pytest.fixture
+def plain(tmp_path):
+    return serving.model(tmp_path / "plain.onnx")
+
+
+def _median_top(model, images) -> float:
+    return float(np.median(Classifier(model).probabilities(images).max(axis=1)))
+
+
+@pytest.fixture
+def calibrated(tmp_path, plain, images):
+    """The tiny model with a recorded threshold between its images' top probabilities."""
+    proto = onnx.load(str(plain))
+    entry = proto.metadata_props.add()
+    entry.key = "cnnforge.unknown_threshold"
+    threshold = {"score": "max_probability", "threshold": _median_top(plain, images)}
+    entry.value = json.dumps({**threshold, "acceptance": 0.95, "source": "test"})
+    path = plain.parent / "calibrated.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_classifier_answers_unknown_below_the_recorded_threshold(calibrated, images):
+    threshold = json.loads(
+        {p.key: p.value for p in onnx.load(str(calibrated)).metadata_props}[
+            "cnnforge.unknown_threshold"
+        ]
+    )["threshold"]
+    predictions = Classifier(calibrated, reject_unknown=True).predict(images, top_k=2)
+    unknown = [p for p in predictions if p.unknown]
+    assert 0 < len(unknown) < len(predictions)
+    for p in predictions:
+        assert p.unknown == (p.probabilities[0] < threshold)
+        answer = p.as_dict()
+        assert answer["label"] == (UNKNOWN if p.unknown else p.labels[0])
+        assert answer["unknown"] is p.unknown and answer["min_confidence"] == threshold
+        assert len(answer["top"]) == 2  # the probabilities stay
+    plain_answers = Classifier(calibrated).predict(images, top_k=2)  # not asked: as before
+    assert all("unknown" not in p.as_dict() for p in plain_answers)
+
+
+def test_min_confidence_overrides_and_is_checked(plain, images):
+    everything = Classifier(plain, min_confidence=1.0).predict(images)
+    assert all(p.unknown for p in everything)
+    assert not any(p.unknown for p in Classifier(plain, min_confidence=0.0).predict(images))
+    with pytest.raises(CnnforgeError, match="min_confidence must be between 0 and 1"):
+        Classifier(plain, min_confidence=1.5)
+    with pytest.raises(CnnforgeError, match=r"no threshold.*--calibrate.*--min-confidence"):
+        Classifier(plain, reject_unknown=True)
+
+
+def test_predict_command_reject_unknown(calibrated, plain, images, tmp_path):
+    out = tmp_path / "labels.json"
+    paths = [str(p) for p in images]
+    result = CliRunner().invoke(
+        cli, ["predict", str(calibrated), *paths, "--reject-unknown", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    written = json.loads(out.read_text())
+    assert any(entry["label"] == UNKNOWN for entry in written)
+    assert "unknown" in result.output
+    refused = CliRunner().invoke(cli, ["predict", str(plain), *paths, "--reject-unknown"])
+    assert refused.exit_code != 0 and "--min-confidence" in refused.output
+    assert "Traceback" not in refused.output
+    own = CliRunner().invoke(cli, ["predict", str(plain), paths[0], "--min-confidence", "1"])
+    assert own.exit_code == 0 and UNKNOWN in own.output
+
+
+def test_serve_answers_unknown_and_metadata_shows_the_threshold(calibrated, images):
+    threshold = _median_top(calibrated, images)
+    with serving.running(create_app(calibrated, reject_unknown=True)) as url:
+        files = [("images", (p.name, p.read_bytes())) for p in images]
+        answers = httpx.post(f"{url}/predict", files=files).json()["predictions"]
+        meta = httpx.get(f"{url}/metadata").json()
+    assert {a["unknown"] for a in answers} == {True, False}
+    assert all(a["top"] and a["min_confidence"] == threshold for a in answers)
+    assert meta["unknown"]["min_confidence"] == threshold
+    assert meta["unknown"]["recorded"]["acceptance"] == 0.95
+
+
+def test_serve_without_rejecting_shows_the_recorded_threshold_unused(calibrated, images):
+    with serving.running(create_app(calibrated)) as url:
+        body = io.BytesIO(images[0].read_bytes())
+        answer = httpx.post(f"{url}/predict", files=[("images", ("a.png", body))]).json()
+        meta = httpx.get(f"{url}/metadata").json()
+    assert "unknown" not in answer["predictions"][0]
+    assert meta["unknown"]["min_confidence"] is None and meta["unknown"]["recorded"]
+
+
+def test_serve_command_refuses_a_bad_confidence_in_one_line_before_listening(plain):
+    result = CliRunner().invoke(
+        cli, ["serve", str(plain), "--port", "0", "--min-confidence", "1.5"]
+    )
+    assert result.exit_code != 0 and "min_confidence must be between 0 and 1" in result.output
+    assert "Traceback" not in result.output
+    unrecorded = CliRunner().invoke(cli, ["serve", str(plain), "--port", "0", "--reject-unknown"])
+    assert unrecorded.exit_code != 0 and "--min-confidence" in unrecorded.output
