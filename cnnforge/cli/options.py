@@ -47,7 +47,7 @@ def assignments(
 
 def duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     """``30m``, ``1h`` ... as seconds."""
-    from cnnforge.tuning.timebudget import parse_duration
+    from cnnforge.core.durations import parse_duration
 
     try:
         return None if value is None else parse_duration(value)

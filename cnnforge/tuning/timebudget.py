@@ -11,36 +11,13 @@ and plans again after each epoch (``training.FitToDeadline``)."""
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from cnnforge.core.errors import CnnforgeError
 from cnnforge.modeling.training import SAFETY
 
-_UNITS = {"s": 1, "m": 60, "h": 3600}
 PRIOR_SHARE = 0.5  # of the budget kept back before any trial has been measured
-
-
-# one term of a duration; matched at one position after another, so parsing is linear (a
-# single pattern repeating this term backtracks exponentially on a long malformed text)
-_TERM = re.compile(r"(\d+(?:\.\d+)?)([hms]?)")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``text``: ``90``, ``90s``, ``30m``, ``1.5h``, ``1h30m``."""
-    cleaned = text.strip().lower().replace(" ", "")
-    terms, at = [], 0
-    while at < len(cleaned) and (term := _TERM.match(cleaned, at)):
-        terms.append(term.groups())
-        at = term.end()
-    if not terms or at < len(cleaned):
-        raise CnnforgeError(f"time budget {text!r} is not a duration; write e.g. 30m, 1h, 90s")
-    seconds = sum(float(number) * _UNITS[unit or "s"] for number, unit in terms)
-    if seconds <= 0:
-        raise CnnforgeError(f"time budget {text!r} must be more than zero")
-    return seconds
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 from cnnforge.cli import cli
+from cnnforge.core.durations import parse_duration
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.tuning import timebudget
 from cnnforge.tuning.search import SearchConfig, search
-from cnnforge.tuning.timebudget import Pace, TimeBudget, pace, parse_duration
+from cnnforge.tuning.timebudget import Pace, TimeBudget, pace
 
 
 @pytest.mark.parametrize(
@@ -40,7 +41,7 @@ def test_a_long_malformed_duration_is_refused_at_once():
     exponential time on it) are refused within seconds, in a process the test can kill."""
     code = (
         "from cnnforge.core.errors import CnnforgeError\n"
-        "from cnnforge.tuning.timebudget import parse_duration\n"
+        "from cnnforge.core.durations import parse_duration\n"
         "try:\n"
         f"    parse_duration({'1' * 40 + 'x'!r})\n"
         "except CnnforgeError as exc:\n"
