@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import gc
 import math
 import os
 import platform
@@ -224,8 +225,27 @@ def _search_context(config: SearchConfig, debug: bool | None) -> Iterator[None]:
         kerastuner_role(config),
         training.precision_policy(config.precision),
         training.op_determinism(config.deterministic),
+        _earlier_objects_frozen(),
     ):
         yield
+
+
+@contextlib.contextmanager
+def _earlier_objects_frozen() -> Iterator[None]:
+    """Keep the objects that exist when the search starts (~380,000 after importing TensorFlow,
+    Keras and KerasTuner) out of the garbage collector's sight while it runs, and give them back
+    after. Keras' ``clear_session`` and KerasTuner call ``gc.collect()`` two or three times a
+    trial, and each call walked all of them (~0.4 s on 2 EPYC cores: a fifth of a small
+    search's time in a profile). Left alone when the caller has frozen objects of its own."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _dataset(config: SearchConfig, dataset: Dataset | None) -> Dataset:

@@ -94,8 +94,12 @@ def test_a_deterministic_auto_search_repeats_itself_even_killed_and_resumed(smal
     import numpy as np
 
     def command(run_dir: Path) -> list[str]:
+        # --epochs 4: the same plan's shape (4 candidates, the better 2, 2 paired trials) with
+        # half the epochs a trial; the budget must stay 2m, under ~100 s no plan has pairs
         return small_search(
-            small_npz, run_dir, "--deterministic", "--seed", "3", "--time-budget", "2m"
+            small_npz,
+            run_dir,
+            *("--deterministic", "--seed", "3", "--time-budget", "2m", "--epochs", "4"),
         )
 
     whole = subprocess.run(command(tmp_path / "a"), capture_output=True, text=True, timeout=600)
