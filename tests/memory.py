@@ -2,8 +2,11 @@
 
 A watchdog thread sums the resident memory of the process and its descendants every few
 milliseconds and kills the whole process group once it passes ``kill_above`` bytes, so a
-runaway never reaches the machine's OOM killer. The peak reported is the kernel's own (the
-``ru_maxrss`` of ``wait4`` on that child: the largest resident set it reached), not a sample.
+runaway never reaches the machine's OOM killer. The peak reported is the kernel's high-water mark
+of the command's own process (``VmHWM``, read every 20 ms while it runs) plus its
+descendants' resident memory at the sample where that sum was largest. Not ``ru_maxrss``: the
+kernel carries the high-water mark of the memory a child was started from across its exec
+(``vfork``), so a child of a big pytest worker reports the worker's peak.
 Usable as a script too: ``python tests/memory.py LIMIT_GB -- command...`` prints the peak.
 """
 
@@ -43,14 +46,26 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _rss(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _high_water(pid: int) -> int:
+    """The most resident memory ``pid`` has had since its exec (``VmHWM``), in bytes."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _tree_rss(pid: int) -> int:
-    total = 0
-    for member in _descendants(pid):
-        try:
-            total += int(Path(f"/proc/{member}/statm").read_text().split()[1]) * PAGE
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
+    return sum(_rss(member) for member in _descendants(pid))
 
 
 def _kill(group: int) -> None:
@@ -72,10 +87,14 @@ def run_measured(
     )
     killed = threading.Event()
     done = threading.Event()
+    peak = [0]
 
     def watch() -> None:
         while not done.wait(0.02):
-            if _tree_rss(process.pid) > kill_above:
+            tree = _tree_rss(process.pid)
+            own = _rss(process.pid)
+            peak[0] = max(peak[0], _high_water(process.pid) + tree - own)
+            if tree > kill_above:
                 killed.set()
                 _kill(process.pid)
                 return
@@ -88,15 +107,15 @@ def run_measured(
     chunks: list[bytes] = []
     reader.start()
     try:
-        _, status, usage = os.wait4(process.pid, 0)
+        process.wait()
     finally:
         done.set()
         timer.cancel()
+    watcher.join()
     reader.join()
-    process.returncode = os.waitstatus_to_exitcode(status)
     return Measured(
         process.returncode,
-        usage.ru_maxrss * 1024,
+        peak[0],
         killed.is_set(),
         b"".join(chunks).decode(errors="replace"),
     )

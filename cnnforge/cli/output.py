@@ -108,7 +108,12 @@ def print_table(headers: list[str], rows: list[list[str]], title: str | None = N
     )
     for row in rows:
         table.add_row(*row)
-    console.print(table)
+    if console.is_terminal:
+        console.print(table)
+        return
+    # into a pipe or a file a table keeps its natural width: no cell cut to fit 80 columns
+    natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+    Console(file=console.file, width=natural, highlight=False).print(table)
 
 
 def print_written(paths: list[Path]) -> None:

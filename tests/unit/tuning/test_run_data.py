@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnnforge.core.errors import CnnforgeError
 from cnnforge.modeling.hypermodel import PluginHyperModel
 from cnnforge.tuning.final_training import train_again
 from cnnforge.tuning.search import SearchConfig, resolve_plugin, search
@@ -25,7 +26,10 @@ def add_images(folder, side: int, count: int, start: int = 0) -> None:
 
 
 @pytest.mark.slow
-def test_a_resumed_search_reads_the_data_as_recorded_though_the_folder_changed(tmp_path):
+def test_a_changed_folder_is_read_as_recorded_and_its_resume_refused(tmp_path):
+    """What reads a run again (a resume, a worker, ``trial_model``) reads the folder with the
+    preprocessing the run recorded, not a size chosen from the changed folder; and the changed
+    data itself is refused as another search (its fingerprint differs)."""
     folder = tmp_path / "photos"
     add_images(folder, side=16, count=10)
     config = SearchConfig(data=f"dir:{folder}", run_dir=tmp_path / "run", max_trials=1, **SMALL)
@@ -33,9 +37,9 @@ def test_a_resumed_search_reads_the_data_as_recorded_though_the_folder_changed(t
     assert first.spec.input_shape == (16, 16, 3)  # no --image-size: the folder's median
     add_images(folder, side=24, count=12, start=10)  # now most images are 24x24
     resumed = SearchConfig(data=f"dir:{folder}", run_dir=tmp_path / "run", max_trials=2, **SMALL)
-    second = search(resumed)
-    assert second.spec.input_shape == (16, 16, 3)
-    assert [t.status for t in second.trials] == ["COMPLETED", "COMPLETED"], second.trials
+    assert resumed.load_data().spec.input_shape == (16, 16, 3), "read as the run recorded"
+    with pytest.raises(CnnforgeError, match=r"differs in data \(split sizes, content\)"):
+        search(resumed)
     # a fresh search of the changed folder chooses the new median: the folder did change
     fresh = SearchConfig(data=f"dir:{folder}", run_dir=tmp_path / "fresh", max_trials=1, **SMALL)
     assert fresh.load_data().spec.input_shape == (24, 24, 3)
