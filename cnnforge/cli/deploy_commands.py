@@ -12,7 +12,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from cnnforge.cli.options import provider_choice
+from cnnforge.cli.options import provider_choice, unknown_options
 from cnnforge.cli.output import console, write_json
 
 
@@ -95,17 +95,7 @@ def _print_metadata(ours: dict[str, Any], others: dict[str, str]) -> None:
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--provider", type=provider_choice(), default="cpu", show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the labels here.")
-@click.option(
-    "--reject-unknown",
-    is_flag=True,
-    help="Answer 'unknown' below the confidence threshold the model records (export --calibrate).",
-)
-@click.option(
-    "--min-confidence",
-    type=float,
-    metavar="P",
-    help="Answer 'unknown' where the top probability is below P (0 to 1).",
-)
+@unknown_options
 def predict_command(
     model: Path,
     images: tuple[Path, ...],

@@ -60,6 +60,23 @@ def provider_choice() -> click.Choice:
     return click.Choice(list(PROVIDERS))
 
 
+def unknown_options(command: Callable) -> Callable:
+    """``--reject-unknown`` and ``--min-confidence``: predict's and serve's "not one of the
+    classes" answer."""
+    command = click.option(
+        "--min-confidence",
+        type=float,
+        metavar="P",
+        help="Answer 'unknown' where the top probability is below P (0 to 1).",
+    )(command)
+    return click.option(
+        "--reject-unknown",
+        is_flag=True,
+        help="Answer 'unknown' below the confidence threshold the model records "
+        "(export --calibrate).",
+    )(command)
+
+
 # Each candidate is measured with onnxruntime before training; these cap what it may cost.
 _budget_options = [
     click.option(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cnnforge.cli.options import provider_choice
+from cnnforge.cli.options import provider_choice, unknown_options
 from cnnforge.deploy.server import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BATCH,
@@ -73,17 +73,7 @@ from cnnforge.deploy.server import (
     help=f"Require Authorization: Bearer TOKEN on every route but /health (also {TOKEN_ENV}).",
 )
 @click.option("--provider", type=provider_choice(), default="cpu", show_default=True)
-@click.option(
-    "--reject-unknown",
-    is_flag=True,
-    help="Answer 'unknown' below the confidence threshold the model records (export --calibrate).",
-)
-@click.option(
-    "--min-confidence",
-    type=float,
-    metavar="P",
-    help="Answer 'unknown' where the top probability is below P (0 to 1).",
-)
+@unknown_options
 def serve(
     model: Path,
     host: str,
