@@ -1,34 +1,41 @@
-"""`cnnforge serve` under a closed-loop load, next to in-process onnxruntime on the same model.
+"""`cnnforge serve` under `wrk`, next to a bare Starlette route under the same uvicorn, in one run.
 
-Starts `cnnforge serve MODEL` on a free loopback port, then for each concurrency (1, 8, 32, 128)
-runs that many clients, each sending its next request as soon as the last is answered, for
-``--seconds``: one PNG image per request (raw bytes, ``image/png``), images of the model's own
-test data. Reports throughput (requests = images per second), p50/p99 latency, the mean batch the
-server ran (from /metrics), errors (any answer but 200, or a lost connection), and in-process
-onnxruntime throughput on the same model at that mean batch (``session.run`` alone, timed as
-`cnnforge bench` times it, with `cnnforge.deploy.timing`, right after each load while the server
-idles), and the ratio served ÷ in-process.
+For each number of connections (``--connections``, default 32) it drives, with `wrk` (a load
+generator written in C, so the client does not eat the server's cores as a Python client would):
 
-The clients are a minimal HTTP/1.1 keep-alive client on asyncio streams, in this process: httpx
-costs about a millisecond of CPU a request, which on a 2-core machine would measure the client.
-Client and server share the machine's cores, so served figures include the client's CPU.
+- ``bare``: a tiny Starlette app in this file under the same uvicorn settings as `cnnforge serve`
+  (httptools, uvloop, access log off) whose one route reads the body and returns a small JSON:
+  the web stack's own limit on this machine;
+- ``image``: `cnnforge serve MODEL` (``--workers`` each of ``--workers``), ``POST /predict``,
+  one PNG of the model's own test data per request (raw body, ``image/png``), cycling through 64.
 
-    python benchmarks/serve_load.py MODEL.onnx [--seconds 10] [--concurrency 1,8,32,128]
-        [--max-batch 32] [--max-wait-ms 2] [--json out.json]
+Each row: requests/s, images/s, p50/p99 latency (wrk's own), errors (non-2xx answers, connect,
+read, write and timeout errors), the server's mean batch (from /metrics, summed over its
+processes when it has several), and the ratio of requests/s to the bare route's at the same
+connections. Also in-process onnxruntime images/s on the same model at a batch of 32
+(``session.run`` alone, timed as `cnnforge bench` times it).
+
+wrk runs with one thread and the processes are not pinned to cores: on a 2-core machine the
+server's event loop, its onnxruntime thread and wrk all need a core at times, and fixed halves
+starve the server (onnxruntime and the loop on one core) more than the scheduler does.
+
+    python benchmarks/serve_load.py MODEL.onnx [--seconds 10] [--connections 32]
+        [--workers 1,2] [--max-batch 32] [--max-wait-ms 2] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import io
 import json
 import os
 import platform
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -40,33 +47,101 @@ from cnnforge.bench.machine import cpu_name
 from cnnforge.core.markdown import markdown_table
 from cnnforge.deploy.predict import Classifier
 from cnnforge.deploy.runtime import open_session, to_layout
-from cnnforge.deploy.timing import latency_stats, random_array, time_calls
+from cnnforge.deploy.timing import random_array, time_calls
+
+# wrk's Lua: POST each body in turn (paths given after --), and print one JSON line of
+# figures from done() (latency in microseconds)
+WRK_SCRIPT = r"""
+local bodies, headers, n = {}, {}, 0
+function init(args)
+  headers["Content-Type"] = args[1]
+  for i = 2, #args do
+    local f = assert(io.open(args[i], "rb")); bodies[#bodies + 1] = f:read("*a"); f:close()
+  end
+end
+function request()
+  n = n % #bodies + 1
+  return wrk.format("POST", nil, headers, bodies[n])
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests": %d, "seconds": %.6f, "p50_us": %d, "p99_us": %d, "status": %d, ' ..
+    '"socket": %d}\n',
+    summary.requests, summary.duration / 1e6, latency:percentile(50), latency:percentile(99),
+    e.status, e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+BARE_APP = "serve_load:bare_app"  # under --app-dir benchmarks/
+SERVER_LOG_LEVEL = "warning"
+
+
+def bare_app():  # noqa: ANN201 (a Starlette app)
+    """The bare route: reads the body, answers a small JSON."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def predict(request):  # noqa: ANN001, ANN202
+        body = await request.body()
+        return JSONResponse({"bytes": len(body)})
+
+    return Starlette(routes=[Route("/predict", predict, methods=["POST"])])
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(model: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
-    command = [sys.executable, "-m", "cnnforge.cli", "serve", model, "--port", str(port)]
-    command += ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
-    command += ["--max-queue", str(args.max_queue)]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
+def wait_up(process: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                return process
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:  # up, answering (a GET on a POST route)
+            return
         except OSError:
             time.sleep(0.2)
     process.kill()
-    raise SystemExit("the server did not come up")
+    raise SystemExit(f"{url} did not come up")
+
+
+def start_bare(port: int) -> subprocess.Popen:
+    """The bare app under uvicorn with `cnnforge serve`'s settings."""
+    command = [sys.executable, "-m", "uvicorn", "--factory", BARE_APP, "--port", str(port)]
+    command += ["--app-dir", str(Path(__file__).resolve().parent)]
+    command += ["--loop", "uvloop", "--http", "httptools", "--no-access-log"]
+    command += ["--log-level", SERVER_LOG_LEVEL]
+    process = subprocess.Popen(command)
+    wait_up(process, f"http://127.0.0.1:{port}/predict")
+    return process
+
+
+def start_serve(model: str, port: int, workers: int, args: argparse.Namespace) -> subprocess.Popen:
+    command = [sys.executable, "-m", "cnnforge.cli", "serve", model, "--port", str(port)]
+    command += ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    if workers > 1:
+        command += ["--workers", str(workers)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    process = subprocess.Popen(command)
+    wait_up(process, f"http://127.0.0.1:{port}/health")
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def batch_counts(port: int) -> tuple[float, float]:
@@ -77,164 +152,163 @@ def batch_counts(port: int) -> tuple[float, float]:
     return float(found["cnnforge_batch_size_sum"]), float(found["cnnforge_batch_size_count"])
 
 
-def test_images(classifier: Classifier, count: int = 64) -> list[bytes]:
-    """PNGs of the bundled data's test images (or random pixels when the model is not 28×28)."""
-    rng = np.random.default_rng(0)
+def run_wrk(url: str, kind: str, files: list[Path], connections: int, seconds: float) -> dict:
+    """One wrk run: requests/s, p50/p99 ms, errors."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT)
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s"]
+    command += ["-s", script.name, url, "--", kind, *map(str, files)]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(script.name)
+    figures = json.loads(out.strip().splitlines()[-1])
+    return {
+        "requests": figures["requests"],
+        "rps": figures["requests"] / figures["seconds"],
+        "p50_ms": figures["p50_us"] / 1e3,
+        "p99_ms": figures["p99_us"] / 1e3,
+        "errors": figures["status"] + figures["socket"],
+    }
+
+
+def png_files(classifier: Classifier, folder: Path, count: int = 64) -> list[Path]:
+    """PNGs of the bundled data's test images (random pixels when the model is not 28×28×1)."""
     shape = (classifier.height, classifier.width, classifier.channels)
     try:
         import cnnforge
 
-        raw = cnnforge.get("dataset", "fashion_mnist_small").fn(None)
-        pixels = raw.x_test[:count]
+        pixels = cnnforge.get("dataset", "fashion_mnist_small").fn(None).x_test[:count]
         assert pixels.shape[1:] == shape
     except Exception:
-        pixels = rng.integers(0, 256, (count, *shape), dtype=np.uint8)
-    images = []
-    for p in pixels:
-        buffer = io.BytesIO()
-        Image.fromarray(p[..., 0] if shape[-1] == 1 else p).save(buffer, "PNG")
-        images.append(buffer.getvalue())
-    return images
+        pixels = np.random.default_rng(0).integers(0, 256, (count, *shape), dtype=np.uint8)
+    paths = []
+    for i, p in enumerate(pixels):
+        path = folder / f"{i}.png"
+        Image.fromarray(p[..., 0] if shape[-1] == 1 else p).save(path, "PNG")
+        paths.append(path)
+    return paths
 
 
-async def client(
-    port: int, images: list[bytes], stop_at: float, latencies: list[float], errors: list[str]
-) -> None:
-    """One closed-loop client on one keep-alive connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    n = 0
-    try:
-        while time.perf_counter() < stop_at:
-            body = images[n % len(images)]
-            n += 1
-            head = (
-                f"POST /predict?top_k=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            start = time.perf_counter()
-            writer.write(head + body)
-            status_line = await reader.readline()
-            if not status_line:
-                raise ConnectionResetError("the server closed the connection")
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            await reader.readexactly(length)
-            latencies.append(time.perf_counter() - start)
-            status = status_line.split(b" ")[1]
-            if status != b"200":
-                errors.append(status.decode())
-    except (OSError, asyncio.IncompleteReadError) as exc:
-        errors.append(type(exc).__name__)
-    finally:
-        writer.close()
-
-
-async def load(port: int, images: list[bytes], clients: int, seconds: float) -> dict:
-    latencies: list[float] = []
-    errors: list[str] = []
-    start = time.perf_counter()
-    await asyncio.gather(
-        *(client(port, images, start + seconds, latencies, errors) for _ in range(clients))
-    )
-    elapsed = time.perf_counter() - start
-    stats = latency_stats(latencies)
-    return {
-        "requests": len(latencies),
-        "throughput": len(latencies) / elapsed,
-        "p50_ms": stats["p50"],
-        "p99_ms": stats["p99"],
-        "errors": len(errors),
-    }
-
-
-def in_process(session: object, classifier: Classifier, batch: int, seconds: float) -> float:
+def in_process(model: str, classifier: Classifier, batch: int, threads: int | None) -> float:
     """Images per second of ``session.run`` on ``batch`` images (median call)."""
-    graph_input = session.get_inputs()[0]
+    session = open_session(model, threads=threads)
     shape = (batch, classifier.height, classifier.width, classifier.channels)
     pixels = random_array(np.random.default_rng(0), "float32", shape, classifier.pixel_range)
-    feed = {graph_input.name: to_layout(pixels, classifier.layout)}
-    times = time_calls(
-        lambda: session.run(None, feed), warmup=20, iterations=50, min_duration_s=seconds
-    )
+    feed = {session.get_inputs()[0].name: to_layout(pixels, classifier.layout)}
+    times = time_calls(lambda: session.run(None, feed), warmup=20, iterations=50, min_duration_s=2)
     return batch / float(np.median(times))
+
+
+def lscpu_flags() -> str:
+    """The SIMD flags that matter to onnxruntime's kernels, of those the CPU has."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return "?"
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512"
+
+
+def measure(args: argparse.Namespace, pngs: list[Path]) -> list[dict]:
+    rows = []
+    for connections in args.connections:
+        port = free_port()
+        bare = start_bare(port)
+        try:
+            run_wrk(f"http://127.0.0.1:{port}/predict", "image/png", pngs, 4, 1)  # warm up
+            row = run_wrk(
+                f"http://127.0.0.1:{port}/predict", "image/png", pngs, connections, args.seconds
+            )
+        finally:
+            stop(bare)
+        bare_rps = row["rps"]
+        rows.append(row | {"target": "bare Starlette route", "connections": connections})
+        for workers in args.workers:
+            port = free_port()
+            server = start_serve(args.model, port, workers, args)
+            url = f"http://127.0.0.1:{port}/predict?top_k=1"
+            try:
+                run_wrk(url, "image/png", pngs, 4, 1)
+                before = batch_counts(port)
+                row = run_wrk(url, "image/png", pngs, connections, args.seconds)
+                after = batch_counts(port)
+            finally:
+                stop(server)
+            batches = after[1] - before[1]
+            row["mean_batch"] = (after[0] - before[0]) / batches if batches > 0 else None
+            row["images_per_s"] = row["rps"]  # one image a request
+            target = f"cnnforge serve, image/png ({workers} worker{'s' * (workers > 1)})"
+            rows.append(row | {"target": target, "connections": connections})
+        for row in rows[-1 - len(args.workers) :]:
+            row["vs_bare"] = row["rps"] / bare_rps
+            print(json.dumps(row), file=sys.stderr)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
-    parser.add_argument("--seconds", type=float, default=10.0, help="load per concurrency")
-    parser.add_argument("--concurrency", default="1,8,32,128")
+    parser.add_argument("--seconds", type=int, default=10, help="load per row (whole seconds)")
+    parser.add_argument("--connections", type=_ints, default=[32])
+    parser.add_argument("--workers", type=_ints, default=[1], help="cnnforge serve --workers")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
-    parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (both sides)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
 
     classifier = Classifier(args.model, threads=args.threads)
-    session = open_session(args.model, threads=args.threads)
-    images = test_images(classifier)
-    port = free_port()
-    server = start_server(args.model, port, args)
-    rows = []
-    try:
-        asyncio.run(load(port, images, 4, 1.0))  # warm up
-        for clients in levels:
-            before = batch_counts(port)
-            row = asyncio.run(load(port, images, clients, args.seconds))
-            after = batch_counts(port)
-            row["clients"] = clients
-            row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
-            # right after, while the server idles: a slow spell of the shared machine hits
-            # both figures of a row alike
-            row["inprocess_batch"] = max(1, round(row["mean_batch"]))
-            row["inprocess_throughput"] = in_process(
-                session, classifier, row["inprocess_batch"], args.seconds / 2
-            )
-            row["ratio"] = row["throughput"] / row["inprocess_throughput"]
-            rows.append(row)
-            print(f"{clients} clients: {row}", file=sys.stderr)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(60)
-
+    with tempfile.TemporaryDirectory() as folder:
+        rows = measure(args, png_files(classifier, Path(folder)))
+    inprocess = in_process(args.model, classifier, args.max_batch, args.threads)
+    machine = (
+        f"{cpu_name()} ({lscpu_flags()}), {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f} at the end; Python {platform.python_version()}"
+    )
     print(
-        f"model {args.model}; {cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}; "
-        f"serve --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms}; "
-        f"{args.seconds:g} s per concurrency\n"
+        f"model {args.model}; {machine}; serve --max-batch {args.max_batch} --max-wait-ms "
+        f"{args.max_wait_ms}; wrk -t1, {args.seconds:g} s a row; in-process onnxruntime "
+        f"{inprocess:,.0f} images/s at batch {args.max_batch}\n"
     )
     print(
         markdown_table(
             [
-                "clients",
-                "served req/s",
+                "target",
+                "conns",
+                "req/s",
+                "images/s",
                 "p50 ms",
                 "p99 ms",
-                "mean batch",
                 "errors",
-                "in-process img/s (batch)",
-                "served ÷ in-process",
+                "mean batch",
+                "÷ bare",
             ],
             [
                 [
-                    str(r["clients"]),
-                    f"{r['throughput']:,.0f}",
+                    r["target"],
+                    str(r["connections"]),
+                    f"{r['rps']:,.0f}",
+                    f"{r['images_per_s']:,.0f}" if "images_per_s" in r else "",
                     f"{r['p50_ms']:.2f}",
                     f"{r['p99_ms']:.2f}",
-                    f"{r['mean_batch']:.1f}",
                     str(r["errors"]),
-                    f"{r['inprocess_throughput']:,.0f} ({r['inprocess_batch']})",
-                    f"{r['ratio']:.0%}",
+                    f"{r['mean_batch']:.1f}" if r.get("mean_batch") else "",
+                    f"{r['vs_bare']:.0%}" if "vs_bare" in r else "",
                 ]
                 for r in rows
             ],
         )
     )
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        figures = {"machine": machine, "inprocess_images_per_s": inprocess, "rows": rows}
+        args.json.write_text(json.dumps(figures, indent=2))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 if __name__ == "__main__":
