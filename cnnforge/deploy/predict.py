@@ -99,12 +99,14 @@ class Classifier:
         threads: int | None = None,
         reject_unknown: bool = False,
         min_confidence: float | None = None,
+        spinning: bool | None = None,
     ) -> None:
         """``reject_unknown``: answer ``unknown`` below the threshold the model records
         (``cnnforge export --calibrate``); ``min_confidence``: below this top probability
-        instead."""
+        instead. ``spinning``: whether onnxruntime's threads spin between calls (see
+        :func:`cnnforge.deploy.runtime.open_session`)."""
         self.model = str(model)
-        self.session = open_session(model, provider=provider, threads=threads)
+        self.session = open_session(model, provider=provider, threads=threads, spinning=spinning)
         self.metadata = metadata(self.session)
         self.min_confidence = confidence_floor(
             self.metadata.get("unknown_threshold"), self.model, reject_unknown, min_confidence

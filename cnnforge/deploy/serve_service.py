@@ -95,6 +95,9 @@ class Service:
             threads=threads,
             reject_unknown=reject_unknown,
             min_confidence=min_confidence,
+            # a spinning pool holds a core after each batch, which the event loop needs:
+            # 0.97 → 0.67 ms of server CPU a request (benchmarks/serve_load.py, 2 cores)
+            spinning=False,
         )
         self.fixed_batch = fixed_batch(self.classifier, max_batch)
         max_batch = min(max_batch, self.fixed_batch or max_batch)
