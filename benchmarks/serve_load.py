@@ -152,6 +152,23 @@ def batch_counts(port: int) -> tuple[float, float]:
     return float(found["cnnforge_batch_size_sum"]), float(found["cnnforge_batch_size_count"])
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of process ``pid`` and its children so far: a
+    figure of the server's own cost per request that a busy shared machine disturbs far less
+    than requests/s."""
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        pending += [int(c) for c in children]
+    return total
+
+
 def run_wrk(url: str, kind: str, files: list[Path], connections: int, seconds: float) -> dict:
     """One wrk run: requests/s, p50/p99 ms, errors."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
@@ -217,9 +234,11 @@ def measure(args: argparse.Namespace, pngs: list[Path]) -> list[dict]:
         bare = start_bare(port)
         try:
             run_wrk(f"http://127.0.0.1:{port}/predict", "image/png", pngs, 4, 1)  # warm up
+            cpu = cpu_seconds(bare.pid)
             row = run_wrk(
                 f"http://127.0.0.1:{port}/predict", "image/png", pngs, connections, args.seconds
             )
+            row["cpu_ms"] = (cpu_seconds(bare.pid) - cpu) * 1e3 / max(row["requests"], 1)
         finally:
             stop(bare)
         bare_rps = row["rps"]
@@ -230,8 +249,9 @@ def measure(args: argparse.Namespace, pngs: list[Path]) -> list[dict]:
             url = f"http://127.0.0.1:{port}/predict?top_k=1"
             try:
                 run_wrk(url, "image/png", pngs, 4, 1)
-                before = batch_counts(port)
+                before, cpu = batch_counts(port), cpu_seconds(server.pid)
                 row = run_wrk(url, "image/png", pngs, connections, args.seconds)
+                row["cpu_ms"] = (cpu_seconds(server.pid) - cpu) * 1e3 / max(row["requests"], 1)
                 after = batch_counts(port)
             finally:
                 stop(server)
@@ -296,6 +316,7 @@ def main() -> None:
                     f"{r['p99_ms']:.2f}",
                     str(r["errors"]),
                     f"{r['mean_batch']:.1f}" if r.get("mean_batch") else "",
+                    f"{r['cpu_ms']:.3f}",
                     f"{r['vs_bare']:.0%}" if "vs_bare" in r else "",
                 ]
                 for r in rows
