@@ -196,7 +196,7 @@ def png_files(classifier: Classifier, folder: Path, count: int = 64) -> list[Pat
         import cnnforge
 
         pixels = cnnforge.get("dataset", "fashion_mnist_small").fn(None).x_test[:count]
-        assert pixels.shape[1:] == shape
+        pixels = pixels.reshape(count, *shape)  # (N, 28, 28) as the model's (N, 28, 28, 1)
     except Exception:
         pixels = np.random.default_rng(0).integers(0, 256, (count, *shape), dtype=np.uint8)
     paths = []
