@@ -46,8 +46,9 @@ async def read_body(request: Any, service: Service) -> bytes:
     chunks, size = [], 0
     stream = request.stream()
     service.receiving += 1
+    idle = _IdleTimeout(service.body_timeout)
     try:
-        while (chunk := await _next_chunk(stream, service.body_timeout)) is not None:
+        while (chunk := await _next_chunk(stream, idle)) is not None:
             if size + len(chunk) > limit:
                 raise _too_large(limit)
             service.hold(len(chunk))
@@ -57,27 +58,61 @@ async def read_body(request: Any, service: Service) -> bytes:
         service.release(size)
         raise
     finally:
+        idle.close()
         service.receiving -= 1
     return b"".join(chunks)
 
 
-async def _next_chunk(stream: AsyncIterator[bytes], timeout: float) -> bytes | None:
+class _IdleTimeout:
+    """Cancels the task that made it once ``seconds`` pass without :meth:`touch`: one timer a
+    body, re-armed only when it fires early, where ``asyncio.wait_for`` a chunk made a task
+    and a timer for every chunk (``asyncio.timeout`` is Python 3.11+)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.expired = seconds, False
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.last = self.loop.time()
+        self.handle = self.loop.call_at(self.last + seconds, self._check)
+
+    def touch(self) -> None:
+        self.last = self.loop.time()
+
+    def close(self) -> None:
+        self.handle.cancel()
+
+    def _check(self) -> None:
+        due = self.last + self.seconds
+        if self.loop.time() < due:
+            self.handle = self.loop.call_at(due, self._check)
+        elif self.task is not None:
+            self.expired = True
+            self.task.cancel()
+
+
+async def _next_chunk(stream: AsyncIterator[bytes], idle: _IdleTimeout) -> bytes | None:
     """The body's next chunk, None at its end."""
     from starlette.requests import ClientDisconnect
 
     try:
-        return await asyncio.wait_for(anext(stream), timeout)
+        chunk = await anext(stream)
     except StopAsyncIteration:
         return None
-    except TimeoutError:
+    except asyncio.CancelledError:
+        if not idle.expired:  # the server stopping, not the body timeout
+            raise
+        if hasattr(idle.task, "uncancel"):  # Python 3.11+: the cancel was ours, and is done
+            idle.task.uncancel()
         raise RequestError(
             408,
             "body_timeout",
-            f"no body byte for {timeout:g} s; send the request body right after its headers",
+            f"no body byte for {idle.seconds:g} s; send the request body right after its headers",
             {"Connection": "close"},
         ) from None
     except ClientDisconnect:
         raise RequestError(400, "disconnected", "the client left before sending its body") from None
+    idle.touch()
+    return chunk
 
 
 def _too_large(limit: int) -> RequestError:

@@ -3,10 +3,21 @@ benchmarks/serve_load.py, held here by behaviour that a change back would break.
 
 from __future__ import annotations
 
+import io
+import socket
+import time
+
 import pytest
 import serving
+from PIL import Image
 
 from cnnforge.deploy.server import create_app
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -21,3 +32,25 @@ def test_the_servers_onnxruntime_threads_do_not_spin_between_batches(model):
         "session.intra_op.allow_spinning"
     )
     assert spinning == "0"
+
+
+def test_the_body_timeout_is_between_bytes_not_for_the_whole_body(model):
+    # one timer a body (not a task and a timer a chunk): a body trickling in, each byte
+    # sooner than the timeout, is read to its end; a stalled one is a 408
+    app = create_app(model, body_timeout=0.5)
+    body = encode(Image.new("L", (28, 28)))
+    with serving.running(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            connection.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode())
+            for piece in (body[:20], body[20:40], body[40:]):
+                time.sleep(0.3)
+                connection.sendall(piece)
+            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:20])
+            started = time.monotonic()
+            answer = connection.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408") and 0.4 < time.monotonic() - started < 3
+    assert app.state.service.receiving == 0 and app.state.service.body_bytes == 0
