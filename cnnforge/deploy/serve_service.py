@@ -26,6 +26,10 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 DECODERS = 2  # images decoded at once, whatever the number of requests
 # seconds a request body may go without a byte (nginx's client_body_timeout is 60 s); then 408
 DEFAULT_BODY_TIMEOUT_S = 30.0
+# PNGs of at most this many pixels in all (64×64) are decoded on the event loop: on the 2-core
+# EPYC a 28×28 one took 0.06–0.12 ms, the hop to a decoding thread and back 0.12 ms
+INLINE_PIXELS = 64 * 64
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class Metrics:
@@ -160,6 +164,16 @@ class Service:
                 raise RequestError(422, "bad_image", f"{name}: {exc}") from None
             arrays.append(self.classifier.pixels(image))
         return self.classifier.batch(arrays)
+
+    def decodes_inline(self, images: list[tuple[str, bytes]]) -> bool:
+        """Whether ``images`` are cheaper to decode on the event loop than in a thread: PNGs
+        (whose size their header's first bytes give) of at most :data:`INLINE_PIXELS` in all."""
+        total = 0
+        for _, data in images:
+            if data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+                return False
+            total += int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
+        return total <= INLINE_PIXELS
 
     def answer(self, names: list[str], rows: np.ndarray, top_k: int) -> list[dict]:
         return [p.as_dict() for p in self.classifier.top(names, rows, top_k)]

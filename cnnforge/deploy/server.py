@@ -216,8 +216,11 @@ def create_app(
                 service.arriving += 1
                 try:
                     images = await request_images(request, kind, body, service.max_batch)
-                    async with service.decoding:
-                        batch = await asyncio.to_thread(service.pixels, images)
+                    if service.decodes_inline(images):
+                        batch = service.pixels(images)
+                    else:
+                        async with service.decoding:
+                            batch = await asyncio.to_thread(service.pixels, images)
                 finally:
                     service.arriving -= 1
             finally:

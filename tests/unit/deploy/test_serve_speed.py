@@ -3,15 +3,19 @@ benchmarks/serve_load.py, held here by behaviour that a change back would break.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import socket
 import time
 
+import httpx
 import pytest
 import serving
 from PIL import Image
 
 from cnnforge.deploy.server import create_app
+
+_png = {"Content-Type": "image/png"}
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -54,3 +58,28 @@ def test_the_body_timeout_is_between_bytes_not_for_the_whole_body(model):
             answer = connection.recv(65536)
     assert answer.startswith(b"HTTP/1.1 408") and 0.4 < time.monotonic() - started < 3
     assert app.state.service.receiving == 0 and app.state.service.body_bytes == 0
+
+
+def test_small_pngs_are_decoded_on_the_event_loop_and_the_rest_in_a_worker(model, monkeypatch):
+    # the hop to a decoding thread costs more than decoding a 28×28 PNG; larger images, and
+    # formats whose size is not read from their first bytes, still leave the loop free
+    from cnnforge.deploy import serve_service
+
+    on_loop = []
+
+    def recording(data, max_pixels):
+        try:
+            on_loop.append(asyncio.get_running_loop() is not None)
+        except RuntimeError:  # a worker thread
+            on_loop.append(False)
+        return open_image(data, max_pixels)
+
+    open_image = serve_service.open_image
+    monkeypatch.setattr(serve_service, "open_image", recording)
+    small, large = Image.new("L", (28, 28)), Image.new("L", (200, 200))
+    bodies = [encode(small), encode(large), encode(small, "JPEG")]
+    with serving.running(create_app(model)) as base:
+        for body in bodies:
+            answer = httpx.post(f"{base}/predict", content=body, headers=_png)
+            assert answer.status_code == 200, answer.text
+    assert on_loop == [True, False, False]

@@ -317,7 +317,8 @@ def test_a_full_server_refuses_before_reading_the_body(model, image_files):
         return decode(images)
 
     service.pixels = held
-    data = image_files[0].read_bytes()
+    # a JPEG: decoded in a thread (a small PNG is decoded on the loop, which held would stop)
+    data = next(p for p in image_files if p.suffix == ".jpg").read_bytes()
     with serving.running(app) as base, ThreadPoolExecutor(1) as pool:
         first = pool.submit(httpx.post, f"{base}/predict", content=data, headers=_raw, timeout=30)
         wait_for(lambda: service.arriving == 1)  # read, being decoded: the queue is full
