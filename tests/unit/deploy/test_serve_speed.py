@@ -83,3 +83,16 @@ def test_small_pngs_are_decoded_on_the_event_loop_and_the_rest_in_a_worker(model
             answer = httpx.post(f"{base}/predict", content=body, headers=_png)
             assert answer.status_code == 200, answer.text
     assert on_loop == [True, False, False]
+
+
+def test_refusals_of_the_token_are_counted_and_timed_by_route(model):
+    # auth and metrics are one middleware: a 401 is still counted and timed under its route
+    with serving.running(create_app(model, token="s3cret")) as base:
+        assert httpx.post(f"{base}/predict", content=b"x", headers=_png).status_code == 401
+        assert httpx.get(f"{base}/nowhere").status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        text = httpx.get(f"{base}/metrics", headers=auth).text
+    assert 'cnnforge_requests_total{route="/predict",status="401"} 1.0' in text
+    assert 'cnnforge_requests_total{route="other",status="401"} 1.0' in text
+    assert 'cnnforge_errors_total{reason="unauthorized"} 2.0' in text
+    assert 'cnnforge_request_seconds_count{route="/predict"} 1.0' in text
