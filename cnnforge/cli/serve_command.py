@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -66,7 +67,18 @@ from cnnforge.deploy.server import (
     metavar="SECONDS",
     help="Longest wait for the next byte of a request body; then 408 and the connection closed.",
 )
-@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="onnxruntime intra-op threads (of each worker; default: the CPUs split among them).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Server processes on the port, each its own model session, batcher and /metrics.",
+)
 @click.option(
     "--token",
     envvar=TOKEN_ENV,
@@ -85,14 +97,18 @@ def serve(
     max_pixels: int,
     body_timeout: float,
     threads: int | None,
+    workers: int,
     token: str | None,
     provider: str,
     reject_unknown: bool,
     min_confidence: float | None,
 ) -> None:
     """Serve an ONNX model over HTTP: POST /predict, /health, /metadata, /metrics."""
+    from cnnforge.deploy.serve_workers import serve_workers
     from cnnforge.deploy.server import serve as run_server
 
+    if workers > 1:
+        run_server = functools.partial(serve_workers, workers=workers)
     run_server(
         model,
         host=host,

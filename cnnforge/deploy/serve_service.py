@@ -4,6 +4,7 @@ which the routes of :mod:`cnnforge.deploy.server` share."""
 from __future__ import annotations
 
 import asyncio
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,9 @@ class Metrics:
             **reg,
         )
         self.queue = Gauge("cnnforge_queue_depth", "Requests waiting for a batch", **reg)
+        # with --workers each process answers /metrics for itself: this says which one
+        worker = Gauge("cnnforge_worker", "The server process answering (pid)", ["pid"], **reg)
+        worker.labels(str(os.getpid())).set(1)
 
     def batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -82,9 +82,11 @@ __all__ = [
     "RequestError",
     "Service",
     "create_app",
+    "listen",
     "openapi_document",
     "serve",
     "server",
+    "warn_if_open",
 ]
 
 log = logging.getLogger(__name__)
@@ -327,24 +329,32 @@ def serve(
 ) -> None:
     """Serve ``model`` until SIGTERM or Ctrl-C, then drain and return. ``options`` are
     :func:`create_app`'s."""
-    if options.get("token") is None and not _is_loopback(host):
+    warn_if_open(host, options.get("token"))
+    app = create_app(model, **options)
+    listening = listen(host, port)
+    server(app, host=host, port=port, log_level=log_level).run(sockets=[listening])
+
+
+def warn_if_open(host: str, token: str | None, stacklevel: int = 3) -> None:
+    """A warning when ``host`` is reachable from other machines and no token is set."""
+    if token is None and not _is_loopback(host):
         warnings.warn(
             f"serving on {host} without a token: anyone who can reach it can use it; set "
             f"--token or {TOKEN_ENV}",
             CnnforgeWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-    app = create_app(model, **options)
-    listening = _listen(host, port)
-    server(app, host=host, port=port, log_level=log_level).run(sockets=[listening])
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (before uvicorn starts, so a port in use is one line)."""
+def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A socket bound to ``host:port`` (before uvicorn starts, so a port in use is one line);
+    ``reuse_port``: with ``SO_REUSEPORT``, so that several processes' sockets share the port."""
     try:
         family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         listening = socket.socket(family, kind)
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         listening.bind(address)
     except OSError as exc:
         raise CnnforgeError(

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
+import signal
 import socket
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -96,3 +101,36 @@ def test_refusals_of_the_token_are_counted_and_timed_by_route(model):
     assert 'cnnforge_requests_total{route="other",status="401"} 1.0' in text
     assert 'cnnforge_errors_total{reason="unauthorized"} 2.0' in text
     assert 'cnnforge_request_seconds_count{route="/predict"} 1.0' in text
+
+
+@pytest.mark.slow
+def test_serve_workers_2_answers_from_two_processes_and_stops_on_sigterm(model):
+    port = serving.free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "cnnforge.cli", "serve", str(model), "--port", str(port)]
+    process = subprocess.Popen(
+        [*command, "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    body = encode(Image.new("L", (28, 28)))
+    try:
+        serving.wait_until_up(url, process)
+        pids: set[str] = set()
+        deadline = time.monotonic() + 30
+        while len(pids) < 2 and time.monotonic() < deadline:  # each GET a new connection
+            text = httpx.get(f"{url}/metrics").text
+            pids |= set(re.findall(r'^cnnforge_worker\{pid="(\d+)"\} 1\.0$', text, re.M))
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(
+                pool.map(
+                    lambda _: httpx.post(f"{url}/predict", content=body, headers=_png), range(32)
+                )
+            )
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=60)[0].decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert len(pids) == 2 and str(process.pid) not in pids
+    assert [a.status_code for a in answers] == [200] * 32
+    assert process.returncode == 0, output
+    assert "Traceback" not in output
