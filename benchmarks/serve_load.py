@@ -144,12 +144,24 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def batch_counts(port: int) -> tuple[float, float]:
-    """(images, batches) the server has run so far, from /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    found = dict(re.findall(r"^(cnnforge_batch_size_(?:sum|count)) (\S+)$", text, re.M))
-    return float(found["cnnforge_batch_size_sum"]), float(found["cnnforge_batch_size_count"])
+def batch_counts(port: int, workers: int) -> tuple[float, float]:
+    """(images, batches) the server has run so far, from /metrics; with several workers each
+    answers for itself (``cnnforge_worker{pid}``), so it asks on new connections until it has
+    heard from each, and sums."""
+    heard: dict[str, tuple[float, float]] = {}
+    for _ in range(50 * workers):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        found = dict(re.findall(r"^(cnnforge_batch_size_(?:sum|count)) (\S+)$", text, re.M))
+        pid = re.search(r'^cnnforge_worker\{pid="(\d+)"\}', text, re.M)
+        key = pid.group(1) if pid else "one"
+        heard[key] = (
+            float(found["cnnforge_batch_size_sum"]),
+            float(found["cnnforge_batch_size_count"]),
+        )
+        if len(heard) >= workers:
+            break
+    return sum(h[0] for h in heard.values()), sum(h[1] for h in heard.values())
 
 
 def cpu_seconds(pid: int) -> float:
@@ -249,10 +261,10 @@ def measure(args: argparse.Namespace, pngs: list[Path]) -> list[dict]:
             url = f"http://127.0.0.1:{port}/predict?top_k=1"
             try:
                 run_wrk(url, "image/png", pngs, 4, 1)
-                before, cpu = batch_counts(port), cpu_seconds(server.pid)
+                before, cpu = batch_counts(port, workers), cpu_seconds(server.pid)
                 row = run_wrk(url, "image/png", pngs, connections, args.seconds)
                 row["cpu_ms"] = (cpu_seconds(server.pid) - cpu) * 1e3 / max(row["requests"], 1)
-                after = batch_counts(port)
+                after = batch_counts(port, workers)
             finally:
                 stop(server)
             batches = after[1] - before[1]
@@ -304,6 +316,7 @@ def main() -> None:
                 "p99 ms",
                 "errors",
                 "mean batch",
+                "server CPU ms/req",
                 "÷ bare",
             ],
             [
