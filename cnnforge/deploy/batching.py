@@ -118,10 +118,12 @@ class Batcher:
         if self._held is not None:
             job, self._held = self._held, None
             return job
+        if not self._queue.empty():  # at once: wait_for would make a task and a timer for it
+            return self._queue.get_nowait()
         if timeout is None:
             return await self._queue.get()
         if timeout <= 0:
-            return self._queue.get_nowait() if not self._queue.empty() else None
+            return None
         try:
             return await asyncio.wait_for(self._queue.get(), timeout)
         except asyncio.TimeoutError:

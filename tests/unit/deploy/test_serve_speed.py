@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 import serving
 from PIL import Image
@@ -134,3 +135,36 @@ def test_serve_workers_2_answers_from_two_processes_and_stops_on_sigterm(model):
     assert [a.status_code for a in answers] == [200] * 32
     assert process.returncode == 0, output
     assert "Traceback" not in output
+
+
+def test_jobs_already_queued_join_a_batch_without_a_timed_wait_each(monkeypatch):
+    # the batcher takes what is queued at once; only an empty queue is waited on, with a
+    # timeout (asyncio.wait_for makes a task and a timer per call)
+    from cnnforge.deploy import batching
+
+    timed = []
+    wait_for = asyncio.wait_for
+
+    def counting(awaitable, timeout):
+        timed.append(timeout)
+        return wait_for(awaitable, timeout)
+
+    monkeypatch.setattr(batching.asyncio, "wait_for", counting)
+    sizes: list[int] = []
+
+    async def main():
+        batcher = batching.Batcher(
+            lambda batch: batch,
+            max_batch=8,
+            max_wait_ms=20,
+            max_queue=16,
+            on_batch=lambda n, s: sizes.append(n),
+        )
+        jobs = [asyncio.ensure_future(batcher.submit(np.ones((1, 2)))) for _ in range(8)]
+        await asyncio.sleep(0)  # all eight queued before the worker starts
+        batcher.start()
+        await asyncio.gather(*jobs)
+        await batcher.stop()
+
+    asyncio.run(main())
+    assert sizes == [8] and timed == []
