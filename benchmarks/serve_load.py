@@ -7,25 +7,31 @@ generator written in C, so the client does not eat the server's cores as a Pytho
   (httptools, uvloop, access log off) whose one route reads the body and returns a small JSON:
   the web stack's own limit on this machine;
 - ``image``: `cnnforge serve MODEL` (``--workers`` each of ``--workers``), ``POST /predict``,
-  one PNG of the model's own test data per request (raw body, ``image/png``), cycling through 64.
+  one PNG of the model's own test data per request (raw body, ``image/png``), cycling through 64;
+- ``v2 tensor``: the same server, ``POST /v2/models/NAME/infer`` with Triton's binary tensor
+  data extension, ``--max-batch`` test images a request as one UINT8 pixel tensor (nothing to
+  decode), the probabilities answered as binary.
 
 Each row: requests/s, images/s, p50/p99 latency (wrk's own), errors (non-2xx answers, connect,
 read, write and timeout errors), the server's mean batch (from /metrics, summed over its
-processes when it has several), and the ratio of requests/s to the bare route's at the same
-connections. Also in-process onnxruntime images/s on the same model at a batch of 32
-(``session.run`` alone, timed as `cnnforge bench` times it).
+processes when it has several), the server's CPU a request (all its threads and processes), and
+the ratio of requests/s to the bare route's at the same connections; for tensor requests, images/s
+against in-process onnxruntime on the same model at a batch of ``--max-batch`` (``session.run``
+alone, timed as `cnnforge bench` times it, after the loads).
 
-wrk runs with one thread and the processes are not pinned to cores: on a 2-core machine the
-server's event loop, its onnxruntime thread and wrk all need a core at times, and fixed halves
-starve the server (onnxruntime and the loop on one core) more than the scheduler does.
+wrk runs with one thread and nothing is pinned to cores: on a 2-core machine the server's event
+loop, its onnxruntime threads and wrk each need a core at times, and a fixed split (the server on
+one core, wrk on the other) would put the loop and onnxruntime on one core; ``--pin`` measures
+that split instead (``taskset``: wrk on the last CPU, the servers on the others).
 
     python benchmarks/serve_load.py MODEL.onnx [--seconds 10] [--connections 32]
-        [--workers 1,2] [--max-batch 32] [--max-wait-ms 2] [--json out.json]
+        [--workers 1,2] [--max-batch 32] [--max-wait-ms 2] [--pin] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -46,7 +52,7 @@ from PIL import Image
 from cnnforge.bench.machine import cpu_name
 from cnnforge.core.markdown import markdown_table
 from cnnforge.deploy.predict import Classifier
-from cnnforge.deploy.runtime import open_session, to_layout
+from cnnforge.deploy.runtime import to_layout
 from cnnforge.deploy.timing import random_array, time_calls
 
 # wrk's Lua: POST each body in turn (paths given after --), and print one JSON line of
@@ -55,7 +61,10 @@ WRK_SCRIPT = r"""
 local bodies, headers, n = {}, {}, 0
 function init(args)
   headers["Content-Type"] = args[1]
-  for i = 2, #args do
+  if args[2] ~= "" then
+    local name, value = args[2]:match("^([^:]+):%s*(.*)$"); headers[name] = value
+  end
+  for i = 3, #args do
     local f = assert(io.open(args[i], "rb")); bodies[#bodies + 1] = f:read("*a"); f:close()
   end
 end
@@ -75,6 +84,7 @@ end
 
 BARE_APP = "serve_load:bare_app"  # under --app-dir benchmarks/
 SERVER_LOG_LEVEL = "warning"
+PIN: dict[str, list[str]] = {"client": [], "server": []}  # taskset prefixes, with --pin
 
 
 def bare_app():  # noqa: ANN201 (a Starlette app)
@@ -118,7 +128,7 @@ def start_bare(port: int) -> subprocess.Popen:
     command += ["--app-dir", str(Path(__file__).resolve().parent)]
     command += ["--loop", "uvloop", "--http", "httptools", "--no-access-log"]
     command += ["--log-level", SERVER_LOG_LEVEL]
-    process = subprocess.Popen(command)
+    process = subprocess.Popen([*PIN["server"], *command])
     wait_up(process, f"http://127.0.0.1:{port}/predict")
     return process
 
@@ -130,7 +140,7 @@ def start_serve(model: str, port: int, workers: int, args: argparse.Namespace) -
         command += ["--workers", str(workers)]
     if args.threads:
         command += ["--threads", str(args.threads)]
-    process = subprocess.Popen(command)
+    process = subprocess.Popen([*PIN["server"], *command])
     wait_up(process, f"http://127.0.0.1:{port}/health")
     return process
 
@@ -181,12 +191,20 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def run_wrk(url: str, kind: str, files: list[Path], connections: int, seconds: float) -> dict:
-    """One wrk run: requests/s, p50/p99 ms, errors."""
+def run_wrk(
+    url: str,
+    kind: str,
+    files: list[Path],
+    connections: int,
+    seconds: float,
+    header: str = "",
+) -> dict:
+    """One wrk run: requests/s, p50/p99 ms, errors; ``header``: one more, ``Name: value``."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT)
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s"]
-    command += ["-s", script.name, url, "--", kind, *map(str, files)]
+    command = [*PIN["client"], "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s"]
+    command += ["--timeout", "10s"]
+    command += ["-s", script.name, url, "--", kind, header, *map(str, files)]
     try:
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     finally:
@@ -201,32 +219,78 @@ def run_wrk(url: str, kind: str, files: list[Path], connections: int, seconds: f
     }
 
 
-def png_files(classifier: Classifier, folder: Path, count: int = 64) -> list[Path]:
-    """PNGs of the bundled data's test images (random pixels when the model is not 28×28×1)."""
+def test_pixels(classifier: Classifier, count: int = 128) -> np.ndarray:
+    """(count, H, W, C) uint8: the bundled data's test images (random when the model is not
+    28×28×1)."""
     shape = (classifier.height, classifier.width, classifier.channels)
     try:
         import cnnforge
 
         pixels = cnnforge.get("dataset", "fashion_mnist_small").fn(None).x_test[:count]
-        pixels = pixels.reshape(count, *shape)  # (N, 28, 28) as the model's (N, 28, 28, 1)
+        return pixels.reshape(count, *shape)  # (N, 28, 28) as the model's (N, 28, 28, 1)
     except Exception:
-        pixels = np.random.default_rng(0).integers(0, 256, (count, *shape), dtype=np.uint8)
+        return np.random.default_rng(0).integers(0, 256, (count, *shape), dtype=np.uint8)
+
+
+def png_files(pixels: np.ndarray, folder: Path) -> list[Path]:
+    """One PNG a request body."""
     paths = []
     for i, p in enumerate(pixels):
         path = folder / f"{i}.png"
-        Image.fromarray(p[..., 0] if shape[-1] == 1 else p).save(path, "PNG")
+        Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p).save(path, "PNG")
         paths.append(path)
     return paths
 
 
-def in_process(model: str, classifier: Classifier, batch: int, threads: int | None) -> float:
-    """Images per second of ``session.run`` on ``batch`` images (median call)."""
-    session = open_session(model, threads=threads)
-    shape = (batch, classifier.height, classifier.width, classifier.channels)
-    pixels = random_array(np.random.default_rng(0), "float32", shape, classifier.pixel_range)
-    feed = {session.get_inputs()[0].name: to_layout(pixels, classifier.layout)}
-    times = time_calls(lambda: session.run(None, feed), warmup=20, iterations=50, min_duration_s=2)
-    return batch / float(np.median(times))
+def tensor_files(
+    classifier: Classifier, pixels: np.ndarray, folder: Path, batch: int
+) -> list[tuple[Path, int]]:
+    """Open Inference Protocol requests of ``batch`` images each, Triton's binary tensor data
+    extension: a JSON header (its length in ``Inference-Header-Content-Length``), then the
+    model's pixel input as UINT8 bytes; the probabilities asked for as binary too."""
+    session = classifier.session
+    paths = []
+    for i in range(len(pixels) // batch):
+        tensor = to_layout(pixels[i * batch : (i + 1) * batch], classifier.layout)
+        data = np.ascontiguousarray(tensor, dtype=np.uint8).tobytes()
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": session.get_inputs()[0].name,
+                        "shape": list(tensor.shape),
+                        "datatype": "UINT8",
+                        "parameters": {"binary_data_size": len(data)},
+                    }
+                ],
+                "outputs": [
+                    {"name": session.get_outputs()[0].name, "parameters": {"binary_data": True}}
+                ],
+            }
+        ).encode()
+        path = folder / f"tensor{i}.bin"
+        path.write_bytes(header + data)
+        paths.append((path, len(header)))
+    if len({length for _, length in paths}) != 1:
+        raise SystemExit("the tensor requests' headers differ in length")
+    return paths
+
+
+def in_process(args: argparse.Namespace, batch: int) -> float:
+    """Images per second of ``session.run`` on ``batch`` images (median call), the model's
+    pixels in its range, as `cnnforge bench` times it: the best of onnxruntime's default
+    threads and one thread, spinning and not (on a busy 2-core machine a spinning pool of two
+    threads ran at half the speed of one thread)."""
+    best = 0.0
+    for threads, spinning in ((args.threads, None), (args.threads, False), (1, None), (1, False)):
+        classifier = Classifier(args.model, threads=threads, spinning=spinning)
+        session = classifier.session
+        shape = (batch, classifier.height, classifier.width, classifier.channels)
+        pixels = random_array(np.random.default_rng(0), "float32", shape, classifier.pixel_range)
+        feed = {session.get_inputs()[0].name: to_layout(pixels, classifier.layout)}
+        times = time_calls(functools.partial(session.run, None, feed), warmup=20, iterations=50)
+        best = max(best, batch / float(np.median(times)))
+    return best
 
 
 def lscpu_flags() -> str:
@@ -239,43 +303,83 @@ def lscpu_flags() -> str:
     return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512"
 
 
-def measure(args: argparse.Namespace, pngs: list[Path]) -> list[dict]:
+def measure(
+    args: argparse.Namespace, pngs: list[Path], tensors: list[tuple[Path, int]]
+) -> list[dict]:
     rows = []
     for connections in args.connections:
         port = free_port()
         bare = start_bare(port)
         try:
-            run_wrk(f"http://127.0.0.1:{port}/predict", "image/png", pngs, 4, 1)  # warm up
-            cpu = cpu_seconds(bare.pid)
-            row = run_wrk(
-                f"http://127.0.0.1:{port}/predict", "image/png", pngs, connections, args.seconds
-            )
-            row["cpu_ms"] = (cpu_seconds(bare.pid) - cpu) * 1e3 / max(row["requests"], 1)
+            bare_row = load_row(bare, port, 0, "/predict", "image/png", pngs, connections, args)
         finally:
             stop(bare)
-        bare_rps = row["rps"]
-        rows.append(row | {"target": "bare Starlette route", "connections": connections})
+        rows.append(bare_row | {"target": "bare Starlette route"})
         for workers in args.workers:
             port = free_port()
             server = start_serve(args.model, port, workers, args)
-            url = f"http://127.0.0.1:{port}/predict?top_k=1"
+            label = f"{workers} worker{'s' * (workers > 1)}"
+            infer = f"/v2/models/{Path(args.model).stem}/infer"
+            header = f"Inference-Header-Content-Length: {tensors[0][1]}"
+            files = [path for path, _ in tensors]
             try:
-                run_wrk(url, "image/png", pngs, 4, 1)
-                before, cpu = batch_counts(port, workers), cpu_seconds(server.pid)
-                row = run_wrk(url, "image/png", pngs, connections, args.seconds)
-                row["cpu_ms"] = (cpu_seconds(server.pid) - cpu) * 1e3 / max(row["requests"], 1)
-                after = batch_counts(port, workers)
+                row = load_row(
+                    server, port, workers, "/predict?top_k=1", "image/png", pngs, connections, args
+                )
+                rows.append(row | {"target": f"cnnforge serve, image/png ({label})"})
+                row = load_row(
+                    server,
+                    port,
+                    workers,
+                    infer,
+                    "application/octet-stream",
+                    files,
+                    connections,
+                    args,
+                    header,
+                    args.max_batch,
+                )
+                # right after, while the server idles: a slow spell of the shared machine hits
+                # both figures alike
+                row["inprocess_images_per_s"] = in_process(args, args.max_batch)
+                row["vs_inprocess"] = row["images_per_s"] / row["inprocess_images_per_s"]
+                target = f"cnnforge serve, v2 UINT8 tensor of {args.max_batch} ({label})"
+                rows.append(row | {"target": target})
             finally:
                 stop(server)
-            batches = after[1] - before[1]
-            row["mean_batch"] = (after[0] - before[0]) / batches if batches > 0 else None
-            row["images_per_s"] = row["rps"]  # one image a request
-            target = f"cnnforge serve, image/png ({workers} worker{'s' * (workers > 1)})"
-            rows.append(row | {"target": target, "connections": connections})
-        for row in rows[-1 - len(args.workers) :]:
-            row["vs_bare"] = row["rps"] / bare_rps
+        for row in rows[-1 - 2 * len(args.workers) :]:
+            row["vs_bare"] = row["rps"] / bare_row["rps"]
             print(json.dumps(row), file=sys.stderr)
     return rows
+
+
+def load_row(
+    process: subprocess.Popen,
+    port: int,
+    workers: int,
+    path: str,
+    kind: str,
+    files: list[Path],
+    connections: int,
+    args: argparse.Namespace,
+    header: str = "",
+    images: int = 1,
+) -> dict:
+    """One row: a warm-up, then ``args.seconds`` of wrk at ``connections``; the process's CPU a
+    request, and (``workers`` > 0: cnnforge serve) the mean batch from /metrics."""
+    url = f"http://127.0.0.1:{port}{path}"
+    run_wrk(url, kind, files, 4, 1, header)
+    before = batch_counts(port, workers) if workers else None
+    cpu = cpu_seconds(process.pid)
+    row = run_wrk(url, kind, files, connections, args.seconds, header)
+    row["cpu_ms"] = (cpu_seconds(process.pid) - cpu) * 1e3 / max(row["requests"], 1)
+    row["connections"] = connections
+    if before is not None:
+        after = batch_counts(port, workers)
+        batches = after[1] - before[1]
+        row["mean_batch"] = (after[0] - before[0]) / batches if batches > 0 else None
+        row["images_per_s"] = row["rps"] * images
+    return row
 
 
 def main() -> None:
@@ -287,23 +391,32 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (both sides)")
+    parser.add_argument(
+        "--pin", action="store_true", help="wrk on the last CPU, servers on the rest"
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        PIN["client"] = ["taskset", "-c", str(cpus[-1])]
+        PIN["server"] = ["taskset", "-c", ",".join(map(str, cpus[:-1]))]
 
     classifier = Classifier(args.model, threads=args.threads)
+    pixels = test_pixels(classifier)
     with tempfile.TemporaryDirectory() as folder:
-        rows = measure(args, png_files(classifier, Path(folder)))
-    inprocess = in_process(args.model, classifier, args.max_batch, args.threads)
+        pngs = png_files(pixels[:64], Path(folder))
+        tensors = tensor_files(classifier, pixels, Path(folder), args.max_batch)
+        rows = measure(args, pngs, tensors)
     machine = (
         f"{cpu_name()} ({lscpu_flags()}), {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f} at the end; Python {platform.python_version()}"
     )
     print(
         f"model {args.model}; {machine}; serve --max-batch {args.max_batch} --max-wait-ms "
-        f"{args.max_wait_ms}; wrk -t1, {args.seconds:g} s a row; in-process onnxruntime "
-        f"{inprocess:,.0f} images/s at batch {args.max_batch}\n"
+        f"{args.max_wait_ms}; wrk -t1, {args.seconds:g} s a row"
+        f"{', wrk and servers pinned apart' if args.pin else ''}\n"
     )
     print(
         markdown_table(
@@ -317,7 +430,8 @@ def main() -> None:
                 "errors",
                 "mean batch",
                 "server CPU ms/req",
-                "÷ bare",
+                "req/s ÷ bare",
+                "images/s ÷ in-process (its img/s)",
             ],
             [
                 [
@@ -331,13 +445,16 @@ def main() -> None:
                     f"{r['mean_batch']:.1f}" if r.get("mean_batch") else "",
                     f"{r['cpu_ms']:.3f}",
                     f"{r['vs_bare']:.0%}" if "vs_bare" in r else "",
+                    f"{r['vs_inprocess']:.0%} ({r['inprocess_images_per_s']:,.0f})"
+                    if "vs_inprocess" in r
+                    else "",
                 ]
                 for r in rows
             ],
         )
     )
     if args.json:
-        figures = {"machine": machine, "inprocess_images_per_s": inprocess, "rows": rows}
+        figures = {"machine": machine, "rows": rows}
         args.json.write_text(json.dumps(figures, indent=2))
 
 
