@@ -66,6 +66,13 @@ from cnnforge.deploy.server import (
     metavar="SECONDS",
     help="Longest wait for the next byte of a request body; then 408 and the connection closed.",
 )
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="Also serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService) on "
+    "this port, same host; off unless given. Needs cnnforge[grpc].",
+)
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
 @click.option(
     "--token",
@@ -84,13 +91,15 @@ def serve(
     max_body: int,
     max_pixels: int,
     body_timeout: float,
+    grpc_port: int | None,
     threads: int | None,
     token: str | None,
     provider: str,
     reject_unknown: bool,
     min_confidence: float | None,
 ) -> None:
-    """Serve an ONNX model over HTTP: POST /predict, /health, /metadata, /metrics."""
+    """Serve an ONNX model over HTTP: POST /predict, /health, /metadata, /metrics; with
+    --grpc-port, over gRPC too (the Open Inference Protocol)."""
     from cnnforge.deploy.server import serve as run_server
 
     run_server(
@@ -103,6 +112,7 @@ def serve(
         max_body=max_body,
         max_pixels=max_pixels,
         body_timeout=body_timeout,
+        grpc_port=grpc_port,
         threads=threads,
         token=token or None,
         provider=provider,

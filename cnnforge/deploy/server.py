@@ -12,8 +12,10 @@ calls through :class:`cnnforge.deploy.batching.Batcher`.
     serve("model.onnx", port=8000, max_batch=32, max_wait_ms=2)
 
 Bad input is a 4xx with ``{"error": "one line"}``; the server goes on. With a token every route
-but ``/health`` needs ``Authorization: Bearer TOKEN`` (compared in constant time). SIGTERM or
-Ctrl-C stops accepting, answers what is in flight, then returns (exit status 0).
+but ``/health`` needs ``Authorization: Bearer TOKEN`` (compared in constant time). With
+``grpc_address`` the Open Inference Protocol's gRPC service runs beside the routes, in the same
+loop (:mod:`cnnforge.deploy.serve_grpc`). SIGTERM or Ctrl-C stops accepting (HTTP and gRPC),
+answers what is in flight, then returns (exit status 0).
 
 This module is the app: middleware, routes, the uvicorn server. What one request may be (body,
 limits, content type, ``top_k``) is :mod:`cnnforge.deploy.serve_requests`, the model with its
@@ -40,6 +42,7 @@ from typing import Any
 
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.deploy.batching import Overloaded
+from cnnforge.deploy.serve_grpc import GrpcEndpoint, check_port, require_grpc
 from cnnforge.deploy.serve_openapi import openapi_document
 from cnnforge.deploy.serve_requests import (
     RAW_TYPES,
@@ -175,13 +178,18 @@ def create_app(
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
     reject_unknown: bool = False,
     min_confidence: float | None = None,
+    grpc_address: tuple[str, int] | None = None,
 ) -> Any:
     """The ASGI app (Starlette) serving ``model``; the model is loaded now, so a bad file fails
     here, before anything listens. A request may carry at most ``max_batch`` images of at most
     ``max_pixels`` pixels each; at most ``decoders`` images are decoded at once. A body that
     goes ``body_timeout`` seconds without a byte is a 408. ``reject_unknown`` and
-    ``min_confidence``: answer ``unknown`` below a confidence, as :class:`Classifier` does."""
+    ``min_confidence``: answer ``unknown`` below a confidence, as :class:`Classifier` does.
+    ``grpc_address`` (host, port): also serve the protocol's gRPC service there, started and
+    stopped with the app (port 0: an ephemeral one, ``app.state.grpc.port`` once started)."""
     _require_serve()
+    if grpc_address is not None:
+        require_grpc()
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
@@ -202,6 +210,7 @@ def create_app(
         reject_unknown=reject_unknown,
         min_confidence=min_confidence,
     )
+    grpc = GrpcEndpoint(service, *grpc_address, token=token) if grpc_address else None
 
     async def predict_route(request: Any) -> Any:
         try:
@@ -256,7 +265,11 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         service.batcher.start()
+        if grpc is not None:
+            await grpc.start()
         yield
+        if grpc is not None:
+            await grpc.stop()  # its calls in flight answered, as uvicorn's were
         await service.batcher.stop()  # after uvicorn answered what was in flight
 
     app = Starlette(
@@ -274,7 +287,7 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error},
     )
-    app.state.service = service
+    app.state.service, app.state.grpc = service, grpc
     return app
 
 
@@ -286,6 +299,13 @@ def server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_level: st
     import uvicorn
 
     class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # the gRPC port stops taking calls with the HTTP one, not after HTTP's drain
+            grpc = getattr(getattr(app, "state", None), "grpc", None)
+            if grpc is not None:
+                grpc.stop_accepting()
+            await super().shutdown(sockets)
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             if threading.current_thread() is not threading.main_thread():
@@ -317,10 +337,11 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    grpc_port: int | None = None,
     **options: Any,
 ) -> None:
-    """Serve ``model`` until SIGTERM or Ctrl-C, then drain and return. ``options`` are
-    :func:`create_app`'s."""
+    """Serve ``model`` until SIGTERM or Ctrl-C, then drain and return. ``grpc_port``: also serve
+    the protocol over gRPC on ``host:grpc_port``. ``options`` are :func:`create_app`'s."""
     if options.get("token") is None and not _is_loopback(host):
         warnings.warn(
             f"serving on {host} without a token: anyone who can reach it can use it; set "
@@ -328,6 +349,14 @@ def serve(
             CnnforgeWarning,
             stacklevel=2,
         )
+    if grpc_port is not None:
+        if grpc_port == port != 0:
+            raise CnnforgeError(
+                f"--grpc-port {grpc_port} is --port too; give gRPC a port of its own"
+            )
+        require_grpc()
+        check_port(host, grpc_port)
+        options["grpc_address"] = (host, grpc_port)
     app = create_app(model, **options)
     listening = _listen(host, port)
     server(app, host=host, port=port, log_level=log_level).run(sockets=[listening])
