@@ -82,8 +82,8 @@ from cnnforge.deploy.server import (
 @click.option("--provider", type=provider_choice(), default="cpu", show_default=True)
 @click.option(
     "--name",
-    help="The model's name in the Open Inference Protocol routes (/v2/models/NAME); default: "
-    "the model file's stem.",
+    help="The model's name in the Open Inference Protocol (/v2/models/NAME, and over gRPC); "
+    "default: the model file's stem.",
 )
 @unknown_options
 def serve(

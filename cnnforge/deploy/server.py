@@ -216,7 +216,10 @@ def create_app(
         reject_unknown=reject_unknown,
         min_confidence=min_confidence,
     )
-    grpc = GrpcEndpoint(service, *grpc_address, token=token) if grpc_address else None
+    name = name or Path(model).stem  # the model's name in the protocol, REST and gRPC
+    grpc = (
+        GrpcEndpoint(service, *grpc_address, token=token, model_name=name) if grpc_address else None
+    )
 
     async def predict_route(request: Any) -> Any:
         try:
@@ -263,7 +266,7 @@ def create_app(
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(request: Any) -> Any:
-        return JSONResponse(openapi_document(service, name or Path(model).stem))
+        return JSONResponse(openapi_document(service, name))
 
     async def http_error(request: Any, exc: Any) -> Any:  # unknown route, wrong method
         return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
@@ -285,7 +288,7 @@ def create_app(
             Route("/metadata", metadata),
             Route("/metrics", metrics),
             Route("/openapi.json", openapi),
-            *v2_routes(service, name or Path(model).stem),
+            *v2_routes(service, name),
         ],
         middleware=[
             Middleware(_Observe, metrics=service.metrics),

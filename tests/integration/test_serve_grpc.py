@@ -199,6 +199,20 @@ def test_an_unknown_model_is_not_found_and_other_calls_unimplemented(client, ima
     assert error.status() == "StatusCode.UNIMPLEMENTED"
 
 
+def test_name_gives_the_model_its_name_over_grpc_as_over_rest(model, images):
+    app = create_app(model, name="fashion", grpc_address=("127.0.0.1", 0))
+    with serving.running(app) as url:
+        with triton.InferenceServerClient(f"127.0.0.1:{app.state.grpc.port}") as client:
+            assert client.get_model_metadata("fashion", as_json=True)["name"] == "fashion"
+            index = client.get_model_repository_index(as_json=True)
+            assert [m["name"] for m in index["models"]] == ["fashion"]
+            got = client.infer("fashion", [tensor(PIXELS, images[:1], "UINT8")])
+            assert got.get_response().model_name == "fashion"
+            error = refusal(lambda: client.is_model_ready(NAME))  # the stem is not its name now
+            assert error.status() == "StatusCode.NOT_FOUND"
+        assert httpx.get(f"{url}/v2/models/fashion").status_code == 200
+
+
 def test_the_token_is_needed_for_all_but_health_and_metrics_count_grpc_calls(served, images):
     with triton.InferenceServerClient(served[1]) as client:
         error = refusal(lambda: client.get_model_metadata(NAME))
