@@ -146,6 +146,14 @@ def test_typed_contents_answer_as_raw_bytes_do(served, model, images):
     assert (output.name, output.datatype, list(output.shape)) == (OUTPUT, "FP32", [2, 10])
     got = np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(2, 10)
     np.testing.assert_allclose(got, expected(model, images[:2]), rtol=1e-5, atol=1e-7)
+    files = service_pb2.ModelInferRequest(model_name=NAME)
+    given = files.inputs.add(name=IMAGE, datatype="BYTES", shape=[2])
+    given.contents.bytes_contents.extend([png(p[..., 0]) for p in images[:2]])
+    with grpc.insecure_channel(served[1]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answer = stub.ModelInfer(files, metadata=tuple(AUTH.items()))
+    typed_files = np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(2, 10)
+    np.testing.assert_allclose(typed_files, got, rtol=1e-5, atol=1e-7)
 
 
 def test_classification_extension_gives_tritons_strings(client, model, images):
