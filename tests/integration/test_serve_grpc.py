@@ -392,7 +392,6 @@ def test_the_queue_is_shared_with_http_and_calls_are_bounded(model, images):
             assert call.result(30).as_numpy(OUTPUT).shape == (1, 10)
 
 
-@pytest.mark.slow  # a subprocess server: several seconds on the shared 2-core machine
 def test_cnnforge_serve_grpc_port_token_from_env_and_sigterm_exits_0(tmp_path, images):
     model = serving.model(tmp_path / f"{NAME}.onnx")
     port, grpc_port = serving.free_port(), serving.free_port()
