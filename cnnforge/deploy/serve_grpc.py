@@ -20,6 +20,7 @@ import asyncio
 import hmac
 import importlib
 import logging
+import math
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,7 @@ from cnnforge.deploy.v2_protocol import (
     VERSION,
     ProtocolError,
     Tensor,
+    check_shape,
     infer,
     model_spec,
     output_request,
@@ -330,9 +332,11 @@ def _typed(name: str, datatype: str, shape: list[int], contents: Any) -> Tensor:
     values = getattr(contents, field)
     if datatype != "BYTES":
         return tensor_from_json(name, datatype, shape, np.asarray(values))
-    count = int(np.prod(shape, dtype=np.int64))
-    if len(values) != count:
-        raise ProtocolError(f"input {name!r}: {len(values)} BYTES elements for shape {shape}")
+    if len(values) != math.prod(check_shape(name, shape)):
+        raise ProtocolError(
+            f"input {name!r}: {len(values)} BYTES elements for shape {shape}; send one "
+            "bytes_contents element per image"
+        )
     return list(values)
 
 

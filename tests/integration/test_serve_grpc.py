@@ -185,16 +185,41 @@ def test_bad_tensors_are_invalid_argument_with_one_line(client, name, array, dat
     assert "\n" not in error.message() and all(w in error.message() for w in words)
 
 
-def test_a_byte_count_that_does_not_fit_the_shape_is_invalid_argument(served, images):
-    request = service_pb2.ModelInferRequest(model_name=NAME)
-    request.inputs.add(name=PIXELS, datatype="UINT8", shape=[2, 28, 28, 1])
-    request.raw_input_contents.append(images[:2].tobytes()[:-5])
+def hand_made(served, request) -> grpc.RpcError:
+    """The error of a ModelInferRequest built by hand (what Triton's client would not send)."""
     with grpc.insecure_channel(served[1]) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(request, metadata=tuple(AUTH.items()))
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "byte" in caught.value.details() and "\n" not in caught.value.details()
+    return caught.value
+
+
+def test_a_byte_count_that_does_not_fit_the_shape_is_invalid_argument(served, images):
+    request = service_pb2.ModelInferRequest(model_name=NAME)
+    request.inputs.add(name=PIXELS, datatype="UINT8", shape=[2, 28, 28, 1])
+    request.raw_input_contents.append(images[:2].tobytes()[:-5])
+    error = hand_made(served, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "byte" in error.details() and "\n" not in error.details()
+
+
+@pytest.mark.parametrize(
+    ("shape", "count", "words"),
+    [
+        ([-1], 1, ["shape", "whole numbers"]),  # a negative size
+        ([2**32, 2**32], 0, ["shape", "elements"]),  # its product past int64
+        ([3], 2, ["2 BYTES elements", "[3]"]),
+    ],
+)
+def test_typed_bytes_contents_that_do_not_fit_their_shape_are_invalid_argument(
+    served, images, shape, count, words
+):
+    request = service_pb2.ModelInferRequest(model_name=NAME)
+    given = request.inputs.add(name=IMAGE, datatype="BYTES", shape=shape)
+    given.contents.bytes_contents.extend([png(images[0, ..., 0])] * count)
+    error = hand_made(served, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert all(w in error.details() for w in words), error.details()
 
 
 def test_an_unknown_model_is_not_found_and_other_calls_unimplemented(client, images):
