@@ -367,12 +367,13 @@ def test_stopping_refuses_new_calls_and_answers_those_in_flight(model, images):
     with held(app) as (instance, release, running):
         address = f"127.0.0.1:{app.state.grpc.port}"
         with ThreadPoolExecutor(3) as pool, triton.InferenceServerClient(address) as client:
-            calls = [
+            calls = [pool.submit(infer, client, [tensor(PIXELS, images[:1], "UINT8")])]
+            wait_for(running.is_set)  # one call in onnxruntime
+            calls += [
                 pool.submit(infer, client, [tensor(PIXELS, images[i : i + 1], "UINT8")])
-                for i in range(3)
+                for i in (1, 2)
             ]
-            # one call in onnxruntime, the two others queued behind it
-            wait_for(lambda: running.is_set() and app.state.service.batcher.depth == 2)
+            wait_for(lambda: app.state.service.batcher.depth == 2)  # two queued behind it
             instance.should_exit = True
             time.sleep(0.5)  # uvicorn's loop sees it within 0.1 s
             with triton.InferenceServerClient(address) as late:
