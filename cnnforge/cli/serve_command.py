@@ -73,6 +73,11 @@ from cnnforge.deploy.server import (
     help=f"Require Authorization: Bearer TOKEN on every route but /health (also {TOKEN_ENV}).",
 )
 @click.option("--provider", type=provider_choice(), default="cpu", show_default=True)
+@click.option(
+    "--name",
+    help="The model's name in the Open Inference Protocol routes (/v2/models/NAME); default: "
+    "the model file's stem.",
+)
 @unknown_options
 def serve(
     model: Path,
@@ -87,10 +92,12 @@ def serve(
     threads: int | None,
     token: str | None,
     provider: str,
+    name: str | None,
     reject_unknown: bool,
     min_confidence: float | None,
 ) -> None:
-    """Serve an ONNX model over HTTP: POST /predict, /health, /metadata, /metrics."""
+    """Serve an ONNX model over HTTP: POST /predict, /health, /metadata, /metrics, and the Open
+    Inference Protocol (KServe v2, Triton's REST API) under /v2."""
     from cnnforge.deploy.server import serve as run_server
 
     run_server(
@@ -106,6 +113,7 @@ def serve(
         threads=threads,
         token=token or None,
         provider=provider,
+        name=name,
         reject_unknown=reject_unknown,
         min_confidence=min_confidence,
     )

@@ -3,7 +3,8 @@
 Starlette under uvicorn. ``POST /predict`` takes one or several images (multipart form files,
 or the raw bytes of one image) and answers their top-k labels as JSON; ``GET /health``,
 ``GET /metadata`` (from the model's own cnnforge metadata), ``GET /metrics`` (Prometheus text)
-and ``GET /openapi.json``. Images are preprocessed exactly as ``cnnforge predict`` does:
+and ``GET /openapi.json``; the Open Inference Protocol's REST routes (``/v2/...``,
+:mod:`cnnforge.deploy.serve_v2`) beside them, the model named by its file's stem. Images are preprocessed exactly as ``cnnforge predict`` does:
 decoded (EXIF upright), then :meth:`Classifier.pixels`. Concurrent requests share onnxruntime
 calls through :class:`cnnforge.deploy.batching.Batcher`.
 
@@ -12,7 +13,7 @@ calls through :class:`cnnforge.deploy.batching.Batcher`.
     serve("model.onnx", port=8000, max_batch=32, max_wait_ms=2)
 
 Bad input is a 4xx with ``{"error": "one line"}``; the server goes on. With a token every route
-but ``/health`` needs ``Authorization: Bearer TOKEN`` (compared in constant time). SIGTERM or
+but ``/health`` (and ``/v2/health/live``, ``/v2/health/ready``) needs ``Authorization: Bearer TOKEN`` (compared in constant time). SIGTERM or
 Ctrl-C stops accepting, answers what is in flight, then returns (exit status 0).
 
 This module is the app: middleware, routes, the uvicorn server. What one request may be (body,
@@ -63,6 +64,7 @@ from cnnforge.deploy.serve_service import (
     Metrics,
     Service,
 )
+from cnnforge.deploy.serve_v2 import PUBLIC, metrics_route, v2_routes
 
 __all__ = [
     "DECODERS",
@@ -92,6 +94,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "CNNFORGE_SERVE_TOKEN"
 GRACEFUL_TIMEOUT_S = 30
 ROUTES = ("/predict", "/health", "/metadata", "/metrics", "/openapi.json")
+_PUBLIC = ("/health", *PUBLIC)  # no token needed
 
 
 def _require_serve() -> None:
@@ -114,7 +117,8 @@ class _Observe:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        path = scope["path"]
+        route = path if path in ROUTES else metrics_route(path) or "other"
         status = 500
         start = time.perf_counter()
 
@@ -132,7 +136,7 @@ class _Observe:
 
 
 class _Auth:
-    """ASGI middleware: every route but /health needs ``Authorization: Bearer TOKEN``."""
+    """ASGI middleware: every route but the health ones needs ``Authorization: Bearer TOKEN``."""
 
     def __init__(self, app: Any, token: str | None, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
@@ -141,7 +145,7 @@ class _Auth:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         from starlette.responses import JSONResponse
 
-        if scope["type"] == "http" and scope["path"] != "/health" and not self._allowed(scope):
+        if scope["type"] == "http" and scope["path"] not in _PUBLIC and not self._allowed(scope):
             self.metrics.errors.labels("unauthorized").inc()
             response = JSONResponse(
                 {"error": "missing or wrong token; send the header Authorization: Bearer TOKEN"},
@@ -175,12 +179,14 @@ def create_app(
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
     reject_unknown: bool = False,
     min_confidence: float | None = None,
+    name: str | None = None,
 ) -> Any:
     """The ASGI app (Starlette) serving ``model``; the model is loaded now, so a bad file fails
     here, before anything listens. A request may carry at most ``max_batch`` images of at most
     ``max_pixels`` pixels each; at most ``decoders`` images are decoded at once. A body that
     goes ``body_timeout`` seconds without a byte is a 408. ``reject_unknown`` and
-    ``min_confidence``: answer ``unknown`` below a confidence, as :class:`Classifier` does."""
+    ``min_confidence``: answer ``unknown`` below a confidence, as :class:`Classifier` does.
+    ``name``: the model's name in the ``/v2`` routes (default: the file's stem)."""
     _require_serve()
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -248,7 +254,7 @@ def create_app(
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(request: Any) -> Any:
-        return JSONResponse(openapi_document(service))
+        return JSONResponse(openapi_document(service, name or Path(model).stem))
 
     async def http_error(request: Any, exc: Any) -> Any:  # unknown route, wrong method
         return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
@@ -266,6 +272,7 @@ def create_app(
             Route("/metadata", metadata),
             Route("/metrics", metrics),
             Route("/openapi.json", openapi),
+            *v2_routes(service, name or Path(model).stem),
         ],
         middleware=[
             Middleware(_Observe, metrics=service.metrics),
