@@ -26,6 +26,7 @@ from cnnforge.cli import (
 )
 from cnnforge.cli.output import err_console, show_warning, silence_tensorflow_logs
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
+from cnnforge.core.version import __version__
 
 
 class CnnforgeGroup(click.Group):
@@ -87,7 +88,7 @@ class CnnforgeGroup(click.Group):
     "(also CNNFORGE_CACHE_DIR) [default: ~/.cache/cnnforge, else the temporary folder, "
     "whichever is not tmpfs].",
 )
-@click.version_option(package_name="cnnforge")
+@click.version_option(__version__, prog_name="cnnforge")
 @click.pass_context
 def cli(
     ctx: click.Context,

@@ -68,6 +68,13 @@ from cnnforge.deploy.server import (
     help="Longest wait for the next byte of a request body; then 408 and the connection closed.",
 )
 @click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="Also serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService) on "
+    "this port, same host; off unless given. Needs cnnforge[grpc].",
+)
+@click.option(
     "--threads",
     type=click.IntRange(min=1),
     help="onnxruntime intra-op threads (of each worker; default: the CPUs split among them).",
@@ -87,8 +94,8 @@ from cnnforge.deploy.server import (
 @click.option("--provider", type=provider_choice(), default="cpu", show_default=True)
 @click.option(
     "--name",
-    help="The model's name in the Open Inference Protocol routes (/v2/models/NAME); default: "
-    "the model file's stem.",
+    help="The model's name in the Open Inference Protocol (/v2/models/NAME, and over gRPC); "
+    "default: the model file's stem.",
 )
 @unknown_options
 def serve(
@@ -101,6 +108,7 @@ def serve(
     max_body: int,
     max_pixels: int,
     body_timeout: float,
+    grpc_port: int | None,
     threads: int | None,
     workers: int,
     token: str | None,
@@ -110,7 +118,8 @@ def serve(
     min_confidence: float | None,
 ) -> None:
     """Serve an ONNX model over HTTP: POST /predict, /health, /metadata, /metrics, and the Open
-    Inference Protocol (KServe v2, Triton's REST API) under /v2."""
+    Inference Protocol (KServe v2, Triton's REST API) under /v2; with --grpc-port, the same
+    protocol over gRPC too."""
     from cnnforge.deploy.serve_workers import serve_workers
     from cnnforge.deploy.server import serve as run_server
 
@@ -126,6 +135,7 @@ def serve(
         max_body=max_body,
         max_pixels=max_pixels,
         body_timeout=body_timeout,
+        grpc_port=grpc_port,
         threads=threads,
         token=token or None,
         provider=provider,

@@ -34,12 +34,19 @@ def serve_workers(
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    grpc_port: int | None = None,
     **options: Any,
 ) -> None:
     """Serve ``model`` from ``workers`` processes on ``host:port`` until SIGTERM or Ctrl-C, then
-    stop them all and return. ``options`` are :func:`create_app`'s."""
+    stop them all and return. ``options`` are :func:`create_app`'s. gRPC (``grpc_port``) is
+    served by one process only, not yet by workers: refused in one line."""
     if workers < 1:
         raise CnnforgeError(f"workers must be at least 1, got {workers}")
+    if grpc_port is not None:
+        raise CnnforgeError(
+            "--grpc-port is served by one process only; drop --workers, or run the gRPC server "
+            "as a process of its own"
+        )
     warn_if_open(host, options.get("token"))
     if options.get("threads") is None:
         options["threads"] = max(1, available_cpus() // workers)

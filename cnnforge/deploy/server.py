@@ -13,8 +13,10 @@ calls through :class:`cnnforge.deploy.batching.Batcher`.
     serve("model.onnx", port=8000, max_batch=32, max_wait_ms=2)
 
 Bad input is a 4xx with ``{"error": "one line"}``; the server goes on. With a token every route
-but ``/health`` (and ``/v2/health/live``, ``/v2/health/ready``) needs ``Authorization: Bearer TOKEN`` (compared in constant time). SIGTERM or
-Ctrl-C stops accepting, answers what is in flight, then returns (exit status 0).
+but ``/health`` (and ``/v2/health/live``, ``/v2/health/ready``) needs ``Authorization: Bearer
+TOKEN`` (compared in constant time). With ``grpc_address`` the protocol's gRPC service runs
+beside the routes, in the same loop (:mod:`cnnforge.deploy.serve_grpc`). SIGTERM or Ctrl-C stops
+accepting (HTTP and gRPC), answers what is in flight, then returns (exit status 0).
 
 This module is the app: middleware, routes, the uvicorn server. What one request may be (body,
 limits, content type, ``top_k``) is :mod:`cnnforge.deploy.serve_requests`, the model with its
@@ -41,6 +43,7 @@ from typing import Any
 
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.deploy.batching import Overloaded
+from cnnforge.deploy.serve_grpc import GrpcEndpoint, check_port, require_grpc
 from cnnforge.deploy.serve_openapi import openapi_document
 from cnnforge.deploy.serve_requests import (
     RAW_TYPES,
@@ -194,14 +197,19 @@ def create_app(
     reject_unknown: bool = False,
     min_confidence: float | None = None,
     name: str | None = None,
+    grpc_address: tuple[str, int] | None = None,
 ) -> Any:
     """The ASGI app (Starlette) serving ``model``; the model is loaded now, so a bad file fails
     here, before anything listens. A request may carry at most ``max_batch`` images of at most
     ``max_pixels`` pixels each; at most ``decoders`` images are decoded at once. A body that
     goes ``body_timeout`` seconds without a byte is a 408. ``reject_unknown`` and
     ``min_confidence``: answer ``unknown`` below a confidence, as :class:`Classifier` does.
-    ``name``: the model's name in the ``/v2`` routes (default: the file's stem)."""
+    ``name``: the model's name in the ``/v2`` routes and over gRPC (default: the file's stem).
+    ``grpc_address`` (host, port): also serve the protocol's gRPC service there, started and
+    stopped with the app (port 0: an ephemeral one, ``app.state.grpc.port`` once started)."""
     _require_serve()
+    if grpc_address is not None:
+        require_grpc()
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
@@ -221,6 +229,10 @@ def create_app(
         body_timeout=body_timeout,
         reject_unknown=reject_unknown,
         min_confidence=min_confidence,
+    )
+    name = name or Path(model).stem  # the model's name in the protocol, REST and gRPC
+    grpc = (
+        GrpcEndpoint(service, *grpc_address, token=token, model_name=name) if grpc_address else None
     )
 
     async def predict_route(request: Any) -> Any:
@@ -271,7 +283,7 @@ def create_app(
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi(request: Any) -> Any:
-        return JSONResponse(openapi_document(service, name or Path(model).stem))
+        return JSONResponse(openapi_document(service, name))
 
     async def http_error(request: Any, exc: Any) -> Any:  # unknown route, wrong method
         return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
@@ -279,7 +291,11 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         service.batcher.start()
+        if grpc is not None:
+            await grpc.start()
         yield
+        if grpc is not None:
+            await grpc.stop()  # its calls in flight answered, as uvicorn's were
         await service.batcher.stop()  # after uvicorn answered what was in flight
 
     app = Starlette(
@@ -289,13 +305,13 @@ def create_app(
             Route("/metadata", metadata),
             Route("/metrics", metrics),
             Route("/openapi.json", openapi),
-            *v2_routes(service, name or Path(model).stem),
+            *v2_routes(service, name),
         ],
         middleware=[Middleware(_Front, token=token, metrics=service.metrics)],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error},
     )
-    app.state.service = service
+    app.state.service, app.state.grpc = service, grpc
     return app
 
 
@@ -307,6 +323,13 @@ def server(app: Any, *, host: str = "127.0.0.1", port: int = 8000, log_level: st
     import uvicorn
 
     class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # the gRPC port stops taking calls with the HTTP one, not after HTTP's drain
+            grpc = getattr(getattr(app, "state", None), "grpc", None)
+            if grpc is not None:
+                grpc.stop_accepting()
+            await super().shutdown(sockets)
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             if threading.current_thread() is not threading.main_thread():
@@ -338,11 +361,20 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    grpc_port: int | None = None,
     **options: Any,
 ) -> None:
-    """Serve ``model`` until SIGTERM or Ctrl-C, then drain and return. ``options`` are
-    :func:`create_app`'s."""
+    """Serve ``model`` until SIGTERM or Ctrl-C, then drain and return. ``grpc_port``: also serve
+    the protocol over gRPC on ``host:grpc_port``. ``options`` are :func:`create_app`'s."""
     warn_if_open(host, options.get("token"))
+    if grpc_port is not None:
+        if grpc_port == port != 0:
+            raise CnnforgeError(
+                f"--grpc-port {grpc_port} is --port too; give gRPC a port of its own"
+            )
+        require_grpc()
+        check_port(host, grpc_port)
+        options["grpc_address"] = (host, grpc_port)
     app = create_app(model, **options)
     listening = listen(host, port)
     server(app, host=host, port=port, log_level=log_level).run(sockets=[listening])

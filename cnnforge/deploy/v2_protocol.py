@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import json
 import math
 import struct
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -165,9 +165,18 @@ def _classifier(service_or_classifier: Service | Classifier) -> Classifier:
     return getattr(service_or_classifier, "classifier", service_or_classifier)
 
 
-@functools.lru_cache(maxsize=16)
+# one per classifier, read once, gone with it (a cache holding sessions would hold their memory)
+_TENSORS: weakref.WeakKeyDictionary[Classifier, _Tensors] = weakref.WeakKeyDictionary()
+
+
 def _tensors(classifier: Classifier) -> _Tensors:
-    """The protocol's view of ``classifier``'s graph (read once per classifier)."""
+    """The protocol's view of ``classifier``'s graph."""
+    if (known := _TENSORS.get(classifier)) is None:
+        known = _TENSORS[classifier] = _read_tensors(classifier)
+    return known
+
+
+def _read_tensors(classifier: Classifier) -> _Tensors:
     graph_input = classifier.session.get_inputs()[0]
     graph_output = classifier.session.get_outputs()[0]
     image = IMAGE_INPUT if graph_input.name != IMAGE_INPUT else IMAGE_INPUT_ALTERNATIVE

@@ -481,3 +481,19 @@ def test_warnings_and_errors_keep_their_brackets(capsys):
 
     show_warning(warnings.showwarning, "pip install 'cnnforge[mlflow]'", CnnforgeWarning, "f", 1)
     assert "cnnforge[mlflow]" in capsys.readouterr().err
+
+
+def test_version_is_printed_from_a_source_checkout_that_is_not_installed(monkeypatch):
+    """Run from a checkout on PYTHONPATH (as the GPU machine did), no package metadata exists:
+    --version must still print the version, not raise click's "not installed" RuntimeError."""
+    import importlib.metadata
+
+    from cnnforge import __version__
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"cnnforge, version {__version__}"

@@ -117,12 +117,14 @@ def test_cnnforge_serve_token_from_env_and_sigterm_drains_then_exits_0(tmp_path)
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, TOKEN_ENV: "from-env"}
     command = [sys.executable, "-m", "cnnforge.cli", "serve", str(model), "--port", str(port)]
+    command += ["--name", "fashion"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         serving.wait_until_up(url, process)
         assert httpx.get(f"{url}/metadata").status_code == 401
         auth = {"Authorization": "Bearer from-env"}
         assert httpx.get(f"{url}/metadata", headers=auth).status_code == 200
+        assert httpx.get(f"{url}/v2/models/fashion/ready", headers=auth).status_code == 200
         body = png(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
         headers = {**auth, "Content-Type": "image/png"}
         in_flight = [slow_upload(port, body, headers) for _ in range(3)]
@@ -154,6 +156,10 @@ def test_serve_refuses_a_missing_model_or_a_busy_port_in_one_line(tmp_path):
     assert result.exit_code == 1
     (line,) = result.stderr.strip().splitlines()
     assert f"cannot listen on 127.0.0.1:{port}" in line and "choose another --port" in line
+    result = CliRunner().invoke(cli, ["serve", str(model), "--port", "0", "--name", "a/b"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert "model name 'a/b' cannot be a URL path segment; give --name without '/'" in line
 
 
 @pytest.mark.slow

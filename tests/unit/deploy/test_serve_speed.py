@@ -168,3 +168,15 @@ def test_jobs_already_queued_join_a_batch_without_a_timed_wait_each(monkeypatch)
 
     asyncio.run(main())
     assert sizes == [8] and timed == []
+
+
+def test_workers_with_grpc_is_refused_in_one_line(model):
+    from click.testing import CliRunner
+
+    from cnnforge.cli import cli
+
+    command = ["serve", str(model), "--workers", "2", "--grpc-port", "0", "--port", "0"]
+    result = CliRunner().invoke(cli, command)
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "--grpc-port is served by one process only" in line

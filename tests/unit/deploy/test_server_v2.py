@@ -236,3 +236,16 @@ def test_the_token_guards_v2_but_not_its_health_routes(model, images):
 def test_a_model_name_that_is_no_path_segment_is_refused(model):
     with pytest.raises(CnnforgeError, match="cannot be a URL path segment"):
         create_app(model, name="a/b")
+
+
+def test_v2_shares_the_queue_and_body_limits_of_predict(model):
+    app = create_app(model, max_queue=1, max_body=1000)
+    infer = "/v2/models/model/infer"
+    with serving.running(app) as base:
+        too_large = httpx.post(f"{base}{infer}", content=b"{" + b" " * 2000 + b"}")
+        assert too_large.status_code == 413 and "over 1,000 bytes" in too_large.json()["error"]
+        app.state.service.arriving = 1  # as if another request were being decoded
+        full = httpx.post(f"{base}{infer}", content=b"{}")
+        app.state.service.arriving = 0
+        assert full.status_code == 503 and full.headers["retry-after"] == "1"
+        assert "queue is full" in full.json()["error"]

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import io
 import struct
+import weakref
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from PIL import Image
 
 from cnnforge.core.preprocessing import scale
 from cnnforge.deploy import v2_protocol as v2
+from cnnforge.deploy.batching import Overloaded
 from cnnforge.deploy.predict import Classifier
 from cnnforge.deploy.serve_service import Service
 
@@ -236,3 +239,20 @@ def test_a_rest_body_with_binary_inputs_and_outputs_round_trips():
         v2.parse_rest_request(header + bytes(7), str(len(header)))
     with pytest.raises(v2.ProtocolError, match="malformed"):
         v2.parse_rest_request(b"{nope", None)
+
+
+def test_a_full_queue_is_overloaded_before_anything_is_prepared(model, monkeypatch):
+    service = service_of(model, max_queue=1)
+    service.arriving = 1  # another request being decoded fills the queue of one
+    monkeypatch.setattr(service, "pixels", lambda images: pytest.fail("decoded when full"))
+    with pytest.raises(Overloaded):
+        run_infer(service, ({"image": [b"png"]}, ()))
+
+
+def test_the_metadata_cache_does_not_keep_a_classifier_alive(model):
+    classifier = Classifier(model)
+    v2.model_spec(classifier, "m")
+    gone = weakref.ref(classifier)
+    del classifier
+    gc.collect()
+    assert gone() is None
