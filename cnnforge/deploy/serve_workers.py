@@ -1,14 +1,14 @@
 """``cnnforge serve --workers N``: N server processes on one port, for machines with more cores
 than one process's event loop can use.
 
-Each worker is a whole :func:`cnnforge.deploy.server.serve` of its own (its onnxruntime session,
+Each worker is a whole server of its own (its onnxruntime session,
 batcher, limits and metrics), started with ``spawn`` and listening on its own socket bound with
 ``SO_REUSEPORT``, so the kernel spreads new connections over the workers. onnxruntime's threads
 are split: where ``threads`` is not given each worker gets ``available_cpus() // N`` (at least
 1). ``/metrics`` is per process: each scrape is answered by the worker its connection reached,
 named by the ``pid`` label of ``cnnforge_worker``. SIGTERM or Ctrl-C stops every worker (each
-drains what it has in flight) and returns once all have; a worker that exits on its own stops
-the others and is one line.
+drains what it has in flight) and returns once all have; a worker that fails (a non-zero exit)
+stops the others and is one line.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def serve_workers(
         for i in range(workers)
     ]
     stopping: list[int] = []
-    exited: list[Any] = []  # workers that stopped on their own
+    exited: list[Any] = []  # workers that stopped before any signal to this process
     handled = (signal.SIGINT, signal.SIGTERM)
     previous = {sig: signal.signal(sig, lambda sig, _: stopping.append(sig)) for sig in handled}
     try:
@@ -78,9 +78,10 @@ def serve_workers(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         reserved.close()
-    if exited and not stopping:
+    failed = [p for p in exited if p.exitcode != 0]  # 0: it was stopped by a signal of its own
+    if failed and not stopping:
         raise CnnforgeError(
-            f"server worker {exited[0].name} exited with status {exited[0].exitcode}; the "
+            f"server worker {failed[0].name} exited with status {failed[0].exitcode}; the "
             "others were stopped (see its message above)"
         )
 
