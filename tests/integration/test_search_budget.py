@@ -11,7 +11,7 @@ import pytest
 
 import cnnforge
 from cnnforge.core.rundir import RunDir
-from cnnforge.tuning.plan import SearchPlan
+from cnnforge.tuning.plan import SearchPlan, final_epochs_cap
 from cnnforge.tuning.search import SearchConfig, search
 from cnnforge.tuning.timebudget import TimeBudget, pace
 
@@ -99,3 +99,34 @@ def test_a_slower_winner_is_left_the_time_for_its_planned_final_epochs(
     assert heard.final_began <= ended + 3.0
     assert result.final_training.epochs >= 1
     assert elapsed <= budget + 8  # a batch, a validation pass and saving past the deadline
+
+
+@pytest.mark.slow
+def test_the_final_training_takes_the_time_the_search_left(slow_leader, small_npz, tmp_path):
+    """A one-trial search of two epochs ends long before its deadline; the plan gave the final
+    training what half the budget holds at the plan's pace, and the winner, still improving,
+    1.5x that: the time left over goes to it too, up to its cap of optimizer steps."""
+    budget = 50.0
+    run_dir = tmp_path / "r"
+    start = time.time()
+    result = search(
+        SearchConfig(
+            data=str(small_npz),
+            run_dir=run_dir,
+            arch=slow_leader,
+            fix={"width": "48"},
+            max_trials=1,
+            epochs=2,
+            time_budget=budget,
+            patience=0,
+            track=[],
+        ),
+        started=start,
+    )
+    elapsed = time.time() - start
+    plan = SearchPlan.from_json(json.loads((run_dir / "plan.json").read_text()))
+    cap = final_epochs_cap(400, plan.batch_size)
+    longest_before = round(1.5 * plan.final_epochs)  # the plan's, for a winner still improving
+    assert plan.trials == 1 and longest_before < cap
+    assert longest_before < result.final_training.epochs <= cap
+    assert elapsed <= budget + 8
