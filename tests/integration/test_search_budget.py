@@ -89,6 +89,8 @@ def test_a_slower_winner_is_left_the_time_for_its_planned_final_epochs(
     plan = SearchPlan.from_json(json.loads((run_dir / "plan.json").read_text()))
     leader = result.best_trial
     assert plan.basis == "probe" and leader.hyperparameters["width"] == 48  # the slow one won
+    # rung 0 is planned at each candidate's own cost: the second prior's FLOPs, ~1000x
+    assert plan.rung0_epoch_seconds[1] > 3 * plan.rung0_epoch_seconds[0]
     leader_pace = pace(RunDir(run_dir).read_cost(leader.trial_id))
     final = TimeBudget(start + budget, budget, final_examples=400)
     reserve = final.planned_final_seconds(plan, leader_pace)
