@@ -32,6 +32,7 @@ from cnnforge.modeling.hypermodel import PluginHyperModel
 from cnnforge.modeling.training import SAFETY
 from cnnforge.tuning.candidate import measure_candidate
 from cnnforge.tuning.config import SearchConfig
+from cnnforge.tuning.costs import COST_SHARE, cost_ratios
 from cnnforge.tuning.plan import (
     MIN_PROBED_BUDGET_S,
     Probe,
@@ -172,14 +173,16 @@ class AutoOracle:
 
     def _ends_in_time(self, rung: int, candidate: int, epochs: int) -> bool:
         """Whether a trial of ``candidate`` for ``epochs`` ends by the deadline, at its pace in
-        the rung below (rung 0: the plan's). One that would not is cut short: unfinished, it
+        the rung below (rung 0: the plan's, its own where the plan costed it). One that would not is cut short: unfinished, it
         would tell nothing at its length. The first trial always starts: a search needs a
         winner."""
         deadline = getattr(self, "deadline", None)
         if deadline is None or not any(t.status == COMPLETED for t in self.trials.values()):
             return True
-        if rung == 0:
-            per_epoch = self.plan.seconds_per_epoch or 0.0
+        if rung == 0:  # its own planned epoch where the plan costed it
+            each = self.plan.rung0_epoch_seconds or []
+            per_epoch = each[candidate] if candidate < len(each) else self.plan.seconds_per_epoch
+            per_epoch = per_epoch or 0.0
             seconds = (self.plan.trial_overhead_s or 0.0) + epochs * per_epoch
         else:  # its measured epochs, its overhead spread over them
             seconds = self._epoch_seconds(self._trial_of(rung - 1, candidate)) * epochs
@@ -328,19 +331,29 @@ def make_plan(
     first = hps.copy()
     first.values = candidate_list(hps.space, priors, 1, config.seed)[0]
     pace, basis = _first_candidates_pace(config, dataset, hypermodel, first)
-    # a --deterministic plan does not read the clock: the same budget, the same plan
-    spent = time.time() - started if started and not config.deterministic else 0.0
-    plan = budget_plan(
-        budget - keep_after - spent,
-        pace,
-        train_examples=train,
-        final_examples=len(dataset.y_train) + val if config.retrain else 0,
-        batch_size=batch,
-        paired=paired,
-        basis=basis,
-        max_trials=config.max_trials,
-        max_epochs=config.epochs,
-    )
+    costs = None
+    for _ in range(2):  # planned at the probe's pace, then at rung 0's candidates' own
+        # a --deterministic plan does not read the clock: the same budget, the same plan
+        spent = time.time() - started if started and not config.deterministic else 0.0
+        plan = budget_plan(
+            budget - keep_after - spent,
+            pace,
+            train_examples=train,
+            final_examples=len(dataset.y_train) + val if config.retrain else 0,
+            batch_size=batch,
+            paired=paired,
+            basis=basis,
+            max_trials=config.max_trials,
+            max_epochs=config.epochs,
+            costs=costs,
+        )
+        if basis not in ("probe", "flops") or costs is not None:
+            break
+        count = plan.rungs[0].candidates
+        limit = None if config.deterministic else COST_SHARE * budget
+        costs = cost_ratios(
+            hypermodel, hps, candidate_list(hps.space, priors, count, config.seed), pace, limit
+        )
     if not config.deterministic:  # a --deterministic plan runs whole, by no clock
         _check_budget_holds(plan, budget, keep_after + spent)
     return plan

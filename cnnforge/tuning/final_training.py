@@ -23,7 +23,7 @@ from cnnforge.data.dataset import Dataset, stratified_split
 from cnnforge.modeling import training
 from cnnforge.modeling.hypermodel import PluginHyperModel
 from cnnforge.tuning.config import SearchConfig
-from cnnforge.tuning.plan import FINAL_EPOCHS_MAX, SearchPlan, auto_batch_size
+from cnnforge.tuning.plan import FINAL_EPOCHS_MAX, SearchPlan, auto_batch_size, final_epochs_cap
 from cnnforge.tuning.records import SearchProgress, TrialRecord
 from cnnforge.tuning.timebudget import pace
 from cnnforge.tuning.tuners import NonFiniteLoss, RecordingTuner, StopAtDeadline
@@ -147,6 +147,16 @@ def train_again(
     return model
 
 
+def _most_final_epochs(found: int, record: TrialRecord, examples: int, batch_size: int) -> int:
+    """The most epochs an auto plan's final training under a budget may take where the search
+    left time over: its cap of optimizer steps (``final_epochs_cap``; the plan may have given fewer, for
+    want of time), or 1.5x the epochs found for a winner still improving at its last epoch."""
+    most = max(found, final_epochs_cap(examples, record.batch_size or batch_size))
+    if record.best_epoch == record.epochs:
+        most = max(most, min(FINAL_EPOCHS_MAX, round(found * LONGER_WHEN_IMPROVING)))
+    return most
+
+
 def final_training(
     tuner: RecordingTuner,
     best_trial: Any,
@@ -166,9 +176,8 @@ def final_training(
     y = np.concatenate([dataset.y_train, dataset.y_val])
     budget = tuner.time_budget
     most = found
-    if budget and tuner.plan is not None and record.best_epoch == record.epochs:
-        # still improving at its last epoch: longer, where the time the search left allows
-        most = max(found, min(FINAL_EPOCHS_MAX, round(found * LONGER_WHEN_IMPROVING)))
+    if budget and tuner.plan is not None:  # an auto plan's final training: time left, used
+        most = _most_final_epochs(found, record, len(x), config.batch_size)
     planned = budget.epochs_that_fit(pace(tuner.best_cost()), most) if budget else found
     callbacks: list[keras.callbacks.Callback] = [NonFiniteLoss()]
     plan = None

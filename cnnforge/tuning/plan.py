@@ -10,11 +10,11 @@ flips, augmentation), then the best of the top-rung trials is trained on train+v
 
 Under a time budget the plan comes from a short probe: the first candidate trained for two
 epochs on up to ``PROBE_IMAGES`` images gives the seconds per example (and per trial, building
-and measuring included). The
-final training gets what its epochs take (at most ``FINAL_SHARE`` of the budget); the search
-gets the rest, on as many training images as leave it ``SEARCH_EPOCHS_WANTED`` epochs' worth
-of time, and the largest halving schedule that fits in it. With ``--deterministic`` the pace is
-not measured but derived from the candidate's FLOPs at ``NOMINAL_TRAIN_GFLOPS``, so the same
+and measuring included). The final training gets what its epochs take (at most
+``FINAL_SHARE`` of the budget); the search gets the rest, on as many training images as leave
+it ``SEARCH_EPOCHS_WANTED`` epochs' worth of time, and the largest halving schedule that fits in
+it, rung 0's candidates each planned at its own cost where ``costs`` counted them (their FLOPs
+against the probe's). With ``--deterministic`` the pace is not measured but derived from the candidate's FLOPs at ``NOMINAL_TRAIN_GFLOPS``, so the same
 seed plans the same trials on any machine. With ``--max-trials`` or ``--epochs`` and no budget,
 the plan is made from those counts instead.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -32,10 +33,11 @@ DEFAULT_BUDGET_S = 270.0  # a search (cnnforge run: the whole job) with neither 
 FINAL_SHARE = 0.5  # the most of the budget the final training takes
 SEARCH_EPOCHS_WANTED = 150  # search images chosen so the search has this many epochs of time
 MIN_SEARCH_EXAMPLES = 8192
-# A search epoch is planned this much slower than the probed candidate's: the others are
-# wider or narrower (measured on Fashion-MNIST: the wider prior trains at about a third of the
-# first one's pace, the faster one at 1.5x); rungs above the first are fitted to the time
-# left at their candidates' measured paces (``auto.AutoOracle``).
+# Where the candidates' costs were not counted (``costs``), a search epoch is planned this much
+# slower than the probed candidate's: the others are wider or narrower (measured on
+# Fashion-MNIST: the wider prior trains at about a third of the first one's pace, the faster
+# one at 1.5x); rungs above the first are fitted to the time left at their candidates'
+# measured paces (``auto.AutoOracle``).
 SEARCH_SAFETY = 1.3
 TOP_EPOCHS_MAX = 24
 # The final training's length: this many optimizer steps, in 24 to 60 epochs (a cosine run on
@@ -68,6 +70,8 @@ class SearchPlan:
     seconds_per_epoch: float | None = None  # a search epoch, validation included
     trial_overhead_s: float | None = None
     final_epoch_seconds: float | None = None  # what the search keeps back: final_epochs of these
+    # each of rung 0's candidates' epoch, planned from its FLOPs (``costs``); None: not costed
+    rung0_epoch_seconds: list[float] | None = None
 
     @property
     def top_epochs(self) -> int:
@@ -176,9 +180,12 @@ def budget_plan(
     basis: str,
     max_trials: int | None = None,
     max_epochs: int | None = None,
+    costs: list[float] | None = None,
 ) -> SearchPlan:
     """The plan that fills ``seconds`` (search and final training) at ``pace``, with at most
-    ``max_trials`` trials and ``max_epochs`` a trial where given."""
+    ``max_trials`` trials and ``max_epochs`` a trial where given. ``costs``: the candidates'
+    paces over the probe's, in order (``costs.cost_ratios``); without them a search epoch is
+    planned ``SEARCH_SAFETY`` times the probe's."""
     final_epochs, final_epoch = 0, final_examples * pace.per_example + pace.epoch_start
     final_seconds = 0.0  # --no-retrain: no final training, all the time to the search
     if final_examples:  # building and tracing the final model cost what a trial's do
@@ -191,9 +198,10 @@ def budget_plan(
     examples = min(train_examples, max(MIN_SEARCH_EXAMPLES, round(wanted)))
     if not final_examples:  # the winner is a trial's own model: it sees every image
         examples = train_examples
-    epoch = pace.epoch_seconds(examples) * SEARCH_SAFETY
+    epoch = _rung0_epoch(pace.epoch_seconds(examples), costs)
     limits = (max_trials or 10**6, max_epochs or TOP_EPOCHS_MAX)
     rungs, paired_used = _best_rungs(search_seconds, epoch, pace.trial_overhead, paired, limits)
+    first = rungs[0].candidates
     return SearchPlan(
         rungs,
         paired_used,
@@ -201,14 +209,35 @@ def budget_plan(
         batch_size,
         examples,
         basis,
-        seconds_per_epoch=epoch,
+        seconds_per_epoch=epoch(first),
         trial_overhead_s=pace.trial_overhead,
         final_epoch_seconds=final_epoch,
+        rung0_epoch_seconds=_each_epoch(pace.epoch_seconds(examples), costs, first),
     )
 
 
+def _each_epoch(base: float, costs: list[float] | None, count: int) -> list[float] | None:
+    """``count`` candidates' epochs at their ``costs`` (past the costed ones: their mean)."""
+    if not costs:
+        return None
+    mean = sum(costs) / len(costs)
+    return [base * (costs[i] if i < len(costs) else mean) for i in range(count)]
+
+
+def _rung0_epoch(base: float, costs: list[float] | None) -> Callable[[int], float]:
+    """A rung 0 of n candidates' mean epoch (planned for every rung: the better half of the
+    candidates goes on, whatever their cost)."""
+    if not costs:
+        return lambda count: base * SEARCH_SAFETY
+    return lambda count: sum(_each_epoch(base, costs, count) or [base]) / count
+
+
 def _best_rungs(
-    seconds: float, epoch: float, overhead: float, paired: int, limits: tuple[int, int]
+    seconds: float,
+    epoch: Callable[[int], float],
+    overhead: float,
+    paired: int,
+    limits: tuple[int, int],
 ) -> tuple[list[Rung], int]:
     """The halving schedule that fits ``seconds`` with its paired trials (without them if none
     does) and the most candidate epochs at the top (candidates × top epochs), the longer top
@@ -224,14 +253,14 @@ def _best_rungs(
                     continue
                 rungs = halving(candidates, top, halvings)
                 for pairs in sorted({paired, 0}, reverse=True):
-                    cost = _cost(rungs, pairs, epoch, overhead)
+                    cost = _cost(rungs, pairs, epoch(candidates), overhead)
                     trials = sum(r.candidates for r in rungs) + pairs
                     if cost <= seconds and trials <= limits[0]:
                         options.append((candidates * top, pairs, top, rungs))
                         break
     if not options:  # no search fits: the first prior alone, for the epochs there are
         most = min(TOP_EPOCHS_MAX, limits[1])
-        return [Rung(1, max(1, min(most, math.floor((seconds - overhead) / epoch))))], 0
+        return [Rung(1, max(1, min(most, math.floor((seconds - overhead) / epoch(1)))))], 0
     _, pairs, _, rungs = max(options, key=lambda o: (o[1], o[0], o[2]))
     return rungs, pairs
 

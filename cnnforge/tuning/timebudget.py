@@ -5,7 +5,9 @@ may start (and run) until the *search deadline*: the end of the budget less what
 best trial so far will take (its measured seconds per example in steady training steps times
 train+validation examples, plus its measured start of an epoch, validation left out, times the
 epochs it took to its best, with a 5% margin). Before any trial has ended, half the budget is
-kept back. The final training then plans the epochs the search found, or as many as still fit,
+kept back. An ``auto`` plan's final training keeps its planned epochs instead, at the pace of
+the trial leading now (the probe's before one has ended): a wider winner trains slower than the
+probed first candidate, and would otherwise get a fraction of its epochs. The final training then plans the epochs the search found, or as many as still fit,
 and plans again after each epoch (``training.FitToDeadline``)."""
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnnforge.modeling.training import SAFETY
+from cnnforge.tuning.plan import SearchPlan, final_reserve
 
 PRIOR_SHARE = 0.5  # of the budget kept back before any trial has been measured
 
@@ -63,6 +66,16 @@ class TimeBudget:
         if best_pace is None:
             return PRIOR_SHARE * self.total
         return epochs * best_pace.epoch_seconds(self.final_examples) * SAFETY + self.overhead
+
+    def planned_final_seconds(self, plan: SearchPlan, leader: Pace | None) -> float:
+        """What the final training of ``plan`` takes at the ``leader``'s pace (None: the pace
+        the plan was made at), with the margin; ``overhead`` left out."""
+        if not self.final_examples or not plan.final_epochs:
+            return 0.0
+        if leader is None:
+            return plan.final_seconds(margin=SAFETY)
+        epoch = leader.epoch_seconds(self.final_examples)
+        return final_reserve(plan.final_epochs, epoch, plan.trial_overhead_s or 0.0, SAFETY)
 
     def search_deadline(self, best_pace: Pace | None, best_epochs: int) -> float:
         return self.ends_at - self.final_training_seconds(best_pace, best_epochs)

@@ -31,7 +31,7 @@ from cnnforge.core.atomic import atomic_write_text
 from cnnforge.core.objectives import objective_direction
 from cnnforge.core.rundir import RunDir
 from cnnforge.modeling.hypermodel import may_pick_its_batch_size
-from cnnforge.modeling.training import SAFETY, learning_rate_schedule
+from cnnforge.modeling.training import learning_rate_schedule
 from cnnforge.tracking import Tracking
 from cnnforge.tuning.auto import EPOCHS
 from cnnforge.tuning.candidate import Budget, Target, measure_candidate
@@ -257,16 +257,15 @@ class RecordingTuner(keras_tuner.Tuner):
 
     def move_deadline(self) -> None:
         """Let trials run until the time left is what the final training needs: the auto
-        plan's share for it, or what retraining the best trial so far will take."""
+        plan's final epochs, or the epochs the best trial took, at the best trial's pace."""
         if self.time_budget is None:
             return
+        best = self.best_cost()
         if self.plan is not None and self.plan.final_epoch_seconds:
-            # the plan's share for the final training, whichever trial leads now: a slower
-            # leader trains fewer epochs at the end rather than cut the search short
-            keep = self.plan.final_seconds(margin=SAFETY)
+            # the plan's final epochs at the leader's pace: it trains them whole
+            keep = self.time_budget.planned_final_seconds(self.plan, pace(best))
             self.oracle.deadline = self.time_budget.ends_at - self.time_budget.overhead - keep
             return
-        best = self.best_cost()
         self.oracle.deadline = self.time_budget.search_deadline(pace(best), self.final_epochs(best))
 
     def final_epochs(self, best: dict[str, Any]) -> int:

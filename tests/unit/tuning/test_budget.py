@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+import types
 
 import keras
 import numpy as np
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 from cnnforge.cli import cli
 from cnnforge.core.durations import parse_duration
 from cnnforge.core.errors import CnnforgeError
+from cnnforge.tuning import plan as planning
 from cnnforge.tuning import timebudget
 from cnnforge.tuning.search import SearchConfig, search
 from cnnforge.tuning.timebudget import Pace, TimeBudget, pace
@@ -74,6 +76,20 @@ def test_the_reserve_follows_the_best_trials_pace():
     assert budget.epochs_that_fit(Pace(1.0), 10) == 1  # never none
 
 
+def test_a_plans_final_training_is_reserved_at_the_leaders_pace():
+    """The plan was made at the probe's pace (1 ms an example); the leader trains at 3 ms."""
+    plan = planning.SearchPlan(
+        [planning.Rung(4, 2)], 0, 20, 32, 900, "probe", 0.5, 3.0, final_epoch_seconds=1.0
+    )
+    budget = TimeBudget(time.time() + 100, 100, final_examples=1000, overhead=5)
+    assert budget.planned_final_seconds(plan, None) == pytest.approx(20 * 1.0 * 1.05 + 3)
+    leader = Pace(0.003, epoch_start=0.1)
+    expected = 20 * (3.0 + 0.1) * timebudget.SAFETY + 3
+    assert budget.planned_final_seconds(plan, leader) == pytest.approx(expected)
+    no_final = TimeBudget(budget.ends_at, 100, final_examples=0)
+    assert no_final.planned_final_seconds(plan, leader) == 0.0
+
+
 def test_a_trials_pace_separates_epoch_starts_from_steady_steps():
     cost = {
         "steady_seconds": 9.0,
@@ -87,6 +103,28 @@ def test_a_trials_pace_separates_epoch_starts_from_steady_steps():
     assert pace(cost).epoch_seconds(60_000) == pytest.approx(600.4)
     assert pace({"train_seconds": 10.0, "examples": 1000, "epochs": 2}) == Pace(0.005)
     assert pace({}) is None
+
+
+def test_an_epochs_start_leaves_the_first_epochs_tracing_out(monkeypatch):
+    """Three epochs of 4 steps: the first starts in 3 s (tracing the step), the others in
+    0.2 s; the steady steps take 1 s an epoch. Retraining for 60 epochs pays the 3 s once."""
+    from cnnforge.modeling import hypermodel
+
+    ticks = []
+    for start in (3.0, 0.2, 0.2):
+        ticks += [0.0, start, 0.5, 0.5]  # (increments) begin, the first step, two more
+    clock_times = iter(np.cumsum(ticks))
+    fake_time = types.SimpleNamespace(perf_counter=lambda: next(clock_times))
+    monkeypatch.setattr(hypermodel, "time", fake_time)
+    clock = hypermodel.TrainingClock()
+    clock.set_params({"steps": 4})
+    for epoch in range(3):
+        clock.on_epoch_begin(epoch)
+        for step in (0, 1, 3):  # steps_per_execution: the last call reports step 4
+            clock.on_train_batch_end(step)
+        clock.on_epoch_end(epoch)
+    assert clock.epoch_start() == pytest.approx(0.2)
+    assert clock.steady_seconds == pytest.approx(3.0) and clock.steady_steps == 9
 
 
 @pytest.mark.slow
