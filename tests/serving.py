@@ -4,6 +4,7 @@ free loopback port, and a real uvicorn server in a background thread."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import socket
 import threading
@@ -13,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import tiny_onnx
+from PIL import Image
 
 CLASSES = [f"class{i}" for i in range(10)]
 
@@ -39,6 +42,13 @@ def model(
         batch=batch,
     )
     return tiny_onnx.save(proto, path)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """``pixels`` (uint8, H×W or H×W×C) as the bytes of a PNG file."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def free_port() -> int:

@@ -30,17 +30,11 @@ from cnnforge.deploy.server import TOKEN_ENV, create_app
 REQUESTS, CLIENTS, DISTINCT = 2000, 32, 64
 
 
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 @pytest.mark.slow  # ~17 s on the shared 2-core machine
 def test_load_2000_requests_from_32_clients_none_lost_or_swapped(tmp_path):
     model = serving.model(tmp_path / "model.onnx")
     rng = np.random.default_rng(7)
-    images = [png(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(DISTINCT)]
+    images = [serving.png(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(DISTINCT)]
     classifier = Classifier(model)
     expected = classifier.probabilities([Image.open(io.BytesIO(data)) for data in images])
     # every image's answer is its own: no two share their top probability
@@ -125,7 +119,7 @@ def test_cnnforge_serve_token_from_env_and_sigterm_drains_then_exits_0(tmp_path)
         auth = {"Authorization": "Bearer from-env"}
         assert httpx.get(f"{url}/metadata", headers=auth).status_code == 200
         assert httpx.get(f"{url}/v2/models/fashion/ready", headers=auth).status_code == 200
-        body = png(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
+        body = serving.png(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
         headers = {**auth, "Content-Type": "image/png"}
         in_flight = [slow_upload(port, body, headers) for _ in range(3)]
         time.sleep(0.3)  # the server has their headers and half their bodies

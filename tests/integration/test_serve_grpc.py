@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import re
 import signal
@@ -43,12 +42,6 @@ from cnnforge.deploy.server import TOKEN_ENV, create_app, server
 NAME = "model"  # the ONNX file's stem
 PIXELS, IMAGE, OUTPUT = "x", "image", "probabilities"  # the test model's tensors
 TOKEN = "s3cret"
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +122,7 @@ def test_pixel_tensors_uint8_and_fp32_answer_as_cnnforge_predict(client, model, 
 
 
 def test_encoded_images_answer_as_cnnforge_predict(client, model, images):
-    files = np.array([png(p[..., 0]) for p in images[:3]], dtype=np.object_)
+    files = np.array([serving.png(p[..., 0]) for p in images[:3]], dtype=np.object_)
     result = infer(client, [tensor(IMAGE, files, "BYTES")])
     np.testing.assert_allclose(result.as_numpy(OUTPUT), expected(model, images[:3]), rtol=1e-5)
 
@@ -148,7 +141,7 @@ def test_typed_contents_answer_as_raw_bytes_do(served, model, images):
     np.testing.assert_allclose(got, expected(model, images[:2]), rtol=1e-5, atol=1e-7)
     files = service_pb2.ModelInferRequest(model_name=NAME)
     given = files.inputs.add(name=IMAGE, datatype="BYTES", shape=[2])
-    given.contents.bytes_contents.extend([png(p[..., 0]) for p in images[:2]])
+    given.contents.bytes_contents.extend([serving.png(p[..., 0]) for p in images[:2]])
     with grpc.insecure_channel(served[1]) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         answer = stub.ModelInfer(files, metadata=tuple(AUTH.items()))
@@ -216,7 +209,7 @@ def test_typed_bytes_contents_that_do_not_fit_their_shape_are_invalid_argument(
 ):
     request = service_pb2.ModelInferRequest(model_name=NAME)
     given = request.inputs.add(name=IMAGE, datatype="BYTES", shape=shape)
-    given.contents.bytes_contents.extend([png(images[0, ..., 0])] * count)
+    given.contents.bytes_contents.extend([serving.png(images[0, ..., 0])] * count)
     error = hand_made(served, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert all(w in error.details() for w in words), error.details()
@@ -391,7 +384,7 @@ def test_the_queue_is_shared_with_http_and_calls_are_bounded(model, images):
     app = create_app(model, grpc_address=("127.0.0.1", 0), max_wait_ms=0, max_queue=1)
     with held(app) as (instance, release, running):
         url = f"http://127.0.0.1:{instance.config.port}/predict"
-        body = png(images[0, ..., 0])
+        body = serving.png(images[0, ..., 0])
 
         def post() -> int:
             headers = {"Content-Type": "image/png"}

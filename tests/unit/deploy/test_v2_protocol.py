@@ -24,12 +24,6 @@ from cnnforge.deploy.predict import Classifier
 from cnnforge.deploy.serve_service import Service
 
 
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return serving.model(tmp_path_factory.mktemp("v2") / "model.onnx")
@@ -151,7 +145,7 @@ def test_a_pixel_tensor_is_one_batcher_job_and_never_decoded(model, monkeypatch)
 def test_encoded_images_answer_as_predict_does_with_triton_classification_strings(model):
     rng = np.random.default_rng(1)
     pictures = [rng.integers(0, 256, (40, 30, 3), dtype=np.uint8) for _ in range(3)]
-    files = [png(p) for p in pictures]
+    files = [serving.png(p) for p in pictures]
     classifier = Classifier(model)
     expected = classifier.probabilities([Image.open(io.BytesIO(f)) for f in files])
     outputs = [v2.OutputRequest("probabilities"), v2.OutputRequest("probabilities", 3)]
