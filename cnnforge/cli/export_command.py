@@ -18,7 +18,8 @@ def calibration_summary(fitted: dict) -> str:
     return (
         f"temperature {cal['temperature']:.3f} fitted on {cal['images']} images ({cal['source']}): "
         f"ECE {cal['ece_before']:.2%} → {cal['ece_after']:.2%}, NLL {cal['nll_before']:.3f} → "
-        f"{cal['nll_after']:.3f}; 'unknown' below max probability {unknown['threshold']:.3f} "
+        f"{cal['nll_after']:.3f}; 'unknown' below {unknown['score']} (output "
+        f"{unknown['output']}) {unknown['threshold']:.3f} "
         f"(accepts {unknown['acceptance']:.0%} of those images)"
     )
 
