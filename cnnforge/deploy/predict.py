@@ -67,6 +67,10 @@ class Rows:
         scores = None if self.scores is None else self.scores[part]
         return Rows(self.probabilities[part], scores)
 
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """As an array: the probabilities, for code that reads only those (``np.asarray``)."""
+        return np.asarray(self.probabilities, dtype=dtype)
+
 
 @dataclass(frozen=True)
 class Prediction:

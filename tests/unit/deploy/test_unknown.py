@@ -190,3 +190,16 @@ def test_serve_rejects_by_the_recorded_score_and_metadata_names_it(scored, image
     assert {a["unknown"] for a in answers} == {True, False}
     assert meta["unknown"]["score"] == "knn_cosine"
     assert meta["unknown"]["threshold"] == meta["unknown"]["recorded"]["threshold"]
+
+
+def test_the_servers_batch_rows_read_as_their_probabilities(scored, images):
+    """Code that reads a served batch as an array (the v2 protocol's outputs) gets the
+    probabilities, whatever score the unknown rule carries beside them."""
+    from cnnforge.deploy.predict import Rows
+
+    classifier = Classifier(scored, reject_unknown=True)
+    batch = classifier.batch([classifier.pixels(i) for i in images])
+    rows = classifier.rows(batch)
+    assert isinstance(rows, Rows) and rows.scores is not None
+    np.testing.assert_array_equal(np.asarray(rows, dtype=np.float32), rows.probabilities)
+    assert np.asarray(rows[2:5]).shape == (3, 10) and len(rows[2:5].scores) == 3
