@@ -109,7 +109,8 @@ def calibration_summary(fitted: dict) -> str:
     "--calibrate",
     is_flag=True,
     help="Fit a temperature on held-out labelled images and put it in the graph (calibrated "
-    "probabilities, argmax unchanged), with the max-probability threshold for 'unknown'.",
+    "probabilities, argmax unchanged), with an ood_score output and its threshold for "
+    "'unknown'.",
 )
 def export(
     source: Path,
