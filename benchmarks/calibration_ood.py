@@ -31,15 +31,23 @@ def digits_28() -> np.ndarray:
     return np.stack(big)[..., None].astype(np.float32)
 
 
-def keras_features(model, images: np.ndarray) -> np.ndarray:
-    """The final Dense layer's input (penultimate features), float64."""
+def feature_extractor(model):
+    """A function of images giving the final Dense layer's input (penultimate features),
+    float64; one traced graph for every call."""
     import keras
     import tensorflow as tf
 
     features = keras.Model(model.inputs, model.layers[-1].input)
-    forward = tf.function(lambda x: features(x, training=False))
-    parts = [forward(images[i : i + 512].astype(np.float32)) for i in range(0, len(images), 512)]
-    return np.concatenate(parts).astype(np.float64)
+    spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32)
+    forward = tf.function(lambda x: features(x, training=False), input_signature=[spec])
+
+    def extract(images: np.ndarray) -> np.ndarray:
+        parts = [
+            forward(images[i : i + 512].astype(np.float32)) for i in range(0, len(images), 512)
+        ]
+        return np.concatenate(parts).astype(np.float64)
+
+    return extract
 
 
 def mahalanobis(train: np.ndarray, labels: np.ndarray, floor: float = 1e-3):
@@ -100,18 +108,19 @@ def main() -> None:
     result["temperature_the_test_split_would_choose"] = cal.fit_temperature(before_logp, y_test)
 
     model = load_keras_model(run.best_model)
+    keras_features = feature_extractor(model)
     config = SearchConfig.from_json(run.read_config()["search"], run_dir=run.path)
     own = config.load_data()
     x_all = np.concatenate([own.x_train, own.x_val])
     y_all = np.concatenate([own.y_train, own.y_val])
     with np.load(run.heldout) as saved:
         trained = np.setdiff1d(np.arange(len(y_all)), saved["indices"])
-    maha = mahalanobis(keras_features(model, x_all[trained]), y_all[trained])
+    maha = mahalanobis(keras_features(x_all[trained]), y_all[trained])
     last = model.layers[-1]
     kernel, bias = last.kernel.numpy(), last.bias.numpy()
 
     def scores(images: np.ndarray, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        features = keras_features(model, images)
+        features = keras_features(images)
         return {
             "ood_score": out.get("ood_score"),
             "max_probability": cal.max_probability(out["probabilities"]),
