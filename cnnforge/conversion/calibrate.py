@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -91,14 +92,28 @@ def with_temperature(proto: Any, temperature: float) -> Any:
 @dataclass
 class HeldOut:
     """Images the exported model did not train on (NHWC) and their labels, what they are, and
-    the images it trained on (the bank of the score is drawn from them). ``probabilities``:
-    a run saved before the calibration slice, whose held-out figures are a trial model's."""
+    the labels of the images it trained on with a function returning those images by position
+    (the bank of the score is drawn from them: only the bank's images are copied).
+    ``probabilities``: a run saved before the calibration slice, whose held-out figures are a
+    trial model's."""
 
     images: np.ndarray | None
     labels: np.ndarray
     source: str
-    training: tuple[np.ndarray, np.ndarray] | None = None
+    training_labels: np.ndarray | None = None
+    training_images: Callable[[np.ndarray], np.ndarray] | None = None
     probabilities: np.ndarray | None = None
+
+
+def rows_of(dataset: Dataset, indices: np.ndarray) -> np.ndarray:
+    """Images of train+validation by index into their concatenation, in the order given,
+    without concatenating them (a copy of the whole training data, for a large folder)."""
+    first = len(dataset.y_train)
+    rows = np.empty((len(indices), *dataset.x_train.shape[1:]), dataset.x_train.dtype)
+    in_train = indices < first
+    rows[in_train] = dataset.x_train[indices[in_train]]
+    rows[~in_train] = dataset.x_val[indices[~in_train] - first]
+    return rows
 
 
 def heldout(source: ExportSource, dataset: Dataset | None) -> HeldOut:
@@ -107,9 +122,8 @@ def heldout(source: ExportSource, dataset: Dataset | None) -> HeldOut:
     if run is not None and source.keras_path == run.best_model and run.heldout.is_file():
         with np.load(run.heldout) as saved:
             if "indices" not in saved:  # saved before the calibration slice
-                return HeldOut(
-                    None, saved["labels"], str(saved["source"]), None, saved["probabilities"]
-                )
+                labels, source = saved["labels"], str(saved["source"])
+                return HeldOut(None, labels, source, probabilities=saved["probabilities"])
             return _slice_of(dataset, saved["indices"], saved["labels"], str(saved["source"]))
     if dataset is None or len(dataset.y_val) == 0:
         raise CnnforgeError(
@@ -124,7 +138,9 @@ def heldout(source: ExportSource, dataset: Dataset | None) -> HeldOut:
             stacklevel=3,
         )
     what = f"validation split of {dataset.spec.name}, predicted by the exported model"
-    return HeldOut(dataset.x_val, dataset.y_val, what, (dataset.x_train, dataset.y_train))
+    return HeldOut(
+        dataset.x_val, dataset.y_val, what, dataset.y_train, lambda i: dataset.x_train[i]
+    )
 
 
 def _slice_of(
@@ -133,7 +149,6 @@ def _slice_of(
     """The recorded images of train+validation, checked against the data loaded now."""
     if dataset is None:
         raise CnnforgeError(f"calibrating needs the run's data ({source}); give --data")
-    x = np.concatenate([dataset.x_train, dataset.x_val])
     y = np.concatenate([dataset.y_train, dataset.y_val])
     if indices.size and (indices.max() >= len(y) or not np.array_equal(y[indices], labels)):
         raise CnnforgeError(
@@ -141,7 +156,8 @@ def _slice_of(
             f"{dataset.spec.name} as loaded now; export with the run's own data and seed"
         )
     trained = np.setdiff1d(np.arange(len(y)), indices)
-    return HeldOut(x[indices], labels, source, (x[trained], y[trained]))
+    images = rows_of(dataset, indices)
+    return HeldOut(images, labels, source, y[trained], lambda i: rows_of(dataset, trained[i]))
 
 
 def _retrained(run: RunDir) -> bool:
@@ -171,12 +187,12 @@ def fit_in_graph(
     scaled = with_temperature(proto, fitted.temperature)
     unknown: dict[str, Any]
     check: dict[str, Any] = {}
-    if held_features is None or held.training is None:
+    if held_features is None or held.training_labels is None:
         calibrated = calibration.rescale(probabilities, fitted.temperature)
         scores = calibration.max_probability(calibrated)
         unknown = {"score": MAX_PROBABILITY, "output": OUTPUT_NAME}
     else:
-        bank, k, described = _bank(probe, held.training, layout, proto)
+        bank, k, described = _bank(probe, held, layout, proto)
         scaled = with_knn_score(scaled, features, bank, k)
         scores = calibration.knn_score(held_features, bank, k)
         unknown = {"score": KNN, "output": OOD_OUTPUT_NAME, "k": k, "bank": described}
@@ -207,17 +223,16 @@ def _outputs(session: Any, images: np.ndarray, layout: str, proto: Any) -> list[
     return onnx_outputs(session, to_layout(images.astype(np.float32), layout), batch)
 
 
-def _bank(
-    probe: Any, training: tuple[np.ndarray, np.ndarray], layout: str, proto: Any
-) -> tuple[np.ndarray, int, str]:
+def _bank(probe: Any, held: HeldOut, layout: str, proto: Any) -> tuple[np.ndarray, int, str]:
     """Normalised features of a stratified, seeded sample of the training images (at most
     ``BANK_IMAGES`` and ``BANK_BYTES``), k, and the sample in words."""
-    x, y = training
+    labels = held.training_labels
     width = int(probe.get_outputs()[1].shape[1])
     most = max(1, min(BANK_IMAGES, BANK_BYTES // (4 * width)))
-    if len(y) > most:
-        _, chosen = stratified_split(y, most / len(y), 0)
-        x, y = x[np.sort(chosen)], y[np.sort(chosen)]
+    chosen = np.arange(len(labels))
+    if len(labels) > most:
+        chosen = np.sort(stratified_split(labels, most / len(labels), 0)[1])
+    x = held.training_images(chosen)
     bank = calibration.normalised(_outputs(probe, x, layout, proto)[1]).astype(np.float32)
     k = max(1, min(len(bank), math.ceil(K_SHARE * len(bank))))
     return bank, k, f"{len(bank)} training images ({width} features each)"

@@ -186,3 +186,13 @@ def test_the_ood_score_is_the_knn_cosine_of_the_final_dense_layers_input(finishe
 
 def _initializer(graph: onnx.ModelProto, name: str):
     return next(i for i in graph.graph.initializer if i.name == name)
+
+
+def test_rows_of_train_and_validation_come_in_the_order_asked(finished_run) -> None:
+    from cnnforge.conversion.calibrate import rows_of
+    from cnnforge.data.dataset import load_dataset
+
+    dataset = load_dataset(_npz_of(finished_run.run_dir))
+    both = np.concatenate([dataset.x_train, dataset.x_val])
+    indices = np.array([len(dataset.y_train) + 3, 0, len(both) - 1, 5])  # validation first
+    np.testing.assert_array_equal(rows_of(dataset, indices), both[indices])
