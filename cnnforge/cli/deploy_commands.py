@@ -115,7 +115,7 @@ def predict_command(
     table = Table("image", "label", "probability", box=None, pad_edge=False)
     for prediction in predictions:
         if prediction.unknown:
-            below = f"top < {prediction.min_confidence:.4f}"
+            below = f"{prediction.score} {prediction.score_value:.4f} < {prediction.threshold:.4f}"
             table.add_row(escape(prediction.image), "[yellow]unknown[/]", below)
         for rank, (label, probability) in enumerate(prediction.top):
             image = escape(prediction.image) if rank == 0 and not prediction.unknown else ""

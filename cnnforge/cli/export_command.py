@@ -18,7 +18,8 @@ def calibration_summary(fitted: dict) -> str:
     return (
         f"temperature {cal['temperature']:.3f} fitted on {cal['images']} images ({cal['source']}): "
         f"ECE {cal['ece_before']:.2%} → {cal['ece_after']:.2%}, NLL {cal['nll_before']:.3f} → "
-        f"{cal['nll_after']:.3f}; 'unknown' below max probability {unknown['threshold']:.3f} "
+        f"{cal['nll_after']:.3f}; 'unknown' below {unknown['score']} (output "
+        f"{unknown['output']}) {unknown['threshold']:.3f} "
         f"(accepts {unknown['acceptance']:.0%} of those images)"
     )
 
@@ -108,7 +109,8 @@ def calibration_summary(fitted: dict) -> str:
     "--calibrate",
     is_flag=True,
     help="Fit a temperature on held-out labelled images and put it in the graph (calibrated "
-    "probabilities, argmax unchanged), with the max-probability threshold for 'unknown'.",
+    "probabilities, argmax unchanged), with an ood_score output and its threshold for "
+    "'unknown'.",
 )
 def export(
     source: Path,

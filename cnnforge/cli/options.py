@@ -72,8 +72,8 @@ def unknown_options(command: Callable) -> Callable:
     return click.option(
         "--reject-unknown",
         is_flag=True,
-        help="Answer 'unknown' below the confidence threshold the model records "
-        "(export --calibrate).",
+        help="Answer 'unknown' below the threshold of the score the model records "
+        "(export --calibrate: its ood_score output).",
     )(command)
 
 

@@ -44,6 +44,8 @@ from cnnforge.modeling.keras_io import ExportSource, as_functional, load_keras_m
 
 DEFAULT_OPSET = 17
 DEFAULT_MAX_ACCURACY_DROP = 1.0  # percentage points of test accuracy
+# The graph's ood_score (a cosine) against NumPy's float64 one on the same features.
+OOD_SCORE_ATOL = 1e-4
 # The parity check's (atol, min top-1 agreement) per precision; parity.py says why these.
 TOLERANCES: dict[str, tuple[float | None, float | None]] = {
     "fp32": (1e-4, 0.999),
@@ -289,10 +291,11 @@ def export(
     evidence) replace the old ones together; a refused one leaves both as they were, its
     evidence in ``parity.failed.json`` (``NAME.parity.failed.json``).
 
-    ``calibrate``: fit a temperature on held-out predictions (``calibrate.py`` says which) and
-    put it in the graph, with the max-probability threshold accepting ``acceptance`` of the
-    held-out images; parity is checked on the graph without it, then the argmax of the graph
-    with it against the graph without it.
+    ``calibrate``: fit a temperature on the variant's own predictions of held-out images
+    (``calibrate.py`` says which) and put it in the graph, with the ``ood_score`` output and
+    its threshold accepting ``acceptance`` of those images; parity is checked on the graph
+    without them, then the argmax of the graph with them against the graph without, and the
+    score against NumPy's.
     """
     precision, layout = check_precision(precision), check_layout(layout)
     provider_name(provider)
@@ -308,11 +311,7 @@ def export(
             f"{precision} export needs the model's own data to calibrate and measure accuracy "
             f"on ({why_not})"
         )
-    fitted = {}
-    if calibrate:
-        fitted = calibrating.fit(
-            *calibrating.heldout_probabilities(resolved, dataset, model), acceptance
-        )
+    held = calibrating.heldout(resolved, dataset) if calibrate else None
     calibration = None
     if precision == "int8":  # drawn before converting: a bad count fails at once
         sample = calibration_sample(dataset.x_train, calibration_images, source=dataset.spec.name)
@@ -348,13 +347,15 @@ def export(
         max_accuracy_drop,
     )
     report.opset = opset
-    if fitted:
-        proto = calibrating.with_temperature(
-            proto, fitted["probability_calibration"]["temperature"]
+    fitted: dict[str, Any] = {}
+    if held is not None:
+        proto, fitted, score_check = calibrating.fit_in_graph(
+            proto, held, layout, provider, acceptance
         )
         images, _ = _parity_images(dataset, tuple(model.inputs[0].shape[1:]))
         calibrated = proto.SerializeToString()
         report.calibration = calibrating.check_argmax(variant, calibrated, images, layout, provider)
+        report.calibration |= score_check
     if report.accuracy is not None:
         report.accuracy.forced = force and not report.accuracy.passed
     parity_path, failed_path = RunDir.parity_for(output), RunDir.failed_parity_for(output)
@@ -427,8 +428,12 @@ def _failures(report: ParityReport, keras_path: Path, force: bool) -> list[str]:
     if not report.passed:
         failures.append(f"export of {keras_path} failed parity: {report.summary()}")
     scaled = report.calibration
-    if scaled and (scaled["argmax_unchanged"] < 1 or scaled["max_abs_diff_from_numpy"] > 1e-4):
-        failures.append(f"the temperature-scaled graph of {keras_path} is wrong: {scaled}")
+    if scaled and (
+        scaled["argmax_unchanged"] < 1
+        or scaled["max_abs_diff_from_numpy"] > 1e-4
+        or scaled.get("ood_score_max_abs_diff", 0) > OOD_SCORE_ATOL
+    ):
+        failures.append(f"the calibrated graph of {keras_path} is wrong: {scaled}")
     if report.accuracy is not None and not report.accuracy.passed and not force:
         failures.append(
             f"{report.precision} variant refused: {report.accuracy.summary()}; raise "

@@ -33,6 +33,8 @@ T_BOUNDS = (0.05, 20.0)
 DEFAULT_ACCEPTANCE = 0.95
 # Floor of probabilities before a logarithm: here and in the exported graph (a float32 normal).
 LOG_FLOOR = 1e-30
+# Added to a squared length before its square root: a zero feature vector stays zero.
+NORM_EPSILON = 1e-12
 
 
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -208,3 +210,19 @@ def calibrate(probabilities: np.ndarray, labels: np.ndarray, source: str) -> Tem
         nll_before=nll(probabilities, labels),
         nll_after=nll(after, labels),
     )
+
+
+def normalised(features: np.ndarray) -> np.ndarray:
+    """Each row divided by its Euclidean length (float64; a zero row stays zero)."""
+    f = np.asarray(features, dtype=np.float64)
+    return f / np.sqrt((f**2).sum(axis=1, keepdims=True) + NORM_EPSILON)
+
+
+def knn_score(features: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+    """The cosine similarity of each image's features to its ``k``-th nearest neighbour in
+    ``bank`` (normalised features of training images; Sun et al., ICML 2022): higher, more
+    in-distribution. Computed as the exported graph computes it."""
+    if not 1 <= k <= len(bank):
+        raise ValueError(f"k must be between 1 and the {len(bank)} bank images, not {k}")
+    similarities = normalised(features) @ np.asarray(bank, dtype=np.float64).T
+    return -np.partition(-similarities, k - 1, axis=1)[:, k - 1]

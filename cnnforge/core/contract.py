@@ -10,6 +10,8 @@ from __future__ import annotations
 # The exported model: raw 0-255 pixels in, a softmax over the classes out.
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
+# The exported graph's second output where calibrated: higher, more like the training images.
+OOD_OUTPUT_NAME = "ood_score"
 # Prefix of cnnforge's own ONNX metadata keys (``cnnforge.class_names``, ...).
 META_PREFIX = "cnnforge."
 LAYOUTS = ("NHWC", "NCHW")

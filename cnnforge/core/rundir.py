@@ -12,7 +12,7 @@ RUN/
                    parity.failed.json: the evidence of the last refused export, if any
   bench.json       latency results
   evaluation.json  onnxruntime accuracy on the test split
-  heldout.npz      the winning trial's probabilities on the validation split (calibration)
+  heldout.npz      the images the exported model did not train on (calibration, unknown)
   report.md, report.html
   tensorboard/     TensorBoard logs: trial_ID/ per trial, the HParams configuration
   mlflow.db        MLflow's local store (--track mlflow), mlartifacts/ its artifacts
@@ -131,8 +131,10 @@ class RunDir:
 
     @property
     def heldout(self) -> Path:
-        """heldout.npz: the winning trial's probabilities on the validation split it did not
-        train on, and their labels (what the exported model's temperature is fitted on)."""
+        """heldout.npz: which images of train+validation (``indices`` into their
+        concatenation, ``labels``) the exported model did not train on: its temperature and
+        unknown threshold are fitted on them. Older runs saved the winning trial's
+        ``probabilities`` on the validation split instead."""
         return self.path / HELDOUT
 
     @property

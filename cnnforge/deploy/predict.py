@@ -24,16 +24,52 @@ from typing import Any
 
 import numpy as np
 
+from cnnforge.core.contract import OUTPUT_NAME
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.core.preprocessing import IMAGE_MODES, Preprocessing, pixel_range_of, scale
 from cnnforge.deploy.images import fit_image, load_image
 from cnnforge.deploy.onnxinfo import layout_from_shape
 from cnnforge.deploy.quantize import warn_if_slow
-from cnnforge.deploy.runtime import metadata, open_session, predict, to_layout
+from cnnforge.deploy.runtime import metadata, open_session, predict_outputs, to_layout
 
 ImageLike = Any  # a path (str or Path), a uint8 array (H, W[, C]) or a PIL image
 # The label of an image whose top probability is below the confidence asked for.
 UNKNOWN = "unknown"
+MAX_PROBABILITY = "max_probability"
+
+
+@dataclass(frozen=True)
+class UnknownRule:
+    """Answer ``unknown`` where ``score`` is below ``threshold``: the top probability
+    (``output`` is the probabilities), or a score the graph outputs (``ood_score``)."""
+
+    score: str
+    threshold: float
+    output: str = OUTPUT_NAME
+
+    @property
+    def on_top_probability(self) -> bool:
+        return self.output == OUTPUT_NAME
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A batch's probabilities (images × classes) and, where a rule reads one, the graph's
+    score of each image; sliced together (the server's batcher splits a batch by request)."""
+
+    probabilities: np.ndarray
+    scores: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def __getitem__(self, part: slice) -> Rows:
+        scores = None if self.scores is None else self.scores[part]
+        return Rows(self.probabilities[part], scores)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """As an array: the probabilities, for code that reads only those (``np.asarray``)."""
+        return np.asarray(self.probabilities, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -47,6 +83,10 @@ class Prediction:
     # this image fell below it ("not one of the classes").
     min_confidence: float | None = None
     unknown: bool = False
+    # Where a rule decides "unknown": its score's name, this image's value, the threshold.
+    score: str | None = None
+    score_value: float | None = None
+    threshold: float | None = None
 
     @property
     def top(self) -> list[tuple[str, float]]:
@@ -59,25 +99,33 @@ class Prediction:
 
     def as_dict(self) -> dict[str, Any]:
         answer: dict[str, Any] = {"image": self.image}
-        if self.min_confidence is not None:
+        if self.score is not None:
+            answer |= {"label": self.label, "unknown": self.unknown}
+            if self.min_confidence is not None:
+                answer["min_confidence"] = self.min_confidence
             answer |= {
-                "label": self.label,
-                "unknown": self.unknown,
-                "min_confidence": self.min_confidence,
+                "score": self.score,
+                "score_value": self.score_value,
+                "threshold": self.threshold,
             }
         return answer | {"top": [{"label": label, "probability": p} for label, p in self.top]}
 
 
-def confidence_floor(
-    recorded: Any, model: str, reject_unknown: bool, min_confidence: float | None
-) -> float | None:
-    """The least top probability to answer a class for: ``min_confidence`` where given, else,
-    with ``reject_unknown``, the threshold recorded at export (``recorded``: the model's
-    ``cnnforge.unknown_threshold``), else None (every image gets its top label)."""
+def unknown_rule(
+    recorded: Any,
+    model: str,
+    reject_unknown: bool,
+    min_confidence: float | None,
+    outputs: Sequence[str],
+) -> UnknownRule | None:
+    """When an image is "not one of the classes": below ``min_confidence`` of top probability
+    where given, else, with ``reject_unknown``, below the threshold of the score recorded at
+    export (``recorded``: the model's ``cnnforge.unknown_threshold``; its ``output`` one of the
+    graph's ``outputs``), else never (None)."""
     if min_confidence is not None:
         if not 0 <= min_confidence <= 1:
             raise CnnforgeError(f"min_confidence must be between 0 and 1, got {min_confidence}")
-        return float(min_confidence)
+        return UnknownRule(MAX_PROBABILITY, float(min_confidence))
     if not reject_unknown:
         return None
     if not isinstance(recorded, dict) or not isinstance(recorded.get("threshold"), (int, float)):
@@ -85,7 +133,14 @@ def confidence_floor(
             f"{model} records no threshold for 'unknown' (cnnforge.unknown_threshold); export "
             "it with --calibrate, or give --min-confidence P"
         )
-    return float(recorded["threshold"])
+    output = str(recorded.get("output", OUTPUT_NAME))
+    if output not in outputs:
+        raise CnnforgeError(
+            f"{model} records its 'unknown' threshold on the output {output!r}, which its graph "
+            f"lacks ({', '.join(outputs)}); export it again with --calibrate"
+        )
+    score = str(recorded.get("score", MAX_PROBABILITY))
+    return UnknownRule(score, float(recorded["threshold"]), output)
 
 
 class Classifier:
@@ -101,15 +156,20 @@ class Classifier:
         min_confidence: float | None = None,
         spinning: bool | None = None,
     ) -> None:
-        """``reject_unknown``: answer ``unknown`` below the threshold the model records
-        (``cnnforge export --calibrate``); ``min_confidence``: below this top probability
-        instead. ``spinning``: whether onnxruntime's threads spin between calls (see
+        """``reject_unknown``: answer ``unknown`` below the threshold of the score the model
+        records (``cnnforge export --calibrate``: its ``ood_score`` output, or the top
+        probability); ``min_confidence``: below this top probability instead. ``spinning``:
+        whether onnxruntime's threads spin between calls (see
         :func:`cnnforge.deploy.runtime.open_session`)."""
         self.model = str(model)
         self.session = open_session(model, provider=provider, threads=threads, spinning=spinning)
         self.metadata = metadata(self.session)
-        self.min_confidence = confidence_floor(
-            self.metadata.get("unknown_threshold"), self.model, reject_unknown, min_confidence
+        self.unknown_rule = unknown_rule(
+            self.metadata.get("unknown_threshold"),
+            self.model,
+            reject_unknown,
+            min_confidence,
+            [o.name for o in self.session.get_outputs()],
         )
         graph_input = self.session.get_inputs()[0]
         per_image = graph_input.shape[1:]
@@ -143,6 +203,12 @@ class Classifier:
         self._warn_if_metadata_missing()
         if self.precision:
             warn_if_slow(self.precision, provider)
+
+    @property
+    def min_confidence(self) -> float | None:
+        """The least top probability answered, where the rule is on the top probability."""
+        rule = self.unknown_rule
+        return rule.threshold if rule is not None and rule.on_top_probability else None
 
     def _warn_if_metadata_missing(self) -> None:
         missing = [
@@ -192,33 +258,55 @@ class Classifier:
         return self.run(self.batch([self.pixels(image) for image in images]))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities of a batch of :meth:`batch`; a model with a fixed batch size gets it in
-        chunks of exactly that size, the last padded with zeros and the padding's rows dropped."""
-        if not self.fixed_batch:
-            return predict(self.session, batch)
-        size, chunk = len(batch), self.fixed_batch
-        padding = np.zeros(((-size) % chunk, *batch.shape[1:]), batch.dtype)
-        return predict(self.session, np.concatenate([batch, padding]), batch_size=chunk)[:size]
+        """Probabilities of a batch of :meth:`batch`."""
+        return self.rows(batch).probabilities
 
-    def top(self, names: Sequence[str], rows: np.ndarray, top_k: int) -> list[Prediction]:
+    def rows(self, batch: np.ndarray) -> Rows:
+        """Probabilities of a batch of :meth:`batch`, and the score the unknown rule reads
+        where it is a graph output of its own; a model with a fixed batch size gets it in
+        chunks of exactly that size, the last padded with zeros and the padding's rows dropped."""
+        rule = self.unknown_rule
+        names = (
+            [OUTPUT_NAME] if rule is None or rule.on_top_probability else [OUTPUT_NAME, rule.output]
+        )
+        size, chunk = len(batch), self.fixed_batch
+        if chunk:
+            padding = np.zeros(((-size) % chunk, *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, padding])
+        outputs = predict_outputs(self.session, batch, names, batch_size=chunk or None)
+        return Rows(*(o[:size] for o in outputs))
+
+    def top(self, names: Sequence[str], rows: Rows | np.ndarray, top_k: int) -> list[Prediction]:
         """The ``top_k`` most probable labels of each row of probabilities (``names``: the
         images'); ties keep the class order, and ``top_k`` past the classes gives them all.
-        Below :attr:`min_confidence` a prediction is ``unknown`` (its labels stay)."""
+        Below the unknown rule's threshold a prediction is ``unknown`` (its labels stay)."""
         if top_k < 1:
             raise CnnforgeError(f"top_k must be at least 1, got {top_k}")
-        classes = self.class_names or tuple(str(i) for i in range(rows.shape[1]))
-        k = min(top_k, rows.shape[1])
+        if not isinstance(rows, Rows):
+            rows = Rows(rows)
+        probabilities, rule = rows.probabilities, self.unknown_rule
+        if rule is not None and not rule.on_top_probability and rows.scores is None:
+            raise CnnforgeError(f"the rows carry no {rule.output!r}: use Classifier.rows")
+        classes = self.class_names or tuple(str(i) for i in range(probabilities.shape[1]))
+        k = min(top_k, probabilities.shape[1])
         results = []
-        for name, row in zip(names, rows, strict=True):
+        for i, (name, row) in enumerate(zip(names, probabilities, strict=True)):
             best = np.argsort(-row, kind="stable")[:k]
-            floor = self.min_confidence
+            labels, top = tuple(classes[j] for j in best), tuple(float(row[j]) for j in best)
+            if rule is None:
+                results.append(Prediction(name, labels, top))
+                continue
+            value = top[0] if rule.on_top_probability else float(rows.scores[i])
             results.append(
                 Prediction(
                     name,
-                    tuple(classes[i] for i in best),
-                    tuple(float(row[i]) for i in best),
-                    floor,
-                    floor is not None and float(row[best[0]]) < floor,
+                    labels,
+                    top,
+                    self.min_confidence,
+                    value < rule.threshold,
+                    rule.score,
+                    value,
+                    rule.threshold,
                 )
             )
         return results
@@ -227,7 +315,9 @@ class Classifier:
         """The ``top_k`` most probable labels of each image."""
         if top_k < 1:
             raise CnnforgeError(f"top_k must be at least 1, got {top_k}")
-        rows = self.probabilities(images)
+        if not len(images):
+            raise CnnforgeError("no images given; pass one or more image files")
+        rows = self.rows(self.batch([self.pixels(image) for image in images]))
         return self.top([_describe(image) for image in images], rows, top_k)
 
 

@@ -4,6 +4,7 @@ runs the exported model (parity, evaluate, bench). Imports no TensorFlow."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,19 @@ def predict(session: Any, images: np.ndarray, batch_size: int = PREDICT_BATCH) -
         for i in range(0, len(images), batch_size)
     ]
     return np.concatenate(out)
+
+
+def predict_outputs(
+    session: Any, images: np.ndarray, names: Sequence[str], batch_size: int | None = None
+) -> list[np.ndarray]:
+    """The graph's outputs ``names`` for ``images`` (raw pixels, the model's layout), in
+    batches of ``batch_size`` (default ``PREDICT_BATCH``)."""
+    name, size = session.get_inputs()[0].name, batch_size or PREDICT_BATCH
+    parts = [
+        session.run(list(names), {name: images[i : i + size].astype(np.float32)})
+        for i in range(0, len(images), size)
+    ]
+    return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
 
 def to_layout(images: np.ndarray, layout: str) -> np.ndarray:

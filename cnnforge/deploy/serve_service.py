@@ -15,7 +15,7 @@ from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.core.imagefiles import UnsupportedImageFormat
 from cnnforge.deploy.batching import Batcher
 from cnnforge.deploy.images import open_image
-from cnnforge.deploy.predict import Classifier
+from cnnforge.deploy.predict import Classifier, Rows
 from cnnforge.deploy.serve_requests import RETRY_AFTER_S, RequestError
 
 DEFAULT_MAX_BODY = 16 * 2**20  # bytes of one request body; documented in docs/deployment.md
@@ -150,10 +150,10 @@ class Service:
     def release(self, size: int) -> None:
         self.body_bytes -= size
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: np.ndarray) -> Rows:
         """One onnxruntime call (``max_batch`` is capped to a fixed batch size, which
-        :meth:`Classifier.run` pads a smaller batch up to)."""
-        return self.classifier.run(batch)
+        :meth:`Classifier.rows` pads a smaller batch up to)."""
+        return self.classifier.rows(batch)
 
     def pixels(self, images: list[tuple[str, bytes]]) -> np.ndarray:
         """The images as one batch in the model's layout: each decoded (at most ``max_pixels``)
@@ -179,7 +179,7 @@ class Service:
             total += int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
         return total <= INLINE_PIXELS
 
-    def answer(self, names: list[str], rows: np.ndarray, top_k: int) -> list[dict]:
+    def answer(self, names: list[str], rows: Rows, top_k: int) -> list[dict]:
         return [p.as_dict() for p in self.classifier.top(names, rows, top_k)]
 
     def metadata(self) -> dict[str, Any]:
@@ -205,6 +205,8 @@ class Service:
             "unknown": {
                 "recorded": c.metadata.get("unknown_threshold"),
                 "min_confidence": c.min_confidence,
+                "score": c.unknown_rule.score if c.unknown_rule else None,
+                "threshold": c.unknown_rule.threshold if c.unknown_rule else None,
             },
             "limits": {
                 "max_images": self.max_batch,

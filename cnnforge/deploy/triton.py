@@ -63,7 +63,10 @@ def triton_config(
             lines.append("  {")
             lines.append(f'    name: "{tensor.name}"')
             lines.append(f"    data_type: {_triton_type(tensor.type, tensor.name)}")
-            lines.append(f"    dims: [ {', '.join(_dims(tensor.shape, batched, tensor.name))} ]")
+            dims = _dims(tensor.shape, batched, tensor.name)
+            lines.append(f"    dims: [ {', '.join(dims or ['1'])} ]")
+            if not dims:  # one value per image (ood_score): Triton's form for it
+                lines.append("    reshape: { shape: [ ] }")
             if kind == "output" and index == 0 and names:
                 lines.append(f'    label_filename: "{LABELS_FILE}"')
             lines.append("  }")
@@ -82,9 +85,11 @@ def _triton_type(onnx_type: str, tensor: str) -> str:
 
 
 def _dims(shape: list, batched: bool, tensor: str) -> list[str]:
+    """The dims Triton is told (the batch axis left out where batched); none for a tensor of
+    one value per image, which must be batched."""
     dims = shape[1:] if batched else shape
-    if not dims:
-        raise CnnforgeError(f"tensor {tensor!r} has no dims besides the batch; Triton needs some")
+    if not dims and not batched:
+        raise CnnforgeError(f"tensor {tensor!r} has no dims; Triton needs some")
     return [str(d) if isinstance(d, int) else "-1" for d in dims]
 
 

@@ -108,6 +108,7 @@ def _parity_section(parity: dict[str, Any]) -> list[str]:
             f"Temperature {scaled['temperature']:.4f} in the graph: the argmax unchanged on "
             f"{round(scaled['argmax_unchanged'] * scaled['images'])} of {scaled['images']} images "
             "(checked against the graph without it, which is the one compared above).",
+            *_score_check(scaled),
         ]
         if scaled
         else []
@@ -120,6 +121,16 @@ def _parity_section(parity: dict[str, Any]) -> list[str]:
         markdown_table(
             ["batch", "images", "max abs diff", "max rel diff", "top-1 agreement"], rows
         ),
+    ]
+
+
+def _score_check(scaled: dict[str, Any]) -> list[str]:
+    """The line on the graph's ``ood_score`` against NumPy's, where the export checked one."""
+    if "ood_score_max_abs_diff" not in scaled:
+        return []
+    return [
+        f"`ood_score` in the graph: within {scaled['ood_score_max_abs_diff']:.1e} of NumPy's on "
+        f"{scaled['ood_score_images']} held-out images."
     ]
 
 

@@ -53,9 +53,8 @@ from cnnforge.tuning.final_training import (
     class_weight,
     epoch_callback,
     final_training,
-    save_heldout,
+    save_validation_heldout,
     train_again,
-    trial_checkpoint,
     trial_checkpoint_or_retrained,
     trial_training_data,
 )
@@ -498,11 +497,10 @@ def _finish(
     tuner.tracking.search_ended(asdict(best))
     final = None
     if config.retrain:
-        save_heldout(run, trial_checkpoint(tuner, best_trial), dataset, best.trial_id)
         best_model, final = final_training(tuner, best_trial, best, dataset, config, progress)
     else:
         best_model = trial_checkpoint_or_retrained(tuner, best_trial, best, dataset, config)
-        save_heldout(run, best_model, dataset, best.trial_id)
+        save_validation_heldout(run, dataset, best.trial_id)
     build = tuner.hypermodel.build
     best_model = training.as_float32(best_model, lambda: build(best_trial.hyperparameters))
     strategy = tuner.distribution_strategy

@@ -182,7 +182,7 @@ def test_export_calibrate_says_what_it_fitted(finished_run, tmp_path):
     result = invoke("export", str(finished_run.run_dir), "-o", str(out), "--calibrate")
     assert result.exit_code == 0, result.output + result.stderr
     assert "calibration: temperature" in result.output and "ECE" in result.output
-    assert "'unknown' below max probability" in result.output
+    assert "'unknown' below knn_cosine (output ood_score)" in result.output
 
 
 def test_report_rebuilds_both_reports_and_names_what_is_missing(finished_run, tmp_path):

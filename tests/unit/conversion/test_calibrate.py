@@ -41,12 +41,19 @@ def _meta(path) -> dict:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
-def test_search_saves_the_winning_trials_heldout_probabilities(finished_run) -> None:
-    with np.load(RunDir(finished_run.run_dir).heldout) as saved:
-        probabilities, labels = saved["probabilities"], saved["labels"]
-        assert "trial" in str(saved["source"]) and "validation" in str(saved["source"])
-    assert probabilities.shape == (len(labels), 10)
-    assert np.allclose(probabilities.sum(1), 1, atol=1e-4)
+def test_the_final_training_holds_out_a_stratified_calibration_slice(finished_run) -> None:
+    run = RunDir(finished_run.run_dir)
+    with np.load(run.heldout) as saved:
+        indices, labels = saved["indices"], saved["labels"]
+        assert "final training" in str(saved["source"])
+    data = np.load(_npz_of(finished_run.run_dir))
+    total = len(data["y_train"])  # train + validation: what the final training would take
+    final = json.loads(run.search.read_text())["final_training"]
+    assert final["calibration_images"] == len(indices)
+    assert abs(len(indices) - 0.1 * total) <= 5  # 10 %, rounded class by class
+    assert final["examples"] == total - len(indices)
+    assert len(set(indices.tolist())) == len(indices) and indices.max() < total
+    assert set(labels.tolist()) == set(data["y_train"].tolist())  # every class has its share
 
 
 def test_export_calibrate_puts_the_temperature_in_graph_and_metadata(finished_run, tmp_path):
@@ -55,11 +62,14 @@ def test_export_calibrate_puts_the_temperature_in_graph_and_metadata(finished_ru
     meta = _meta(out)
     fitted = json.loads(meta["cnnforge.probability_calibration"])
     assert fitted["method"] == "temperature" and fitted["temperature"] > 0
-    assert "trial" in fitted["source"]  # fitted on the winning trial's validation predictions
+    # fitted on the final model's own predictions of the slice it did not train on
+    assert "held out of the final training" in fitted["source"]
     assert fitted["nll_after"] <= fitted["nll_before"]
     unknown = json.loads(meta["cnnforge.unknown_threshold"])
-    assert unknown["acceptance"] == 0.95 and 0 < unknown["threshold"] <= 1
+    assert unknown["acceptance"] == 0.95 and unknown["score"] == "knn_cosine"
+    assert unknown["output"] == "ood_score" and -1 <= unknown["threshold"] <= 1
     assert result.parity.passed and result.parity.calibration["argmax_unchanged"] == 1.0
+    assert result.parity.calibration["ood_score_max_abs_diff"] < 1e-4
     assert json.loads(result.parity_path.read_text())["calibration"]["temperature"] == (
         pytest.approx(fitted["temperature"], rel=1e-6)
     )
@@ -93,10 +103,8 @@ def _npz_of(run_dir):
 
 
 @pytest.mark.slow
-def test_without_retraining_the_heldout_predictions_are_the_exported_models(small_npz, tmp_path):
-    from cnnforge.conversion.parity import keras_outputs
+def test_without_retraining_the_heldout_images_are_the_validation_split(small_npz, tmp_path):
     from cnnforge.data.dataset import load_dataset
-    from cnnforge.modeling.keras_io import load_keras_model
     from cnnforge.tuning.search import SearchConfig, search
 
     config = SearchConfig(
@@ -110,11 +118,14 @@ def test_without_retraining_the_heldout_predictions_are_the_exported_models(smal
     )
     result = search(config)
     with np.load(RunDir(result.run_dir).heldout) as saved:
-        probabilities, labels = saved["probabilities"], saved["labels"]
+        indices, labels = saved["indices"], saved["labels"]
     dataset = load_dataset(str(small_npz))  # the same seeded validation split
     assert (labels == dataset.y_val).all()
-    own = keras_outputs(load_keras_model(result.best_model), dataset.x_val, 256)[0]
-    np.testing.assert_allclose(probabilities, own, atol=1e-5)
+    np.testing.assert_array_equal(
+        indices, np.arange(len(dataset.y_train), len(dataset.y_train) + len(dataset.y_val))
+    )
+    fitted = export(result.run_dir, calibrate=True).calibration
+    assert "did not train on" in fitted["probability_calibration"]["source"]
 
 
 def test_an_int8_variant_carries_the_temperature_and_keeps_its_argmax(deploy_run, tmp_path):
@@ -132,4 +143,56 @@ def test_an_int8_variant_carries_the_temperature_and_keeps_its_argmax(deploy_run
     meta = _meta(out)
     assert meta["cnnforge.precision"] == "int8"
     assert "cnnforge.probability_calibration" in meta and "cnnforge.calibration" in meta
-    assert [n.op_type for n in onnx.load(str(out)).graph.node][-1] == "Softmax"
+    graph = onnx.load(str(out)).graph
+    producers = {name: node.op_type for node in graph.node for name in node.output}
+    assert producers["probabilities"] == "Softmax" and producers["ood_score"] == "Gather"
+    assert json.loads(meta["cnnforge.unknown_threshold"])["score"] == "knn_cosine"
+    assert result.parity.calibration["ood_score_max_abs_diff"] < 1e-4
+
+
+def test_the_ood_score_is_the_knn_cosine_of_the_final_dense_layers_input(finished_run, tmp_path):
+    """The graph's second output against NumPy's k-NN score of the same features, the
+    threshold against the held-out slice, and noise scoring below clothing."""
+    from cnnforge.conversion.calibrate import feature_tensor, with_features
+    from cnnforge.data.dataset import load_dataset
+
+    out = tmp_path / "calibrated.onnx"
+    export(finished_run.run_dir, out, calibrate=True)
+    graph = onnx.load(str(out))
+    assert [o.name for o in graph.graph.output] == ["probabilities", "ood_score"]
+    plain = onnx.load(str(finished_run.run_dir / "model.onnx"))
+    features = feature_tensor(plain)
+    assert features is not None and "Relu" in features  # the Dense 64 relu before the softmax
+    unknown = json.loads(_meta(out)["cnnforge.unknown_threshold"])
+    bank = np.array(onnx.numpy_helper.to_array(_initializer(graph, "ood_bank"))).T
+    session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    probe = ort.InferenceSession(
+        with_features(plain, features).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    dataset = load_dataset(_npz_of(finished_run.run_dir))
+    with np.load(RunDir(finished_run.run_dir).heldout) as saved:
+        held = np.concatenate([dataset.x_train, dataset.x_val])[saved["indices"]]
+    held = held.astype(np.float32)
+    noise = np.random.default_rng(0).uniform(0, 255, (64, 28, 28, 1)).astype(np.float32)
+    for images in (held, noise):
+        score = session.run(["ood_score"], {"images": images})[0]
+        expected = calibration.knn_score(probe.run(None, {"images": images})[1], bank, unknown["k"])
+        np.testing.assert_allclose(score, expected, atol=1e-5)
+    held_scores = session.run(["ood_score"], {"images": held})[0]
+    assert (held_scores >= unknown["threshold"]).mean() >= 0.95
+    noise_scores = session.run(["ood_score"], {"images": noise})[0]
+    assert np.median(noise_scores) < np.median(held_scores)
+
+
+def _initializer(graph: onnx.ModelProto, name: str):
+    return next(i for i in graph.graph.initializer if i.name == name)
+
+
+def test_rows_of_train_and_validation_come_in_the_order_asked(finished_run) -> None:
+    from cnnforge.conversion.calibrate import rows_of
+    from cnnforge.data.dataset import load_dataset
+
+    dataset = load_dataset(_npz_of(finished_run.run_dir))
+    both = np.concatenate([dataset.x_train, dataset.x_val])
+    indices = np.array([len(dataset.y_train) + 3, 0, len(both) - 1, 5])  # validation first
+    np.testing.assert_array_equal(rows_of(dataset, indices), both[indices])

@@ -106,3 +106,15 @@ def test_auroc_by_hand() -> None:
     assert cal.auroc(np.array([3.0, 2.0]), np.array([1.0, 2.0])) == pytest.approx(0.875)
     assert cal.auroc(np.array([5.0, 6.0]), np.array([1.0])) == 1.0
     assert cal.auroc(np.array([0.0]), np.array([1.0, 2.0])) == 0.0
+
+
+def test_knn_score_is_the_cosine_to_the_kth_nearest_bank_image() -> None:
+    # bank: unit vectors at 0, 90 and 180 degrees; the image at 45 degrees (length 2 does not
+    # matter): cosines 0.707, 0.707, -0.707 -> 1st and 2nd nearest 0.707, 3rd -0.707.
+    bank = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    image = np.array([[math.sqrt(2), math.sqrt(2)], [0.0, 0.0]])
+    half = math.sqrt(0.5)
+    np.testing.assert_allclose(cal.knn_score(image, bank, 1), [half, 0.0], atol=1e-9)
+    np.testing.assert_allclose(cal.knn_score(image, bank, 3), [-half, 0.0], atol=1e-9)
+    with pytest.raises(ValueError, match="between 1 and the 3"):
+        cal.knn_score(image, bank, 4)

@@ -78,3 +78,23 @@ def test_export_triton_max_batch_defaults_to_the_triton_constant():
 
     (option,) = [p for p in export.params if p.name == "triton_max_batch"]
     assert option.default is DEFAULT_MAX_BATCH
+
+
+def test_a_per_image_score_output_is_one_dim_reshaped_to_none(tmp_path):
+    """A calibrated export's ``ood_score`` has the batch axis only: Triton takes it as dims
+    [1] reshaped to [] (its rule for outputs with no dims but the batch)."""
+    import numpy as np
+    import onnx
+
+    from cnnforge.conversion.calibrate import with_knn_score
+
+    model = serving.model(tmp_path / "fashion.onnx")
+    bank = np.eye(10, dtype=np.float32)[:5]
+    scored = with_knn_score(onnx.load(str(model)), "probabilities", bank, 2)
+    onnx.save(scored, str(model))
+    config = parse(write_triton_repository(model, tmp_path / "repo") / "config.pbtxt")
+    probabilities, score = config.output
+    assert probabilities.name == "probabilities" and probabilities.label_filename
+    assert score.name == "ood_score" and list(score.dims) == [1]
+    assert score.HasField("reshape") and list(score.reshape.shape) == []
+    assert not score.label_filename

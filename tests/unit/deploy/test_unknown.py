@@ -133,3 +133,73 @@ def test_serve_command_refuses_a_bad_confidence_in_one_line_before_listening(pla
     assert "Traceback" not in result.output
     unrecorded = CliRunner().invoke(cli, ["serve", str(plain), "--port", "0", "--reject-unknown"])
     assert unrecorded.exit_code != 0 and "--min-confidence" in unrecorded.output
+
+
+@pytest.fixture(scope="module")
+def scored(finished_run, tmp_path_factory):
+    """The finished run's model exported with its temperature and its ``ood_score`` output,
+    its recorded threshold moved to the median score of the test images (the test model is too
+    weak to reject noise by its own): some images are unknown, some not."""
+    import onnxruntime as ort
+
+    from cnnforge.conversion.export import export
+
+    out = tmp_path_factory.mktemp("scored") / "model.onnx"
+    export(finished_run.run_dir, out, calibrate=True)
+    proto = onnx.load(str(out))
+    entry = next(p for p in proto.metadata_props if p.key == "cnnforge.unknown_threshold")
+    session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    pixels = np.stack([np.asarray(Image.open(p), np.float32) for p in _images(out.parent)])
+    median = float(np.median(session.run(["ood_score"], {"images": pixels[..., None]})[0]))
+    entry.value = json.dumps({**json.loads(entry.value), "threshold": median})
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_reject_unknown_uses_the_graphs_ood_score_and_says_so(scored, images):
+    import onnxruntime as ort
+
+    recorded = json.loads(
+        {p.key: p.value for p in onnx.load(str(scored)).metadata_props}[
+            "cnnforge.unknown_threshold"
+        ]
+    )
+    assert recorded["score"] == "knn_cosine" and recorded["output"] == "ood_score"
+    classifier = Classifier(scored, reject_unknown=True)
+    predictions = classifier.predict(images, top_k=2)
+    session = ort.InferenceSession(scored, providers=["CPUExecutionProvider"])
+    batch = classifier.batch([classifier.pixels(i) for i in images])
+    expected = session.run(["ood_score"], {"images": batch})[0]
+    for p, value in zip(predictions, expected, strict=True):
+        answer = p.as_dict()
+        assert answer["score"] == "knn_cosine" and answer["threshold"] == recorded["threshold"]
+        assert answer["score_value"] == pytest.approx(float(value), abs=1e-6)
+        assert p.unknown == (value < recorded["threshold"]) and len(answer["top"]) == 2
+        assert "min_confidence" not in answer  # the top probability decides nothing here
+    assert {p.unknown for p in predictions} == {True, False}
+    own = Classifier(scored, min_confidence=0.0).predict(images)  # your own floor: top prob.
+    assert not any(p.unknown for p in own) and own[0].as_dict()["score"] == "max_probability"
+
+
+def test_serve_rejects_by_the_recorded_score_and_metadata_names_it(scored, images):
+    with serving.running(create_app(scored, reject_unknown=True)) as url:
+        files = [("images", (p.name, p.read_bytes())) for p in images]
+        answers = httpx.post(f"{url}/predict", files=files).json()["predictions"]
+        meta = httpx.get(f"{url}/metadata").json()
+    assert all(a["score"] == "knn_cosine" and "score_value" in a for a in answers)
+    assert {a["unknown"] for a in answers} == {True, False}
+    assert meta["unknown"]["score"] == "knn_cosine"
+    assert meta["unknown"]["threshold"] == meta["unknown"]["recorded"]["threshold"]
+
+
+def test_the_servers_batch_rows_read_as_their_probabilities(scored, images):
+    """Code that reads a served batch as an array (the v2 protocol's outputs) gets the
+    probabilities, whatever score the unknown rule carries beside them."""
+    from cnnforge.deploy.predict import Rows
+
+    classifier = Classifier(scored, reject_unknown=True)
+    batch = classifier.batch([classifier.pixels(i) for i in images])
+    rows = classifier.rows(batch)
+    assert isinstance(rows, Rows) and rows.scores is not None
+    np.testing.assert_array_equal(np.asarray(rows, dtype=np.float32), rows.probabilities)
+    assert np.asarray(rows[2:5]).shape == (3, 10) and len(rows[2:5].scores) == 3

@@ -145,6 +145,7 @@ def test_the_page_of_a_finished_run(reported_run):
     assert re.search(
         r"Temperature \d\.\d+ in the graph: the argmax unchanged on 200 of 200", markdown
     )
+    assert re.search(r"`ood_score` in the graph: within \S+ of NumPy's on \d+ held-out", markdown)
 
 
 def test_a_run_without_a_finished_search_reports_what_there_is(finished_run, tmp_path):

@@ -146,14 +146,17 @@ def test_a_search_stops_in_time_and_still_trains_the_winner_again(small_npz, tmp
     assert 1 <= len(result.trials) < 200
     assert result.final_training is not None and result.final_training.epochs >= 1
     summary = json.loads((tmp_path / "r" / "search.json").read_text())
-    assert summary["final_training"]["examples"] == 400  # train + validation
+    # train + validation less the calibration slice
+    final = summary["final_training"]
+    assert final["examples"] + final["calibration_images"] == 400
     # a probe would take a large share of a budget this small: a nominal pace plans it
     assert json.loads((tmp_path / "r" / "plan.json").read_text())["basis"] == "nominal"
 
 
 def test_the_final_training_uses_train_and_validation_for_the_epochs_found(finished_run):
     final = finished_run.final_training
-    assert final.examples == 400 and final.epochs == final.epochs_found
+    assert final.examples + final.calibration_images == 400  # the slice: calibration
+    assert final.epochs == final.epochs_found
     assert final.epochs_found == finished_run.best_trial.best_epoch
     rows = list(csv.DictReader((finished_run.run_dir / "trials.csv").open()))
     assert all(1 <= int(r["best_epoch"]) <= int(r["epochs"]) for r in rows)
@@ -184,7 +187,8 @@ def test_trials_train_on_their_share_of_the_data(small_npz, tmp_path):
     result = _one_trial(small_npz, tmp_path / "r", search_fraction=0.5)
     cost = json.loads((tmp_path / "r" / "tuner" / "trial_0" / "cnnforge_cost.json").read_text())
     assert abs(cost["examples"] - 180) <= 2  # half of the 360 training images, per class
-    assert result.final_training.examples == 400
+    final = result.final_training
+    assert final.examples + final.calibration_images == 400
 
 
 def _trials(small_npz, run_dir, seed):
