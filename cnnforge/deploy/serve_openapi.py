@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from cnnforge.deploy.serve_requests import TOP_K_DIGITS
 from cnnforge.deploy.serve_v2 import MODEL, MODEL_VERSION
-from cnnforge.deploy.v2_protocol import HEADER_LENGTH, model_spec
+from cnnforge.deploy.v2_protocol import model_spec
+from cnnforge.deploy.v2_rest import HEADER_LENGTH
 
 if TYPE_CHECKING:
     from cnnforge.deploy.serve_service import Service

@@ -1,6 +1,6 @@
 """The Open Inference Protocol's REST routes (``/v2/...``) in ``cnnforge serve``: the same
 process, batcher, token, body limits, queue and metrics as ``/predict``; the protocol itself is
-:mod:`cnnforge.deploy.v2_protocol`.
+:mod:`cnnforge.deploy.v2_protocol`, its REST body format :mod:`cnnforge.deploy.v2_rest`.
 
 Errors are ``{"error": "one line"}``: 400 for a request the protocol refuses, 404 for another
 model's name or version, and ``/predict``'s 401, 408, 413 and 503 for the shared limits.
@@ -15,16 +15,8 @@ from typing import TYPE_CHECKING, Any
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.deploy.batching import Overloaded
 from cnnforge.deploy.serve_requests import RequestError, overloaded, read_body
-from cnnforge.deploy.v2_protocol import (
-    HEADER_LENGTH,
-    VERSION,
-    ProtocolError,
-    infer,
-    model_spec,
-    parse_rest_request,
-    rest_response,
-    server_metadata,
-)
+from cnnforge.deploy.v2_protocol import VERSION, ProtocolError, infer, model_spec, server_metadata
+from cnnforge.deploy.v2_rest import HEADER_LENGTH, parse_rest_request, rest_response
 
 if TYPE_CHECKING:
     from cnnforge.deploy.serve_service import Service

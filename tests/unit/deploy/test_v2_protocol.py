@@ -19,6 +19,7 @@ from PIL import Image
 
 from cnnforge.core.preprocessing import scale
 from cnnforge.deploy import v2_protocol as v2
+from cnnforge.deploy import v2_rest
 from cnnforge.deploy.batching import Overloaded
 from cnnforge.deploy.predict import Classifier
 from cnnforge.deploy.serve_service import Service
@@ -203,7 +204,7 @@ def test_output_parameters_are_checked():
 
 
 def test_a_rest_body_with_binary_inputs_and_outputs_round_trips():
-    header = v2.dumps(
+    header = v2_rest.dumps(
         {
             "id": "7",
             "inputs": [
@@ -217,22 +218,22 @@ def test_a_rest_body_with_binary_inputs_and_outputs_round_trips():
             "outputs": [{"name": "p", "parameters": {"binary_data": True}}],
         }
     )
-    request = v2.parse_rest_request(header + bytes([1, 2, 3, 4]), str(len(header)))
+    request = v2_rest.parse_rest_request(header + bytes([1, 2, 3, 4]), str(len(header)))
     assert request.id == "7" and request.inputs["images"].tolist() == [[1, 2], [3, 4]]
     assert request.outputs == [v2.OutputRequest("p", None, True)]
     rows = np.array([[0.25, 0.75]], np.float32)
-    body, split = v2.rest_response("m", request, [v2.OutputTensor("p", "FP32", (1, 2), rows)])
-    answer = v2.loads(body[:split])
+    body, split = v2_rest.rest_response("m", request, [v2.OutputTensor("p", "FP32", (1, 2), rows)])
+    answer = v2_rest.loads(body[:split])
     assert answer["outputs"][0]["parameters"] == {"binary_data_size": 8}
     assert answer["model_name"] == "m" and answer["id"] == "7"
     assert np.frombuffer(body[split:], "<f4").tolist() == [0.25, 0.75]
     for bad_length in ("x", "99999", "-1"):
         with pytest.raises(v2.ProtocolError, match="Inference-Header-Content-Length must be"):
-            v2.parse_rest_request(header, bad_length)
+            v2_rest.parse_rest_request(header, bad_length)
     with pytest.raises(v2.ProtocolError, match="3 bytes after the JSON header belong to no"):
-        v2.parse_rest_request(header + bytes(7), str(len(header)))
+        v2_rest.parse_rest_request(header + bytes(7), str(len(header)))
     with pytest.raises(v2.ProtocolError, match="malformed"):
-        v2.parse_rest_request(b"{nope", None)
+        v2_rest.parse_rest_request(b"{nope", None)
 
 
 def test_a_full_queue_is_overloaded_before_anything_is_prepared(model, monkeypatch):
