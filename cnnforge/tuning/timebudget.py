@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cnnforge.modeling.training import SAFETY
-from cnnforge.tuning.plan import SearchPlan, final_reserve
+from cnnforge.tuning.plan import FINAL_SHARE, SearchPlan, final_reserve
 
 PRIOR_SHARE = 0.5  # of the budget kept back before any trial has been measured
 
@@ -69,13 +69,21 @@ class TimeBudget:
 
     def planned_final_seconds(self, plan: SearchPlan, leader: Pace | None) -> float:
         """What the final training of ``plan`` takes at the ``leader``'s pace (None: the pace
-        the plan was made at), with the margin; ``overhead`` left out."""
+        the plan was made at), with the margin; ``overhead`` left out. At most ``FINAL_SHARE``
+        of the budget (or the plan's own reserve, if larger)."""
         if not self.final_examples or not plan.final_epochs:
             return 0.0
         if leader is None:
             return plan.final_seconds(margin=SAFETY)
         epoch = leader.epoch_seconds(self.final_examples)
-        return final_reserve(plan.final_epochs, epoch, plan.trial_overhead_s or 0.0, SAFETY)
+        at_leaders_pace = final_reserve(
+            plan.final_epochs, epoch, plan.trial_overhead_s or 0.0, SAFETY
+        )
+        # never more than the plan's share of the budget: a slow leader reserving all its
+        # epochs cut a 30-minute search to rung 0 (93.27 % against 93.83 % before); past the
+        # share, the final trains the epochs that fit (FitToDeadline) instead
+        share = max(plan.final_seconds(margin=SAFETY), FINAL_SHARE * self.total)
+        return min(at_leaders_pace, share)
 
     def search_deadline(self, best_pace: Pace | None, best_epochs: int) -> float:
         return self.ends_at - self.final_training_seconds(best_pace, best_epochs)

@@ -81,11 +81,27 @@ def test_a_plans_final_training_is_reserved_at_the_leaders_pace():
     plan = planning.SearchPlan(
         [planning.Rung(4, 2)], 0, 20, 32, 900, "probe", 0.5, 3.0, final_epoch_seconds=1.0
     )
-    budget = TimeBudget(time.time() + 100, 100, final_examples=1000, overhead=5)
+    budget = TimeBudget(time.time() + 200, 200, final_examples=1000, overhead=5)
     assert budget.planned_final_seconds(plan, None) == pytest.approx(20 * 1.0 * 1.05 + 3)
     leader = Pace(0.003, epoch_start=0.1)
     expected = 20 * (3.0 + 0.1) * timebudget.SAFETY + 3
     assert budget.planned_final_seconds(plan, leader) == pytest.approx(expected)
+
+
+def test_a_slow_leaders_final_training_keeps_at_most_the_plans_share_of_the_budget():
+    """A leader at 3 ms an example would keep 68 s of a 100 s budget for its 20 final epochs,
+    ending the search at once: it keeps half the budget (FINAL_SHARE), and the final training
+    trains the epochs that fit in what the search leaves."""
+    plan = planning.SearchPlan(
+        [planning.Rung(4, 2)], 0, 20, 32, 900, "probe", 0.5, 3.0, final_epoch_seconds=1.0
+    )
+    budget = TimeBudget(time.time() + 100, 100, final_examples=1000, overhead=5)
+    leader = Pace(0.003, epoch_start=0.1)
+    assert budget.planned_final_seconds(plan, leader) == pytest.approx(50.0)
+    quick_plan = planning.SearchPlan(
+        [planning.Rung(4, 2)], 0, 20, 32, 900, "probe", 0.5, 3.0, final_epoch_seconds=3.0
+    )  # the plan's own reserve (66 s) is more than the share: the leader keeps that much
+    assert budget.planned_final_seconds(quick_plan, leader) == pytest.approx(20 * 3.0 * 1.05 + 3)
     no_final = TimeBudget(budget.ends_at, 100, final_examples=0)
     assert no_final.planned_final_seconds(plan, leader) == 0.0
 
