@@ -17,7 +17,7 @@ same features 0.696 and 0.896 (docs/calibration.md). A graph whose last Dense la
 found keeps the maximum probability as its score.
 
 Which held-out data: the final model of a run trains on train+validation less a calibration
-slice (``tuning.final_training.calibration_slice``), saved in ``heldout.npz`` as indices; the
+slice (``data.dataset.calibration_slice``), saved in ``heldout.npz`` as indices; the
 temperature and the threshold are fitted on the exported graph's own outputs for those images.
 Without a final training the exported model is a trial's, and the validation split is its
 held-out data. A ``.keras`` file outside a run is fitted on the validation split (it must not

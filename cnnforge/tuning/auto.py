@@ -27,7 +27,7 @@ import keras_tuner
 
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.rundir import RunDir
-from cnnforge.data.dataset import Dataset
+from cnnforge.data.dataset import Dataset, final_training_examples
 from cnnforge.modeling.hypermodel import PluginHyperModel
 from cnnforge.modeling.training import SAFETY
 from cnnforge.tuning.candidate import measure_candidate
@@ -316,7 +316,6 @@ def make_plan(
     counts from ``started`` (a ``time.time()``) and keeps ``keep_after`` seconds for later."""
     batch = config.batch_size
     train = round(len(dataset.y_train) * config.search_fraction)
-    val = len(dataset.y_val)
     kinds = {hp.name: type(hp).__name__ for hp in hps.space}  # the last: --fix over the plugin
     paired = sum(kinds.get(name) not in (None, "Fixed") for name in PAIRED)
     budget = config.effective_time_budget()
@@ -339,7 +338,7 @@ def make_plan(
             budget - keep_after - spent,
             pace,
             train_examples=train,
-            final_examples=len(dataset.y_train) + val if config.retrain else 0,
+            final_examples=final_training_examples(dataset, config.seed) if config.retrain else 0,
             batch_size=batch,
             paired=paired,
             basis=basis,

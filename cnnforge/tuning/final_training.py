@@ -18,7 +18,7 @@ import numpy as np
 
 from cnnforge.core.atomic import atomic_write_bytes
 from cnnforge.core.rundir import RunDir
-from cnnforge.data.dataset import Dataset, stratified_split
+from cnnforge.data.dataset import Dataset, calibration_slice, stratified_split
 from cnnforge.modeling import training
 from cnnforge.modeling.hypermodel import PluginHyperModel
 from cnnforge.tuning.config import SearchConfig
@@ -28,9 +28,6 @@ from cnnforge.tuning.timebudget import pace
 from cnnforge.tuning.tuners import NonFiniteLoss, RecordingTuner, StopAtDeadline
 
 LONGER_WHEN_IMPROVING = 1.5  # the most a final training grows when the winner still improved
-# The share of train+validation the final training leaves out for calibration, and its cap.
-CALIBRATION_FRACTION = 0.1
-CALIBRATION_MOST = 5000
 
 
 @dataclass
@@ -83,17 +80,6 @@ def trial_checkpoint(tuner: RecordingTuner, best_trial: Any) -> keras.Model | No
     with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed
         warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
         return tuner.load_model(best_trial)
-
-
-def calibration_slice(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded, stratified (kept, held-out) indices of train+validation: the final model does
-    not train on the held-out ones, so its temperature and its "not one of the classes"
-    threshold are fitted on its own predictions of images it has not seen. The model the run
-    exports is this one: a trial's model, trained on less, calibrates it less well (its
-    temperature was 1.015 where the final model's test split wanted 1.196; fitted on the slice,
-    1.822 where it wanted 1.882: docs/calibration.md)."""
-    fraction = min(CALIBRATION_FRACTION, CALIBRATION_MOST / max(1, len(labels)))
-    return stratified_split(labels, fraction, seed)
 
 
 def save_heldout(run: RunDir, indices: np.ndarray, labels: np.ndarray, source: str) -> None:

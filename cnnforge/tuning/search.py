@@ -35,7 +35,7 @@ from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.core.objectives import objective_direction
 from cnnforge.core.rundir import RunDir
 from cnnforge.core.version import __version__
-from cnnforge.data.dataset import Dataset, DataSpec
+from cnnforge.data.dataset import Dataset, DataSpec, final_training_examples
 from cnnforge.modeling import training, transfer
 from cnnforge.modeling.hypermodel import (
     CNNFORGE_TRAINING,
@@ -456,7 +456,7 @@ def _time_budget(
         return None
     if plan is not None and config.deterministic:
         return None
-    final_examples = len(dataset.x_train) + len(dataset.x_val) if config.retrain else 0
+    final_examples = final_training_examples(dataset, config.seed) if config.retrain else 0
     start = time.time() if started is None else started
     return TimeBudget(start + seconds, seconds, final_examples, keep_after)
 

@@ -305,3 +305,26 @@ def test_a_budget_too_short_for_one_trial_is_refused_with_the_smallest_that_work
     smallest = int(lines[0].split("give --time-budget ")[1].split("s")[0])
     assert 30 < smallest < 600
     assert not run_dir.exists()  # refused before anything is written
+
+
+def test_the_final_trainings_reserve_counts_the_images_it_trains_on_not_the_calibration_slice():
+    """The final training leaves its calibration slice out: the budget reserves time for the
+    images it trains on (9,000 of 10,000 here), not for all of train+validation."""
+    from cnnforge.data.dataset import Dataset, DataSpec
+    from cnnforge.tuning.search import _time_budget
+
+    labels = np.arange(10_000) % 10
+    images = np.zeros((10_000, 8, 8, 1), np.uint8)
+    spec = DataSpec("made", (8, 8, 1), tuple(str(i) for i in range(10)))
+    dataset = Dataset(
+        spec, images[:8000], labels[:8000], images[8000:], labels[8000:], images[:10], labels[:10]
+    )
+    config = SearchConfig(time_budget=600, seed=3)
+    budget = _time_budget(config, dataset, time.time(), 0.0, None)
+    assert budget.final_examples == 9_000
+    assert (
+        _time_budget(
+            SearchConfig(time_budget=600, retrain=False), dataset, None, 0.0, None
+        ).final_examples
+        == 0
+    )
