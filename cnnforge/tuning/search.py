@@ -11,16 +11,10 @@ The KerasTuner customisations live in ``tuners.py`` (recording, atomic state) an
 from __future__ import annotations
 
 import contextlib
-import difflib
-import gc
 import math
-import os
 import platform
-import signal
-import threading
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +41,7 @@ from cnnforge.registry import Plugin
 from cnnforge.tracking import Tracking, open_tracking, parse_track
 from cnnforge.tuning.auto import make_plan
 from cnnforge.tuning.config import SearchConfig
-from cnnforge.tuning.distributed import kerastuner_role, watch_as_chief
+from cnnforge.tuning.distributed import watch_as_chief
 from cnnforge.tuning.final_training import (
     FinalTraining,
     class_weight,
@@ -59,6 +53,7 @@ from cnnforge.tuning.final_training import (
     trial_training_data,
 )
 from cnnforge.tuning.plan import SearchPlan, auto_batch_size
+from cnnforge.tuning.process import search_context, sigterm_as_interrupt
 from cnnforge.tuning.records import (
     OVER_BUDGET,
     SearchProgress,
@@ -66,12 +61,12 @@ from cnnforge.tuning.records import (
     trial_records,
     write_trials_csv,
 )
+from cnnforge.tuning.space import constrained_hyperparameters
 from cnnforge.tuning.timebudget import TimeBudget
 from cnnforge.tuning.tuners import (
     NonFiniteLoss,
     PatienceUnlessScheduled,
     RecordingTuner,
-    kerastuner_settings,
     make_tuner,
 )
 
@@ -109,42 +104,6 @@ def library_versions() -> dict[str, str]:
         "keras_tuner": keras_tuner.__version__,
         "numpy": np.__version__,
     }
-
-
-def _typed(hp: Any, text: str) -> Any:
-    """Parse ``text`` as a value of the hyperparameter ``hp``."""
-    example = hp.default if hp.default is not None else getattr(hp, "values", [text])[0]
-    try:
-        if isinstance(example, bool):
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1", "yes")
-        return type(example)(text)
-    except ValueError:
-        raise CnnforgeError(
-            f"hyperparameter {hp.name!r} takes {type(example).__name__} values, got {text!r}"
-        ) from None
-
-
-def constrained_hyperparameters(config: SearchConfig, space: list) -> keras_tuner.HyperParameters:
-    """KerasTuner HyperParameters with ``--fix`` and ``--space`` applied, names checked."""
-    by_name = {hp.name: hp for hp in space}
-    for name in [*config.fix, *config.space]:
-        if name not in by_name:
-            close = difflib.get_close_matches(name, list(by_name), n=3)
-            hint = (
-                f"did you mean {', '.join(close)}?"
-                if close
-                else f"choose from {', '.join(by_name)}"
-            )
-            raise CnnforgeError(f"{config.model_name!r} has no hyperparameter {name!r}; {hint}")
-    hps = keras_tuner.HyperParameters()
-    for name, text in config.fix.items():
-        hps.Fixed(name, _typed(by_name[name], text))
-    for name, texts in config.space.items():
-        values = [_typed(by_name[name], t) for t in texts]
-        hps.Choice(name, values, default=values[0])
-    return hps
 
 
 # how a refusal names the parts of a data fingerprint that differ
@@ -190,61 +149,6 @@ def _data_differs(run: RunDir, dataset: Dataset) -> list[str]:
         return []
     now = dataset.fingerprint()
     return [word for key, word in _FINGERPRINT_PARTS.items() if saved.get(key) != now[key]]
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops a search like Ctrl-C: KerasTuner's state is saved, the trial re-runs later."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set in the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-DEBUG_ENV = "CNNFORGE_DEBUG"  # set by the CLI's --debug
-
-
-@contextlib.contextmanager
-def _search_context(config: SearchConfig, debug: bool | None) -> Iterator[None]:
-    """What a search process sets while it runs, and restores after: KerasTuner's settings
-    (atomic state, tracebacks only when ``debug``; None: the ``CNNFORGE_DEBUG`` variable), its
-    role in a distributed search, the training precision, deterministic ops if asked for."""
-    if debug is None:
-        debug = bool(os.environ.get(DEBUG_ENV))
-    with (
-        kerastuner_settings(debug=debug),
-        kerastuner_role(config),
-        training.precision_policy(config.precision),
-        training.op_determinism(config.deterministic),
-        _earlier_objects_frozen(),
-    ):
-        yield
-
-
-@contextlib.contextmanager
-def _earlier_objects_frozen() -> Iterator[None]:
-    """Keep the objects that exist when the search starts (~380,000 after importing TensorFlow,
-    Keras and KerasTuner) out of the garbage collector's sight while it runs, and give them back
-    after. Keras' ``clear_session`` and KerasTuner call ``gc.collect()`` two or three times a
-    trial, and each call walked all of them (~0.4 s on 2 EPYC cores: a fifth of a small
-    search's time in a profile). Left alone when the caller has frozen objects of its own."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def _dataset(config: SearchConfig, dataset: Dataset | None) -> Dataset:
@@ -355,7 +259,7 @@ def _run_trials(config: SearchConfig, tuner: RecordingTuner, dataset: Dataset, p
                 mode=objective_direction(config.objective),
             )
         )
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         tuner.search(
             *trial_training_data(dataset, config, tuner.plan),
             validation_data=(dataset.x_val, dataset.y_val),
@@ -394,7 +298,7 @@ def search(
         raise CnnforgeError("a worker runs trials for a chief: use cnnforge.tuning.search.work()")
     config.validate()
     started = time.time() if started is None else started
-    with _search_context(config, debug):
+    with search_context(config, debug):
         dataset = _dataset(config, dataset)
         tuner = _prepare(config, dataset, progress, started=started, keep_after=keep_after)
         _announce_plan(config, tuner, progress)
@@ -472,7 +376,7 @@ def work(
     if config.distributed != "worker":
         raise CnnforgeError("work() is for a distributed worker: set distributed='worker'")
     config.validate()
-    with _search_context(config, debug):
+    with search_context(config, debug):
         dataset = _dataset(config, dataset)
         tuner = _prepare(config, dataset, progress)
         _run_trials(config, tuner, dataset, progress)

@@ -11,7 +11,7 @@ import pytest
 
 from cnnforge.tuning import oracles, tuners
 from cnnforge.tuning.config import SearchConfig
-from cnnforge.tuning.search import DEBUG_ENV, _search_context
+from cnnforge.tuning.process import DEBUG_ENV, search_context
 
 
 def test_settings_hold_inside_a_search_and_are_restored_after():
@@ -36,9 +36,9 @@ def test_debug_is_read_when_the_search_starts(monkeypatch, variable, expected):
         monkeypatch.delenv(DEBUG_ENV, raising=False)
     else:
         monkeypatch.setenv(DEBUG_ENV, variable)  # set after cnnforge was imported
-    with _search_context(SearchConfig(), debug=None):
+    with search_context(SearchConfig(), debug=None):
         assert keras_tuner.src.config.DEBUG is expected
-    with _search_context(SearchConfig(), debug=not expected):
+    with search_context(SearchConfig(), debug=not expected):
         assert keras_tuner.src.config.DEBUG is (not expected)
 
 
