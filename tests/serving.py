@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 import tiny_onnx
 from PIL import Image
 
@@ -89,3 +90,12 @@ def wait_until_up(url: str, process: Any = None, timeout: float = 60) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up in {timeout}s")
+
+
+def triton_http():  # noqa: ANN201 (the tritonclient.http module)
+    """Triton's own HTTP client, unchanged; the test is skipped where it is not installed."""
+    try:
+        import tritonclient.http as client
+    except (ImportError, RuntimeError):  # RuntimeError: installed without its http extra
+        pytest.skip("tritonclient[http] is not installed")
+    return client

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnforge.core.contract import OUTPUT_NAME
+from cnnforge.core.contract import OOD_OUTPUT_NAME, OUTPUT_NAME
 from cnnforge.core.errors import CnnforgeError, CnnforgeWarning
 from cnnforge.core.preprocessing import IMAGE_MODES, Preprocessing, pixel_range_of, scale
 from cnnforge.deploy.images import fit_image, load_image
@@ -54,8 +54,9 @@ class UnknownRule:
 
 @dataclass(frozen=True)
 class Rows:
-    """A batch's probabilities (images × classes) and, where a rule reads one, the graph's
-    score of each image; sliced together (the server's batcher splits a batch by request)."""
+    """A batch's probabilities (images × classes) and, where the graph has one, its score of
+    each image (``ood_score``); sliced together (the server's batcher splits a batch by
+    request)."""
 
     probabilities: np.ndarray
     scores: np.ndarray | None = None
@@ -171,6 +172,15 @@ class Classifier:
             min_confidence,
             [o.name for o in self.session.get_outputs()],
         )
+        rule = self.unknown_rule
+        outputs = [o.name for o in self.session.get_outputs()]
+        # the graph's score, answered beside the probabilities (fetching it costs nothing:
+        # onnxruntime computes the whole graph either way): the one the rule reads, if any
+        self.score_output: str | None = (
+            rule.output
+            if rule is not None and not rule.on_top_probability
+            else (OOD_OUTPUT_NAME if OOD_OUTPUT_NAME in outputs else None)
+        )
         graph_input = self.session.get_inputs()[0]
         per_image = graph_input.shape[1:]
         if len(graph_input.shape) != 4 or not all(isinstance(d, int) for d in per_image):
@@ -262,13 +272,11 @@ class Classifier:
         return self.rows(batch).probabilities
 
     def rows(self, batch: np.ndarray) -> Rows:
-        """Probabilities of a batch of :meth:`batch`, and the score the unknown rule reads
-        where it is a graph output of its own; a model with a fixed batch size gets it in
-        chunks of exactly that size, the last padded with zeros and the padding's rows dropped."""
-        rule = self.unknown_rule
-        names = (
-            [OUTPUT_NAME] if rule is None or rule.on_top_probability else [OUTPUT_NAME, rule.output]
-        )
+        """Probabilities of a batch of :meth:`batch`, and the graph's score (``ood_score``, or
+        the one the unknown rule reads) where it has one; a model with a fixed batch size gets
+        it in chunks of exactly that size, the last padded with zeros and the padding's rows
+        dropped."""
+        names = [OUTPUT_NAME, self.score_output] if self.score_output else [OUTPUT_NAME]
         size, chunk = len(batch), self.fixed_batch
         if chunk:
             padding = np.zeros(((-size) % chunk, *batch.shape[1:]), batch.dtype)

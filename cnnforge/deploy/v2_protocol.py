@@ -2,7 +2,7 @@
 routes (:mod:`cnnforge.deploy.serve_v2`, their body format in :mod:`cnnforge.deploy.v2_rest`)
 and the gRPC service (:mod:`cnnforge.deploy.serve_grpc`) share.
 
-A served model has two inputs and one output:
+A served model has two inputs and one or two outputs:
 
 - its own pixel tensor (the ONNX input's name, e.g. ``images``; shape ``[-1, *per_image]`` in
   the model's layout): ``FP32`` is the model's input as it is (pixels already in its pixel
@@ -11,7 +11,9 @@ A served model has two inputs and one output:
 - ``image`` (``BYTES``, shape ``[-1]``): encoded image files (PNG, JPEG, ...) decoded and
   preprocessed by the same code as ``cnnforge predict`` and ``POST /predict``.
 - its probabilities (``FP32 [-1, classes]``), or with Triton's classification extension
-  (``classification: k``) the top ``k`` as ``BYTES`` strings ``"value:index:label"``.
+  (``classification: k``) the top ``k`` as ``BYTES`` strings ``"value:index:label"``;
+- where the graph has one (a calibrated export), its ``ood_score`` (``FP32 [-1]``): how like the
+  training images each image is, the score the "unknown" threshold of the metadata reads.
 
 A request carries exactly one of the two inputs. Every refusal is a :class:`ProtocolError`
 (one line: HTTP 400, gRPC INVALID_ARGUMENT); a full queue is
@@ -32,11 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cnnforge.core.contract import OOD_OUTPUT_NAME
 from cnnforge.core.errors import CnnforgeError
 from cnnforge.core.preprocessing import scale
 from cnnforge.core.version import __version__
 from cnnforge.deploy.batching import Overloaded
-from cnnforge.deploy.predict import Classifier
+from cnnforge.deploy.predict import Classifier, Rows
 from cnnforge.deploy.serve_requests import RequestError
 
 if TYPE_CHECKING:
@@ -142,12 +145,17 @@ class _Tensors:
     pixels: TensorSpec
     image: TensorSpec
     output: TensorSpec
+    score: TensorSpec | None = None  # the graph's ``ood_score``, where it has one
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return (self.output,) if self.score is None else (self.output, self.score)
 
 
 def model_spec(service_or_classifier: Service | Classifier, name: str) -> ModelSpec:
     """The metadata of the model served as ``name``."""
     tensors = _tensors(_classifier(service_or_classifier))
-    return ModelSpec(name, inputs=(tensors.pixels, tensors.image), outputs=(tensors.output,))
+    return ModelSpec(name, inputs=(tensors.pixels, tensors.image), outputs=tensors.outputs)
 
 
 def server_metadata() -> dict[str, Any]:
@@ -175,10 +183,12 @@ def _read_tensors(classifier: Classifier) -> _Tensors:
     graph_output = classifier.session.get_outputs()[0]
     image = IMAGE_INPUT if graph_input.name != IMAGE_INPUT else IMAGE_INPUT_ALTERNATIVE
     classes = len(classifier.class_names or ()) or graph_output.shape[-1]
+    score = classifier.score_output if classifier.score_output == OOD_OUTPUT_NAME else None
     return _Tensors(
         TensorSpec(graph_input.name, "FP32", (-1, *graph_input.shape[1:]), PIXEL_TYPES),
         TensorSpec(image, "BYTES", (-1,), ("BYTES",)),
         TensorSpec(graph_output.name, "FP32", (-1, classes)),
+        TensorSpec(score, "FP32", (-1,)) if score else None,
     )
 
 
@@ -311,11 +321,17 @@ async def infer(
     on as one job; or encoded images, decoded as ``/predict`` does) and the ``outputs`` asked
     for (all, as tensors, where none is)."""
     tensors = _tensors(service.classifier)
-    wanted = list(outputs) or [OutputRequest(tensors.output.name)]
+    wanted = list(outputs) or [OutputRequest(spec.name) for spec in tensors.outputs]
+    names = [spec.name for spec in tensors.outputs]
     for request in wanted:
-        if request.name != tensors.output.name:
+        if request.name not in names:
             raise ProtocolError(
-                f"unknown output {request.name!r}; this model's output is {tensors.output.name!r}"
+                f"unknown output {request.name!r}; this model's outputs are "
+                f"{', '.join(map(repr, names))}"
+            )
+        if request.classification is not None and request.name != tensors.output.name:
+            raise ProtocolError(
+                f"output {request.name!r}: classification applies to {tensors.output.name!r} only"
             )
     name, tensor = _one_input(inputs, tensors)
     if service.full:
@@ -400,13 +416,15 @@ def _datatype(dtype: np.dtype) -> str:
     return str(dtype)
 
 
-def _output(classifier: Classifier, request: OutputRequest, rows: np.ndarray) -> OutputTensor:
-    rows = np.asarray(rows, dtype=np.float32)
+def _output(classifier: Classifier, request: OutputRequest, rows: Rows) -> OutputTensor:
+    if request.name == OOD_OUTPUT_NAME:
+        scores = np.asarray(rows.scores, dtype=np.float32)
+        return OutputTensor(request.name, "FP32", scores.shape, scores)
+    probabilities = np.asarray(rows.probabilities, dtype=np.float32)
     if request.classification is None:
-        return OutputTensor(request.name, "FP32", rows.shape, rows)
-    return OutputTensor(
-        request.name, "BYTES", *_classifications(classifier, rows, request.classification)
-    )
+        return OutputTensor(request.name, "FP32", probabilities.shape, probabilities)
+    classified = _classifications(classifier, probabilities, request.classification)
+    return OutputTensor(request.name, "BYTES", *classified)
 
 
 def _classifications(

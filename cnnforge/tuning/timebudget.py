@@ -3,8 +3,9 @@
 The budget covers the whole search, retraining the winner on train+validation included. Trials
 may start (and run) until the *search deadline*: the end of the budget less what retraining the
 best trial so far will take (its measured seconds per example in steady training steps times
-train+validation examples, plus its measured start of an epoch, validation left out, times the
-epochs it took to its best, with a 5% margin). Before any trial has ended, half the budget is
+the train+validation examples it trains on, its calibration slice left out, plus its measured
+start of an epoch, validation left out, times the epochs it took to its best, with a 5%
+margin). Before any trial has ended, half the budget is
 kept back. An ``auto`` plan's final training keeps its planned epochs instead, at the pace of
 the trial leading now (the probe's before one has ended): a wider winner trains slower than the
 probed first candidate, and would otherwise get a fraction of its epochs. The final training then plans the epochs the search found, or as many as still fit,

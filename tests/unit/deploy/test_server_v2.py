@@ -21,14 +21,6 @@ from cnnforge.deploy.predict import Classifier
 from cnnforge.deploy.server import create_app
 
 
-def _triton_http():
-    try:
-        import tritonclient.http as client
-    except (ImportError, RuntimeError):  # RuntimeError: installed without its http extra
-        pytest.skip("tritonclient[http] is not installed")
-    return client
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return serving.model(tmp_path_factory.mktemp("v2") / "model.onnx")
@@ -56,7 +48,7 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def triton(url):
-    http = _triton_http()
+    http = serving.triton_http()
     with http.InferenceServerClient(url.removeprefix("http://")) as client:
         yield http, client
 

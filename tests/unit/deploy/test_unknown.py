@@ -203,3 +203,56 @@ def test_the_servers_batch_rows_read_as_their_probabilities(scored, images):
     assert isinstance(rows, Rows) and rows.scores is not None
     np.testing.assert_array_equal(np.asarray(rows, dtype=np.float32), rows.probabilities)
     assert np.asarray(rows[2:5]).shape == (3, 10) and len(rows[2:5].scores) == 3
+
+
+def test_the_v2_protocol_answers_the_graphs_ood_score_beside_the_probabilities(scored, images):
+    """Triton's own client sees both graph outputs in the metadata and gets both by default;
+    the score is the graph's own (as onnxruntime computes it), and a classification of the
+    score is refused in one line."""
+    import onnxruntime as ort
+
+    http = serving.triton_http()
+    pixels = np.stack([np.asarray(Image.open(p), np.uint8) for p in images])[..., None]
+    session = ort.InferenceSession(scored, providers=["CPUExecutionProvider"])
+    probabilities, scores = session.run(None, {"images": pixels.astype(np.float32)})  # 0-255
+    with (
+        serving.running(create_app(scored, max_batch=32)) as base,
+        http.InferenceServerClient(base.removeprefix("http://")) as client,
+    ):
+        meta = client.get_model_metadata("model")
+        assert [o["name"] for o in meta["outputs"]] == ["probabilities", "ood_score"]
+        assert meta["outputs"][1] == {"name": "ood_score", "datatype": "FP32", "shape": [-1]}
+        tensor = http.InferInput("images", list(pixels.shape), "UINT8")
+        tensor.set_data_from_numpy(pixels)
+        answer = client.infer("model", [tensor])
+        np.testing.assert_allclose(answer.as_numpy("probabilities"), probabilities, atol=1e-6)
+        np.testing.assert_allclose(answer.as_numpy("ood_score"), scores, atol=1e-5)
+        only = client.infer("model", [tensor], outputs=[http.InferRequestedOutput("ood_score")])
+        assert only.as_numpy("probabilities") is None
+        np.testing.assert_allclose(only.as_numpy("ood_score"), scores, atol=1e-5)
+        with pytest.raises(http.InferenceServerException, match="classification") as refused:
+            client.infer(
+                "model", [tensor], outputs=[http.InferRequestedOutput("ood_score", class_count=2)]
+            )
+        assert "\n" not in str(refused.value)
+
+
+def test_the_grpc_service_answers_the_graphs_ood_score_too(scored, images):
+    import onnxruntime as ort
+
+    triton = pytest.importorskip("tritonclient.grpc")
+    pixels = np.stack([np.asarray(Image.open(p), np.uint8) for p in images])[..., None]
+    session = ort.InferenceSession(scored, providers=["CPUExecutionProvider"])
+    scores = session.run(["ood_score"], {"images": pixels.astype(np.float32)})[0]
+    app = create_app(scored, max_batch=32, grpc_address=("127.0.0.1", 0))
+    with (
+        serving.running(app),
+        triton.InferenceServerClient(f"127.0.0.1:{app.state.grpc.port}") as client,
+    ):
+        outputs = client.get_model_metadata("model", as_json=True)["outputs"]
+        assert [o["name"] for o in outputs] == ["probabilities", "ood_score"]
+        tensor = triton.InferInput("images", list(pixels.shape), "UINT8")
+        tensor.set_data_from_numpy(pixels)
+        np.testing.assert_allclose(
+            client.infer("model", [tensor]).as_numpy("ood_score"), scores, atol=1e-5
+        )
