@@ -165,15 +165,14 @@ class Classifier:
         self.model = str(model)
         self.session = open_session(model, provider=provider, threads=threads, spinning=spinning)
         self.metadata = metadata(self.session)
-        self.unknown_rule = unknown_rule(
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.unknown_rule = rule = unknown_rule(
             self.metadata.get("unknown_threshold"),
             self.model,
             reject_unknown,
             min_confidence,
-            [o.name for o in self.session.get_outputs()],
+            outputs,
         )
-        rule = self.unknown_rule
-        outputs = [o.name for o in self.session.get_outputs()]
         # the graph's score, answered beside the probabilities (fetching it costs nothing:
         # onnxruntime computes the whole graph either way): the one the rule reads, if any
         self.score_output: str | None = (

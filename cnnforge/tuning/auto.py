@@ -331,6 +331,7 @@ def make_plan(
     first.values = candidate_list(hps.space, priors, 1, config.seed)[0]
     pace, basis = _first_candidates_pace(config, dataset, hypermodel, first)
     costs = None
+    final = final_training_examples(dataset, config.seed) if config.retrain else 0
     for _ in range(2):  # planned at the probe's pace, then at rung 0's candidates' own
         # a --deterministic plan does not read the clock: the same budget, the same plan
         spent = time.time() - started if started and not config.deterministic else 0.0
@@ -338,7 +339,7 @@ def make_plan(
             budget - keep_after - spent,
             pace,
             train_examples=train,
-            final_examples=final_training_examples(dataset, config.seed) if config.retrain else 0,
+            final_examples=final,
             batch_size=batch,
             paired=paired,
             basis=basis,
