@@ -17,6 +17,7 @@ from cnnforge.tuning.timebudget import TimeBudget, pace
 
 SLOW_LEADER = "budget_slow_leader_net"
 RECIPE = {"learning_rate": 3e-3, "lr_schedule": "cosine"}
+SLACK = 10.0  # seconds past a deadline: the batch, validation pass and saving that end a trial
 PRIORS = [{"width": 1, **RECIPE}, {"width": 48, **RECIPE}]
 
 
@@ -97,11 +98,14 @@ def test_a_slower_winner_is_left_the_time_for_its_planned_final_epochs(
     # the probe's pace would have kept far less; the leader's keeps at most half the budget
     assert reserve >= min(2 * plan.final_seconds(), FINAL_SHARE * budget)
     # the search ended by the leader's deadline (or with the leader's own trial, when that
-    # deadline had passed by then), a batch and the trial's saving after it at most
+    # deadline had passed by then): the trial running at it stopped after its batch, and the
+    # final training began a validation pass and the trial's saving later. The slack is loose
+    # (that tail took 6.2 s on a 2-core CI machine beside another test worker): what it
+    # catches is a reserve kept at the probe's pace, ~20 s short of the leader's here.
     ended = max(start + budget - reserve, heard.ended[leader.trial_id])
-    assert heard.final_began <= ended + 3.0
+    assert heard.final_began <= ended + SLACK
     assert result.final_training.epochs >= 1
-    assert elapsed <= budget + 8  # a batch, a validation pass and saving past the deadline
+    assert elapsed <= budget + SLACK  # the final training keeps the budget's end the same way
 
 
 @pytest.mark.slow
@@ -132,4 +136,4 @@ def test_the_final_training_takes_the_time_the_search_left(slow_leader, small_np
     longest_before = round(1.5 * plan.final_epochs)  # the plan's, for a winner still improving
     assert plan.trials == 1 and longest_before < cap
     assert longest_before < result.final_training.epochs <= cap
-    assert elapsed <= budget + 8
+    assert elapsed <= budget + SLACK
