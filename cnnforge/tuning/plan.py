@@ -41,9 +41,9 @@ MIN_SEARCH_EXAMPLES = 8192
 SEARCH_SAFETY = 1.3
 TOP_EPOCHS_MAX = 24
 # A paired trial runs at the top rung's length, which must be at least this share of the final
-# training's epochs: shorter, augmentation shows as a loss it turns into a gain later (the
-# default run's winner on the bundled data, validation: -2.9 points at 3 epochs, -1.9 at 9,
-# +0.5 at 18; its final training of 36 epochs: +1.4 on the test split).
+# training's epochs: shorter, augmentation shows as a loss it turns into a gain later
+# (simple_cnn's faster prior on the bundled data, validation: -2.9 points at 3 epochs, -1.9 at
+# 9, +0.5 at 18, +1.75 at 36; docs/search.md).
 PAIRED_MIN_SHARE = 0.5
 # The final training's length: this many optimizer steps, in 24 to 60 epochs (a cosine run on
 # a small dataset needs more passes than one on a large one).
