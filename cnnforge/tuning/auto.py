@@ -150,8 +150,10 @@ class AutoOracle:
     def _rung_epochs(self, rung: int, chosen: list[int]) -> int | None:
         """The epochs of ``rung``: as its first trial ran; the plan's for rung 0 or without a
         deadline; else as many as let this rung, the rungs above it and the paired trials end
-        by the deadline at the paces the candidates measured in the rung below (None: not
-        more than the rung below had; the longer rung would not tell more)."""
+        by the deadline at the paces the candidates measured in the rung below; if that is
+        not more than the rung below had, as many as fit without the paired trials, then
+        without the rungs above (this one the last). None: not even that is longer than the
+        rung below (the longer rung would not tell more)."""
         started = self._rung_trials(rung)
         if started:
             return started[0].hyperparameters.values[EPOCHS]
@@ -164,14 +166,16 @@ class AutoOracle:
         later = sum(
             step.candidates * 2 ** (r - rung) for r, step in enumerate(self.plan.rungs) if r > rung
         )
-        top = 2 ** (len(self.plan.rungs) - 1 - rung)
-        per_epoch = sum(paces) + mean * (later + self.plan.paired * top)
-        if per_epoch <= 0:  # no cost recorded (a worker without the run directory)
-            return planned
-        fit = math.floor((self.deadline - time.time()) / per_epoch)
+        paired = self.plan.paired * 2 ** (len(self.plan.rungs) - 1 - rung)
         below = self._rung_trials(rung - 1)[0].hyperparameters.values[EPOCHS]
-        epochs = min(planned, fit)
-        return epochs if epochs > below else None
+        for after in (later + paired, later, 0):
+            per_epoch = sum(paces) + mean * after
+            if per_epoch <= 0:  # no cost recorded (a worker without the run directory)
+                return planned
+            epochs = min(planned, math.floor((self.deadline - time.time()) / per_epoch))
+            if epochs > below:
+                return epochs
+        return None
 
     def _ends_in_time(self, rung: int, candidate: int, epochs: int) -> bool:
         """Whether a trial of ``candidate`` for ``epochs`` ends by the deadline, at its pace in

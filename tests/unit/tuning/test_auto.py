@@ -315,3 +315,16 @@ def test_no_paired_trial_runs_when_the_top_rung_was_fitted_under_half_the_final(
     oracle.end_trial(top)
     oracle.deadline = time.time() + 3600  # time enough for the pairs: still none
     assert oracle.create_trial("tuner0").status == "STOPPED"
+
+
+def test_a_rung_that_fits_only_without_the_paired_trials_runs_without_them(tmp_path):
+    """Rung 0 took 10 s an epoch; 75 s are left. Keeping time for two paired trials as long as
+    the top rung, it could run 2 epochs (no more than rung 0: the search would end here, as a
+    30-minute run did with 9 minutes left); without them it runs 7."""
+    plan = planning.SearchPlan([planning.Rung(2, 2), planning.Rung(1, 8)], 2, 8, 32, 100, "x")
+    oracle = _auto_oracle(tmp_path, plan)
+    for score in (0.5, 0.6):
+        _run_trial(oracle, tmp_path, score, duration_s=20.0, epochs=2)
+    oracle.deadline = time.time() + 75
+    top = oracle.create_trial("tuner0")
+    assert top.status == "RUNNING" and top.hyperparameters.values["tuner/epochs"] == 7
