@@ -36,13 +36,13 @@ from cnnforge.tuning.config import SearchConfig
 from cnnforge.tuning.costs import COST_SHARE, cost_ratios
 from cnnforge.tuning.plan import (
     MIN_PROBED_BUDGET_S,
-    PAIRED_MIN_SHARE,
     Probe,
     SearchPlan,
     budget_plan,
     count_plan,
     final_reserve,
     nominal_probe,
+    pairs_can_tell,
     probe,
 )
 
@@ -273,7 +273,7 @@ class AutoOracle:
     def _paired_candidates(self) -> list[tuple[int, dict[str, Any]]] | None:
         """The winner of the top rung with each paired regulariser toggled (where the space
         lets it change), numbered after rung 0's candidates."""
-        if not self.plan.paired or self._top_epochs() < PAIRED_MIN_SHARE * self.plan.final_epochs:
+        if not self.plan.paired or not pairs_can_tell(self._top_epochs(), self.plan.final_epochs):
             return []  # none planned, or the top rung was fitted too short to tell
         top = self._rung_trials(len(self.plan.rungs) - 1)
         if any(t.status not in ENDED for t in top):
@@ -312,10 +312,11 @@ class AutoOracle:
         if not top or top[0] not in ranked:
             return ranked
         base, first_paired = top[0], len(self.candidates())
-        paired = [t for t in ranked if t.hyperparameters.values[CANDIDATE] >= first_paired]
-        unclear = [t for t in paired if not self._clear_of(t, base)]
-        at = ranked.index(base)
-        ahead = [t for t in ranked[:at] if t not in unclear]
+        ahead = [
+            t
+            for t in ranked[: ranked.index(base)]
+            if t.hyperparameters.values[CANDIDATE] < first_paired or self._clear_of(t, base)
+        ]
         return ahead + [base] + [t for t in ranked if t not in ahead and t is not base]
 
     def _clear_of(self, trial: Any, base: Any) -> bool:

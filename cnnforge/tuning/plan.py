@@ -45,6 +45,14 @@ TOP_EPOCHS_MAX = 24
 # (simple_cnn's faster prior on the bundled data, validation: -2.9 points at 3 epochs, -1.9 at
 # 9, +0.5 at 18, +1.75 at 36; docs/search.md).
 PAIRED_MIN_SHARE = 0.5
+
+
+def pairs_can_tell(top_epochs: int, final_epochs: int) -> bool:
+    """Whether paired trials of ``top_epochs`` can decide for a final training of
+    ``final_epochs`` (``PAIRED_MIN_SHARE``)."""
+    return top_epochs >= PAIRED_MIN_SHARE * final_epochs
+
+
 # The final training's length: this many optimizer steps, in 24 to 60 epochs (a cosine run on
 # a small dataset needs more passes than one on a large one).
 FINAL_STEPS, FINAL_EPOCHS_MIN, FINAL_EPOCHS_MAX = 2000, 24, 60
@@ -264,8 +272,8 @@ def _best_rungs(
                 if top > min(TOP_EPOCHS_MAX, limits[1]):
                     continue
                 rungs = halving(candidates, top, halvings)
-                long_enough = top >= PAIRED_MIN_SHARE * final_epochs
-                for pairs in sorted({paired if long_enough else 0, 0}, reverse=True):
+                tells = pairs_can_tell(top, final_epochs)
+                for pairs in sorted({paired if tells else 0, 0}, reverse=True):
                     cost = _cost(rungs, pairs, epoch(candidates), overhead)
                     trials = sum(r.candidates for r in rungs) + pairs
                     if cost <= seconds and trials <= limits[0]:
