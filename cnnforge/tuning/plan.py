@@ -60,6 +60,12 @@ FINAL_STEPS, FINAL_EPOCHS_MIN, FINAL_EPOCHS_MAX = 2000, 24, 60
 # 110-140 the first prior trains at on a 2-core AMD EPYC (deterministic ops are slower).
 NOMINAL_TRAIN_GFLOPS = 80.0
 NOMINAL_TRIAL_OVERHEAD_S, NOMINAL_EPOCH_START_S = 5.0, 0.5
+# Where no halving schedule fits, the first candidate (the plugin's best-known prior) is the
+# winner without a contest: its trial runs this many epochs, a check that it learns on this data
+# and a validation figure for the report, and the final training gets the rest of the time. (A
+# colour folder of 3,600 images at 6.8 s an epoch: the lone trial had run 16 epochs and the final
+# training 15, for 85.25 % on its test split; 87.00 % when a final training of 33 epochs ran.)
+LONE_TRIAL_EPOCHS = 3
 COUNT_DEFAULTS = {"max_trials": 10, "epochs": 10}  # counts not given to a count plan
 
 
@@ -216,9 +222,15 @@ def budget_plan(
         examples = train_examples
     epoch = _rung0_epoch(pace.epoch_seconds(examples), costs)
     limits = (max_trials or 10**6, max_epochs or TOP_EPOCHS_MAX)
-    rungs, paired_used = _best_rungs(
-        search_seconds, epoch, pace.trial_overhead, paired, limits, final_epochs
-    )
+    best = _best_rungs(search_seconds, epoch, pace.trial_overhead, paired, limits, final_epochs)
+    if best is None:  # no search fits
+        most = min(TOP_EPOCHS_MAX, limits[1])
+        final_cap = final_epochs_cap(final_examples, batch_size) if final_examples else 0
+        trial, final_epochs = _lone_trial(
+            seconds, epoch(1), pace.trial_overhead, most, final_epoch, final_cap
+        )
+        best = [trial], 0
+    rungs, paired_used = best
     first = rungs[0].candidates
     return SearchPlan(
         rungs,
@@ -232,6 +244,25 @@ def budget_plan(
         final_epoch_seconds=final_epoch,
         rung0_epoch_seconds=_each_epoch(pace.epoch_seconds(examples), costs, first),
     )
+
+
+def _lone_trial(
+    seconds: float,
+    trial_epoch: float,
+    overhead: float,
+    most: int,
+    final_epoch: float,
+    final_cap: int,
+) -> tuple[Rung, int]:
+    """The first candidate alone, where no search fits: a check of ``LONE_TRIAL_EPOCHS`` and
+    the rest of ``seconds`` to its final training (at most ``final_cap`` epochs of
+    ``final_epoch`` seconds), or, with no final training (``final_cap`` 0), all of it to the
+    trial, whose model is the one exported. Returns the trial's rung and the final epochs."""
+    if not final_cap:
+        return Rung(1, max(1, min(most, math.floor((seconds - overhead) / trial_epoch)))), 0
+    trial = Rung(1, min(most, LONE_TRIAL_EPOCHS))
+    left = seconds - _cost([trial], 0, trial_epoch, overhead) - overhead
+    return trial, max(1, min(final_cap, math.floor(left / final_epoch)))
 
 
 def _each_epoch(base: float, costs: list[float] | None, count: int) -> list[float] | None:
@@ -257,11 +288,11 @@ def _best_rungs(
     paired: int,
     limits: tuple[int, int],
     final_epochs: int,
-) -> tuple[list[Rung], int]:
+) -> tuple[list[Rung], int] | None:
     """The halving schedule that fits ``seconds`` with its paired trials (without them if none
     does, or if no top rung fitting reaches ``PAIRED_MIN_SHARE`` of ``final_epochs``) and the
     most candidate epochs at the top (candidates × top epochs), the longer top rung on a
-    tie."""
+    tie; None if none fits."""
     options = []
     for candidates in (4, 8, 16, 32):
         for halvings in (1, 2, 3):
@@ -279,9 +310,8 @@ def _best_rungs(
                     if cost <= seconds and trials <= limits[0]:
                         options.append((candidates * top, pairs, top, rungs))
                         break
-    if not options:  # no search fits: the first prior alone, for the epochs there are
-        most = min(TOP_EPOCHS_MAX, limits[1])
-        return [Rung(1, max(1, min(most, math.floor((seconds - overhead) / epoch(1)))))], 0
+    if not options:
+        return None
     _, pairs, _, rungs = max(options, key=lambda o: (o[1], o[0], o[2]))
     return rungs, pairs
 

@@ -62,6 +62,23 @@ def test_a_budget_plan_fits_its_budget_and_gives_the_final_training_its_share():
     assert large.trials > plan.trials and large.search_examples < 54000
 
 
+def test_where_no_search_fits_the_first_candidate_is_checked_briefly_and_the_final_trains_long():
+    # the colour folder of docs/search.md: 3,600 images at 6.5 s an epoch, the other priors
+    # up to 3 times the first's cost; no halving schedule fits 230 s beside a final training
+    pace = planning.Probe(per_example=6.5 / 3600, trial_overhead=3.0, val_examples=400)
+    common = {"train_examples": 3600, "final_examples": 3600, "batch_size": 64, "paired": 2}
+    plan = planning.budget_plan(230, pace, basis="x", costs=[1.0, 3.0, 0.5, 3.0], **common)
+    assert [(r.candidates, r.epochs) for r in plan.rungs] == [(1, planning.LONE_TRIAL_EPOCHS)]
+    trial = planning._cost(plan.rungs, 0, plan.seconds_per_epoch, 3.0)
+    # the final training has the rest: far more than its half-budget share (16 epochs here)
+    assert plan.final_epochs > planning.FINAL_SHARE * 230 / 6.5 + 10
+    assert trial + plan.final_seconds() <= 230
+    # with no final training the lone trial is the model: it gets the time
+    alone = planning.budget_plan(60, pace, basis="x", **{**common, "final_examples": 0})
+    assert alone.final_epochs == 0 and len(alone.rungs) == 1
+    assert alone.rungs[0].epochs > planning.LONE_TRIAL_EPOCHS
+
+
 def test_batch_size_and_final_length_follow_the_data():
     assert planning.auto_batch_size(54000) == 128
     assert planning.auto_batch_size(1617) == 32
