@@ -9,12 +9,17 @@ On the same data, split the same way (``load_dataset``, 10 % validation, seed 0)
    ``Hyperband`` (``max_epochs=10`` as KerasTuner's getting-started guide, factor 3) with
    KerasTuner's other defaults, Keras' ``fit`` on numpy arrays (batch 32), stopped at the
    budget; the best model as ``get_best_models`` gives it (no retraining);
-3. ``seed``: the seed network (simple_cnn's defaults) trained the seed's way: 10 epochs, batch 32.
+3. ``autokeras`` (only when asked for in ``--methods``; AutoKeras is not a dependency): its
+   ``ImageClassifier`` with its defaults, stopped at the budget the same way;
+4. ``seed``: the seed network (simple_cnn's defaults) trained the seed's way: 10 epochs, batch 32.
 
 Each point is a trial's end (the seed: an epoch's end) and the best validation accuracy so far.
 The test accuracy of each method's final model is measured with onnxruntime on its ONNX export.
 
-    python benchmarks/anytime_search.py --budget 240 --out /tmp/anytime
+    python benchmarks/anytime_search.py --budget 270 --out /tmp/anytime
+    pip install --target /tmp/ak --no-deps autokeras==3.0.0 dm-tree
+    PYTHONPATH=/tmp/ak python benchmarks/anytime_search.py --budget 270 --out /tmp/anytime \\
+        --methods cnnforge,random,hyperband,autokeras,seed
 
 Writes ``anytime.json``, ``anytime.md`` (a table) and ``anytime.png`` (the curves) in ``--out``.
 Run it alone on the machine: the curves are wall-clock.
@@ -118,31 +123,42 @@ class _KerasUsersHyperModel:
         return HyperModel()
 
 
-def run_kerastuner(kind: str, dataset, budget: float, work: Path) -> dict:
-    import keras
-    import keras_tuner
+def _best_val_accuracy(tuner) -> float:
+    """The best validation accuracy of the tuner's trials so far (AutoKeras' objective is the
+    validation loss, so its trials' scores are not this)."""
+    values = [t.metrics.get_best_value("val_accuracy") for t in tuner.oracle.trials.values()]
+    return float(max((v for v in values if v is not None), default=0.0))
 
-    points, start = [], time.perf_counter()
-    deadline = time.time() + budget
+
+def _stop_at(deadline: float, tuner, points: list, start: float):
+    """A callback that ends a fit at ``deadline`` (checked every batch), and ``tuner`` made to
+    record each trial's end in ``points`` and to start no trial after the deadline."""
+    import keras
 
     class StopAtBudget(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
             if time.time() >= deadline:
                 self.model.stop_training = True
 
+    trial_end = tuner.on_trial_end
+
+    def on_trial_end(trial):
+        trial_end(trial)
+        points.append((time.perf_counter() - start, _best_val_accuracy(tuner)))
+        if time.time() >= deadline:
+            tuner.oracle.max_trials = len(tuner.oracle.trials)  # no trial after the budget
+
+    tuner.on_trial_end = on_trial_end
+    return StopAtBudget()
+
+
+def run_kerastuner(kind: str, dataset, budget: float, work: Path) -> dict:
+    import keras_tuner
+
+    points, start = [], time.perf_counter()
     base = {"random": keras_tuner.RandomSearch, "hyperband": keras_tuner.Hyperband}[kind]
-
-    class Tuner(base):
-        def on_trial_end(self, trial):
-            super().on_trial_end(trial)
-            best = self.oracle.get_best_trials(1)
-            score = best[0].score if best and best[0].score is not None else 0.0
-            points.append((time.perf_counter() - start, float(score)))
-            if time.time() >= deadline:
-                self.oracle.max_trials = len(self.oracle.trials)  # no trial after the budget
-
     options = {"max_epochs": 10} if kind == "hyperband" else {"max_trials": 10}
-    tuner = Tuner(
+    tuner = base(
         _KerasUsersHyperModel(dataset.spec),
         objective="val_accuracy",
         directory=str(work),
@@ -151,17 +167,51 @@ def run_kerastuner(kind: str, dataset, budget: float, work: Path) -> dict:
         seed=0,
         **options,
     )
+    stop = _stop_at(time.time() + budget, tuner, points, start)
     fit = {"epochs": 10} if kind == "random" else {}
     tuner.search(
         dataset.x_train,
         dataset.y_train,
         validation_data=(dataset.x_val, dataset.y_val),
         batch_size=KERAS_BATCH,
-        callbacks=[StopAtBudget()],
+        callbacks=[stop],
         verbose=0,
         **fit,
     )
     model = tuner.get_best_models(1)[0]
+    return {"points": points, "seconds": time.perf_counter() - start, "model": model}
+
+
+def run_autokeras(dataset, budget: float, work: Path) -> dict:
+    """AutoKeras' ``ImageClassifier`` with its defaults (100 trials, its own epochs and early
+    stopping), stopped at the budget as the KerasTuner methods are; its model as
+    ``export_model`` gives it (after its own final fit, if it makes one). AutoKeras 3.0.0 gives
+    ``Dense`` a NumPy integer as its units, which keras 3.15 refuses: they are cast to int."""
+    import autokeras
+    import keras
+
+    dense_init = keras.layers.Dense.__init__
+
+    def takes_numpy_units(self, units, *args, **kwargs):
+        dense_init(self, int(units), *args, **kwargs)
+
+    keras.layers.Dense.__init__ = takes_numpy_units
+    points, start = [], time.perf_counter()
+    try:
+        classifier = autokeras.ImageClassifier(
+            directory=str(work), project_name="autokeras", overwrite=True, seed=0
+        )
+        stop = _stop_at(time.time() + budget, classifier.tuner, points, start)
+        classifier.fit(
+            dataset.x_train,
+            dataset.y_train,
+            validation_data=(dataset.x_val, dataset.y_val),
+            callbacks=[stop],
+            verbose=0,
+        )
+        model = classifier.export_model()
+    finally:
+        keras.layers.Dense.__init__ = dense_init
     return {"points": points, "seconds": time.perf_counter() - start, "model": model}
 
 
@@ -222,7 +272,7 @@ def plot(results: dict, budget: float, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="fashion_mnist_small")
-    parser.add_argument("--budget", type=float, default=240.0, help="seconds per method")
+    parser.add_argument("--budget", type=float, default=270.0, help="seconds per method")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
         "--methods", default="cnnforge,random,hyperband,seed", help="comma-separated"
@@ -246,6 +296,8 @@ def main() -> None:
                 result = run_cnnforge(dataset, args.data, args.budget, work)
             elif name == "seed":
                 result = run_seed(dataset)
+            elif name == "autokeras":
+                result = run_autokeras(dataset, args.budget, work)
             else:
                 result = run_kerastuner(name, dataset, args.budget, work)
             result["test"] = onnx_test_accuracy(result.pop("model"), dataset)
