@@ -86,21 +86,29 @@ def trial_scores(run_dir: Path) -> dict[str, tuple[str, str]]:
     }
 
 
+# --epochs 4: a halving schedule with few epochs a trial. A budget plans no paired trials on
+# 400 images (the final training plans 60 epochs, and pairs need a top rung of half that);
+# counts do (the final training as long as the top rung), so both are run.
+DETERMINISTIC_PLANS = {
+    "budget": ("--time-budget", "2m", "--epochs", "4"),
+    "counts with paired trials": ("--max-trials", "6", "--epochs", "4"),
+}
+
+
 @pytest.mark.slow
-def test_a_deterministic_auto_search_repeats_itself_even_killed_and_resumed(small_npz, tmp_path):
+@pytest.mark.parametrize("plan_options", DETERMINISTIC_PLANS.values(), ids=DETERMINISTIC_PLANS)
+def test_a_deterministic_auto_search_repeats_itself_even_killed_and_resumed(
+    plan_options, small_npz, tmp_path
+):
     """Goal: with --seed and --deterministic, the same trials and the same final model; the
-    plan comes from FLOPs, not from a clock, so a budget plans the same search every time."""
+    plan comes from FLOPs, not from a clock, so a budget plans the same search every time;
+    paired trials, which decide on the winner's score, repeat too."""
     import keras
     import numpy as np
 
     def command(run_dir: Path) -> list[str]:
-        # --epochs 4: a halving schedule with few epochs a trial. No paired trials: on 400
-        # images the final training plans 60 epochs, and pairs need a top rung of half that
-        return small_search(
-            small_npz,
-            run_dir,
-            *("--deterministic", "--seed", "3", "--time-budget", "2m", "--epochs", "4"),
-        )
+        options = ("--deterministic", "--seed", "3", *plan_options)
+        return small_search(small_npz, run_dir, *options)
 
     whole = subprocess.run(command(tmp_path / "a"), capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr
@@ -110,8 +118,15 @@ def test_a_deterministic_auto_search_repeats_itself_even_killed_and_resumed(smal
     assert resumed.returncode == 0, resumed.stderr
 
     plans = [json.loads((tmp_path / run / "plan.json").read_text()) for run in "ab"]
-    assert plans[0] == plans[1] and plans[0]["basis"] == "flops" and len(plans[0]["rungs"]) > 1
-    assert trial_scores(tmp_path / "a") == trial_scores(tmp_path / "b")
+    assert plans[0] == plans[1] and len(plans[0]["rungs"]) > 1
+    assert plans[0]["basis"] == ("flops" if "--time-budget" in plan_options else "counts")
+    scores = trial_scores(tmp_path / "a")
+    assert scores == trial_scores(tmp_path / "b")
+    if plans[0]["paired"]:  # the paired trials ran, at the rung above the halving's last
+        top = str(len(plans[0]["rungs"]))
+        paired = [hp for _, hp in scores.values() if json.loads(hp)["hp_tuner/rung"] == top]
+        assert len(paired) == plans[0]["paired"]
+    assert plans[0]["paired"] or "--time-budget" in plan_options
     models = [keras.models.load_model(tmp_path / run / "best.keras") for run in "ab"]
     for first, second in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
         np.testing.assert_array_equal(first, second)
