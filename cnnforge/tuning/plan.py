@@ -210,8 +210,8 @@ def budget_plan(
     planned ``SEARCH_SAFETY`` times the probe's."""
     final_epochs, final_epoch = 0, final_examples * pace.per_example + pace.epoch_start
     final_seconds = 0.0  # --no-retrain: no final training, all the time to the search
+    cap = final_epochs_cap(final_examples, batch_size) if final_examples else 0
     if final_examples:  # building and tracing the final model cost what a trial's do
-        cap = final_epochs_cap(final_examples, batch_size)
         share = FINAL_SHARE * seconds - pace.trial_overhead
         final_epochs = max(1, min(cap, math.floor(share / final_epoch)))
         final_seconds = final_reserve(final_epochs, final_epoch, pace.trial_overhead)
@@ -225,9 +225,8 @@ def budget_plan(
     best = _best_rungs(search_seconds, epoch, pace.trial_overhead, paired, limits, final_epochs)
     if best is None:  # no search fits
         most = min(TOP_EPOCHS_MAX, limits[1])
-        final_cap = final_epochs_cap(final_examples, batch_size) if final_examples else 0
         trial, final_epochs = _lone_trial(
-            seconds, epoch(1), pace.trial_overhead, most, final_epoch, final_cap
+            seconds, epoch(1), pace.trial_overhead, most, final_epoch, cap
         )
         best = [trial], 0
     rungs, paired_used = best
