@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST = "fashion_mnist:/usr/share/datasets/fashion-mnist"
 BATCH = 128
 
 
@@ -54,12 +54,12 @@ def main() -> None:
 
     import keras
 
-    from cnnforge.data.readers import read_idx
+    from cnnforge.data.dataset import load_dataset
     from cnnforge.modeling.training import Recipe, compile_model, steps_per_epoch, training_data
 
     x, y = training_images(args.run, args.without_slice)
-    x_test = read_idx(FASHION_MNIST / "t10k-images-idx3-ubyte.gz")[..., None].astype("float32")
-    y_test = read_idx(FASHION_MNIST / "t10k-labels-idx1-ubyte.gz")
+    test = load_dataset(FASHION_MNIST)
+    x_test, y_test = test.x_test.astype("float32"), test.y_test
     saved = keras.models.load_model(args.run / "best.keras")
     for augment in args.augment.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):

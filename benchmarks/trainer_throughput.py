@@ -5,7 +5,7 @@ pipeline and compile (``training_data``, ``compile_model``): what a search's fin
     TF_ENABLE_ONEDNN_OPTS=0 python benchmarks/trainer_throughput.py RUN/best.keras
 
 Trains a fresh copy of the network (same architecture, new weights) for three epochs on the
-first ``--images`` Fashion-MNIST training images with light shifts, and prints images/s of the
+first ``--images`` Fashion-MNIST training images (as ``load_dataset`` splits them) with light shifts, and prints images/s of the
 fastest of epochs 2 and 3 (the first traces the step). Thread counts and oneDNN come from the
 environment (``TF_NUM_INTRAOP_THREADS``, ``TF_NUM_INTEROP_THREADS``, ``TF_ENABLE_ONEDNN_OPTS``).
 Run it alone on the machine.
@@ -41,16 +41,16 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="a .keras file (a run's best.keras)")
     parser.add_argument("--batch", default="128", help="comma-separated batch sizes")
     parser.add_argument("--images", type=int, default=12800)
-    parser.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    parser.add_argument("--data", default="fashion_mnist:/usr/share/datasets/fashion-mnist")
     args = parser.parse_args()
 
     import keras
 
-    from cnnforge.data.readers import read_idx
+    from cnnforge.data.dataset import load_dataset
     from cnnforge.modeling.training import Recipe, compile_model, steps_per_epoch, training_data
 
-    x = read_idx(args.data / "train-images-idx3-ubyte.gz")[..., None][: args.images]
-    y = read_idx(args.data / "train-labels-idx1-ubyte.gz")[: args.images]
+    dataset = load_dataset(args.data)
+    x, y = dataset.x_train[: args.images], dataset.y_train[: args.images]
     saved = keras.models.load_model(args.model)
     for batch in (int(b) for b in args.batch.split(",")):
         model = keras.models.clone_model(saved)
