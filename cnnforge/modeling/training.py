@@ -7,8 +7,8 @@ still the baseline:
 
 - ``learning_rate``, ``lr_schedule`` (constant, or cosine decay to zero after a linear warm-up
   over the first ~5% of steps), ``weight_decay`` (AdamW when above zero), ``label_smoothing``;
-- ``augment`` (none, light, medium, strong: random shifts of up to 1/14, 1/10, 1/7 of the side,
-  strong adding a cutout square) and ``flip`` (random horizontal flips).
+- ``augment`` (none, subtle, light, medium, strong: random shifts of up to 1/28, 1/14, 1/10,
+  1/7 of the side, strong adding a cutout square) and ``flip`` (random horizontal flips).
 
 Augmentation runs in the ``tf.data`` training pipeline only, batch at a time; the model, and so
 the exported ONNX, never contains it. Every random draw of the pipeline comes from the seed it
@@ -31,7 +31,7 @@ from cnnforge.core.contract import TRAINING_PRECISIONS
 from cnnforge.core.cpus import available_cpus
 
 SCHEDULES = ("constant", "cosine")
-AUGMENT_SHIFT = {"none": 0.0, "light": 1 / 14, "medium": 1 / 10, "strong": 1 / 7}
+AUGMENT_SHIFT = {"none": 0.0, "subtle": 1 / 28, "light": 1 / 14, "medium": 1 / 10, "strong": 1 / 7}
 CUTOUT_FRACTION = 0.25  # side of the square 'strong' blanks, as a fraction of the image side
 WARMUP_FRACTION = 0.05
 PRECISIONS = TRAINING_PRECISIONS

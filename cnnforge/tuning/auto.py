@@ -50,7 +50,7 @@ TrialStatus = keras_tuner.engine.trial.TrialStatus
 COMPLETED = TrialStatus.COMPLETED
 ENDED = (COMPLETED, TrialStatus.FAILED, TrialStatus.INVALID, TrialStatus.STOPPED)
 # Regularisers decided by a paired trial at the top rung: the value toggled on the winner.
-PAIRED = {"flip": lambda value: not value, "augment": lambda v: "light" if v == "none" else "none"}
+PAIRED = {"flip": lambda value: not value, "augment": lambda v: "subtle" if v == "none" else "none"}
 MUTATED = 3  # hyperparameters drawn at random in a variant of a prior
 RUNG, CANDIDATE, EPOCHS = "tuner/rung", "tuner/candidate", "tuner/epochs"
 

@@ -43,9 +43,10 @@ def test_without_augmentation_the_pipeline_casts_shuffles_and_one_hots():
     assert np.array_equal(y.argmax(1), x[:, 0, 0, 0].astype(int) % 10)  # labels follow images
 
 
-def test_shifts_move_whole_images_by_whole_pixels_within_the_strength():
-    x, _ = _one_epoch(Recipe(augment="medium"), _dot_images(64))
-    pad = round(28 / 10)
+@pytest.mark.parametrize("augment, pad", [("subtle", 1), ("light", 2), ("medium", 3)])
+def test_shifts_move_whole_images_by_whole_pixels_within_the_strength(augment, pad):
+    """On 28x28: one pixel at most for ``subtle`` (1/28 of the side), two for ``light``."""
+    x, _ = _one_epoch(Recipe(augment=augment), _dot_images(64))
     moved = 0
     for image in x[..., 0]:
         rows, columns = np.nonzero(image)
