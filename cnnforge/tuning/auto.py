@@ -268,7 +268,18 @@ class AutoOracle:
             return None
         if any(t.status not in ENDED for t in below):
             return None
-        return [t.hyperparameters.values[CANDIDATE] for t in self._ranked(below)[:wanted]]
+        chosen = [t.hyperparameters.values[CANDIDATE] for t in self._ranked(below)[:wanted]]
+        return self._cheapest_first(chosen)
+
+    def _cheapest_first(self, chosen: list[int]) -> list[int]:
+        """``chosen`` in the order of their planned epoch cost (``rung0_epoch_seconds``, fixed
+        in the plan, so a resumed or repeated search runs them in the same order; ties and
+        candidates it does not cost keep their rank). The final training is reserved at the
+        leader's pace: a dear candidate run first leads its rung alone, and its reserve can
+        leave no time for the cheap one."""
+        each = self.plan.rung0_epoch_seconds or []
+        costs = {c: each[c] if c < len(each) and each[c] else math.inf for c in chosen}
+        return sorted(chosen, key=lambda c: costs[c])
 
     def _paired_candidates(self) -> list[tuple[int, dict[str, Any]]] | None:
         """The winner of the top rung with each paired regulariser toggled (where the space
@@ -303,7 +314,24 @@ class AutoOracle:
         longest = max((t.hyperparameters.values.get(EPOCHS, 0) for t in whole), default=0)
         at_top = [t for t in whole if t.hyperparameters.values.get(EPOCHS, 0) == longest]
         rest = [t for t in super().get_best_trials(len(self.trials)) if t not in at_top]
-        return (self._paired_kept_to_noise(self._ranked(at_top)) + rest)[:num_trials]
+        ranked = self._paired_kept_to_noise(self._ranked(at_top))
+        return (self._one_whose_final_fits(ranked) + rest)[:num_trials]
+
+    def _one_whose_final_fits(self, ranked: list[Any]) -> list[Any]:
+        """``ranked`` with its leader put after the best of the others within the validation
+        noise of it (``_clear_of``) whose final training fits its share of the budget, when
+        the leader's own does not (``final_fits``, set under a time budget): a slower
+        candidate ahead by a few images' noise kept the whole share for its final training,
+        ended the default run's search at rung 0 and trained its final model 26 epochs, where
+        the first prior would have had 54."""
+        fits = getattr(self, "final_fits", None)
+        if fits is None or not ranked or fits(self._cost(ranked[0])):
+            return ranked
+        leader = ranked[0]
+        for trial in ranked[1:]:
+            if not self._clear_of(leader, trial) and fits(self._cost(trial)):
+                return [trial] + [t for t in ranked if t is not trial]
+        return ranked
 
     def _paired_kept_to_noise(self, ranked: list[Any]) -> list[Any]:
         """``ranked`` with the paired trials that do not clearly beat the top rung's winner

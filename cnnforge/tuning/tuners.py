@@ -168,6 +168,9 @@ class RecordingTuner(keras_tuner.Tuner):
         self.time_budget = time_budget
         self.plan = plan
         self.trial_epochs = 0  # of the trial running
+        if time_budget is not None and plan is not None and plan.final_epoch_seconds:
+            # the auto oracle leads with a trial whose final training fits (``AutoOracle``)
+            self.oracle.final_fits = lambda cost: time_budget.final_fits(plan, pace(cost))
         self.move_deadline()
         self.trials_run: list[str] = []
         self.tracking = Tracking()

@@ -345,3 +345,52 @@ def test_a_rung_that_fits_only_without_the_paired_trials_runs_without_them(tmp_p
     oracle.deadline = time.time() + 75
     top = oracle.create_trial("tuner0")
     assert top.status == "RUNNING" and top.hyperparameters.values["tuner/epochs"] == 7
+
+
+def _oracle_with_a_slow_leader(tmp_path, scores, promoted=1):
+    """Rung 0 ended: candidate 0 at 10 s an epoch, candidate 1 (the leader unless ``scores``
+    say otherwise) at 30 s; the final training fits its share at 15 s an epoch or less."""
+    plan = planning.SearchPlan(
+        [planning.Rung(2, 2), planning.Rung(promoted, 8)],
+        0,
+        8,
+        32,
+        100,
+        "probe",
+        validation_examples=800,
+        rung0_epoch_seconds=[10.0, 30.0],
+    )
+    oracle = _auto_oracle(tmp_path, plan)
+    oracle.final_fits = lambda cost: cost["duration_s"] / cost["epochs"] <= 15
+    for score, seconds in zip(scores, (20.0, 60.0), strict=True):
+        _run_trial(oracle, tmp_path, score, duration_s=seconds, epochs=2)
+    return oracle
+
+
+@pytest.mark.parametrize(
+    "scores, leader",
+    [
+        ((0.87, 0.88), 0.87),  # within one standard error (1.1 points): the one whose final fits
+        ((0.85, 0.88), 0.88),  # 3 points: the better one, though its final will be cut
+    ],
+)
+def test_a_leader_whose_final_would_not_fit_gives_way_to_one_within_the_noise(
+    tmp_path, scores, leader
+):
+    """A slower candidate ahead by a few images' noise at rung 0 kept the whole share of the
+    budget for its final training, ended the default run's search there and trained 26
+    epochs where the first prior would have had 54."""
+    oracle = _oracle_with_a_slow_leader(tmp_path, scores)
+    assert oracle.get_best_trials(1)[0].score == leader
+    oracle.final_fits = None  # no time budget: the best score leads
+    assert oracle.get_best_trials(1)[0].score == 0.88
+
+
+def test_a_rung_above_the_first_runs_its_cheapest_candidate_first(tmp_path):
+    """So the leader whose pace the final training is reserved at is the cheap one until the
+    dear one has shown it is clearly better (run first, it leads alone, and its reserve can
+    leave no time for the other)."""
+    oracle = _oracle_with_a_slow_leader(tmp_path, (0.85, 0.88), promoted=2)
+    first = oracle.create_trial("tuner0")
+    assert first.hyperparameters.values["tuner/rung"] == 1
+    assert first.hyperparameters.values["tuner/candidate"] == 0

@@ -104,6 +104,11 @@ def test_a_slow_leaders_final_training_keeps_at_most_the_plans_share_of_the_budg
     assert budget.planned_final_seconds(quick_plan, leader) == pytest.approx(20 * 3.0 * 1.05 + 3)
     no_final = TimeBudget(budget.ends_at, 100, final_examples=0)
     assert no_final.planned_final_seconds(plan, leader) == 0.0
+    # whether a trial's final training fits the share: the slow leader's does not, at a third
+    # of its pace it does (20 * 1.1 * 1.05 + 3 = 26 s)
+    assert not budget.final_fits(plan, leader)
+    assert budget.final_fits(plan, Pace(0.001, epoch_start=0.1))
+    assert budget.final_fits(plan, None)  # not measured: the plan's own pace, which fits
 
 
 def test_a_trials_pace_separates_epoch_starts_from_steady_steps():
