@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--augment", default="light", help="comma-separated: none,light,...")
     parser.add_argument("--seeds", default="0", help="comma-separated")
     parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--without-slice", action="store_true")
     args = parser.parse_args()
 
@@ -65,7 +66,12 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             keras.utils.set_random_seed(seed)
             model = keras.models.clone_model(saved)
-            recipe = Recipe(learning_rate=args.learning_rate, lr_schedule="cosine", augment=augment)
+            recipe = Recipe(
+                learning_rate=args.learning_rate,
+                lr_schedule="cosine",
+                augment=augment,
+                label_smoothing=args.label_smoothing,
+            )
             compile_model(model, recipe, steps=steps_per_epoch(len(x), BATCH) * args.epochs)
             data = training_data(x, y, recipe, num_classes=10, batch_size=BATCH, seed=seed)
             start = time.perf_counter()
@@ -76,6 +82,7 @@ def main() -> None:
                 json.dumps(
                     {
                         "augment": augment,
+                        "label_smoothing": args.label_smoothing,
                         "seed": seed,
                         "epochs": args.epochs,
                         "images": len(y),

@@ -27,8 +27,6 @@ from cnnforge.tuning.records import SearchProgress, TrialRecord
 from cnnforge.tuning.timebudget import pace
 from cnnforge.tuning.tuners import NonFiniteLoss, RecordingTuner, StopAtDeadline
 
-LONGER_WHEN_IMPROVING = 1.5  # the most a final training grows when the winner still improved
-
 
 @dataclass
 class FinalTraining:
@@ -155,11 +153,14 @@ def train_again(
 
 def _most_final_epochs(found: int, record: TrialRecord, examples: int, batch_size: int) -> int:
     """The most epochs an auto plan's final training under a budget may take where the search
-    left time over: its cap of optimizer steps (``final_epochs_cap``; the plan may have given fewer, for
-    want of time), or 1.5x the epochs found for a winner still improving at its last epoch."""
+    left time over: its cap of optimizer steps (``final_epochs_cap``; the plan may have given
+    fewer, for want of time), or, for a winner still improving at its last epoch,
+    ``FINAL_EPOCHS_MAX`` (the deadline plans the epochs that fit). Held to 1.5x the planned
+    epochs, a 30-minute Fashion-MNIST run's final training took 36 epochs in 661 s and left
+    300 s of the budget unused."""
     most = max(found, final_epochs_cap(examples, record.batch_size or batch_size))
     if record.best_epoch == record.epochs:
-        most = max(most, min(FINAL_EPOCHS_MAX, round(found * LONGER_WHEN_IMPROVING)))
+        most = max(most, FINAL_EPOCHS_MAX)
     return most
 
 
