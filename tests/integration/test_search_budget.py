@@ -111,9 +111,8 @@ def test_a_slower_winner_is_left_the_time_for_its_planned_final_epochs(
 @pytest.mark.slow
 def test_the_final_training_takes_the_time_the_search_left(slow_leader, small_npz, tmp_path):
     """A one-trial search of two epochs ends long before its deadline; the plan gave the final
-    training what half the budget holds at the plan's pace; the winner, still improving, gets
-    more than the 1.5x of that it was once held to: the time left over goes to it, up to its
-    cap of optimizer steps (60 epochs on these 400 images, FINAL_EPOCHS_MAX)."""
+    training what half the budget holds at the plan's pace, and the winner, still improving,
+    1.5x that: the time left over goes to it too, up to its cap of optimizer steps."""
     budget = 50.0
     run_dir = tmp_path / "r"
     start = time.time()

@@ -111,22 +111,6 @@ def test_a_slow_leaders_final_training_keeps_at_most_the_plans_share_of_the_budg
     assert budget.final_fits(plan, None)  # not measured: the plan's own pace, which fits
 
 
-def test_a_final_training_still_improving_may_take_the_time_left_up_to_the_longest():
-    """The 30-minute Fashion-MNIST run on bcb0951: its winner, still improving at its last
-    epoch, trained 36 epochs (1.5x the plan's 24) in 661 s and left 300 s of the budget
-    unused. A winner still improving may take what the time left holds, up to
-    FINAL_EPOCHS_MAX (the deadline plans the epochs that fit); one that levelled off keeps
-    the planned epochs (here the cap of optimizer steps is 24 epochs on 55,000 images)."""
-    from cnnforge.tuning.final_training import _most_final_epochs
-    from cnnforge.tuning.records import TrialRecord
-
-    improving = TrialRecord("13", "COMPLETED", 0.921, {}, {}, epochs=12, best_epoch=12)
-    levelled = TrialRecord("13", "COMPLETED", 0.921, {}, {}, epochs=12, best_epoch=9)
-    assert planning.final_epochs_cap(55_000, 128) == 24
-    assert _most_final_epochs(24, improving, 55_000, 128) == planning.FINAL_EPOCHS_MAX
-    assert _most_final_epochs(24, levelled, 55_000, 128) == 24
-
-
 def test_a_trials_pace_separates_epoch_starts_from_steady_steps():
     cost = {
         "steady_seconds": 9.0,
