@@ -18,11 +18,13 @@ from cnnforge.core.errors import CnnforgeError
 from cnnforge.tuning.tuners import _save_json_atomically
 
 
-def search_command(data: Path, run_dir: Path, tuner: str, trials: int = 3) -> list[str]:
+def search_command(
+    data: Path, run_dir: Path, tuner: str, trials: int = 3, epochs: int = 4
+) -> list[str]:
     return small_search(
         data,
         run_dir,
-        *("--tuner", tuner, "--max-trials", str(trials), "--epochs", "4"),
+        *("--tuner", tuner, "--max-trials", str(trials), "--epochs", str(epochs)),
         *("--fix", "learning_rate=0.001", "--fix", "dropout=0.0"),
     )
 
@@ -39,12 +41,23 @@ def start_and_interrupt(command: list[str], run_dir: Path, sig: int) -> subproce
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     deadline = time.monotonic() + 240
-    while finished_trials(run_dir) < 1 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # well inside the next trial
+    while not _next_trial_running(run_dir) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no second trial started within 240 s"
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the next trial's training (a small trial here lasts 2-3 s)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _next_trial_running(run_dir: Path) -> bool:
+    """One trial finished (its row in trials.csv) and another one RUNNING in its trial.json."""
+    try:
+        states = trial_states(run_dir)
+    except json.JSONDecodeError:  # a trial.json being written
+        return False
+    finished = finished_trials(run_dir)
+    return finished >= 1 and len(states) > finished and "RUNNING" in states.values()
 
 
 def trial_states(run_dir: Path) -> dict[str, str]:
@@ -135,7 +148,7 @@ def test_a_deterministic_auto_search_repeats_itself_even_killed_and_resumed(
 @pytest.mark.slow
 def test_sigint_saves_state_says_how_to_resume_and_exits_non_zero(small_npz, tmp_path):
     run_dir = tmp_path / "run"
-    command = search_command(small_npz, run_dir, "random", trials=2)
+    command = search_command(small_npz, run_dir, "random", trials=2, epochs=12)
     stopped = start_and_interrupt(command, run_dir, signal.SIGINT)
     assert stopped.returncode == 130
     assert "run the same command again to resume" in stopped.stderr
