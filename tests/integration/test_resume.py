@@ -38,7 +38,14 @@ def start_and_interrupt(command: list[str], run_dir: Path, sig: int) -> subproce
     """Start ``command``; once one trial has finished and the next is under way, send ``sig``."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # as from a terminal: a shell without job control starts background jobs with SIGINT
+        # ignored, and Python then installs no handler for it (seen in a CI run started with &)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 240
     while not _next_trial_running(run_dir) and proc.poll() is None:
