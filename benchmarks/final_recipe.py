@@ -3,6 +3,7 @@ training could reach, and what holding out the calibration slice costs it.
 
     python benchmarks/final_recipe.py RUN --epochs 54 --augment light,medium --seeds 0,1
     python benchmarks/final_recipe.py RUN --epochs 54 --without-slice
+    python benchmarks/final_recipe.py RUN --augment subtle --label-smoothing 0.1 --flip
 
 ``RUN`` is a ``cnnforge run`` directory on the bundled data (``fashion_mnist_small``): its
 ``best.keras`` gives the network (trained afresh: same architecture, new weights), its
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated")
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--flip", action="store_true", help="random horizontal flips")
     parser.add_argument("--without-slice", action="store_true")
     args = parser.parse_args()
 
@@ -71,6 +73,7 @@ def main() -> None:
                 lr_schedule="cosine",
                 augment=augment,
                 label_smoothing=args.label_smoothing,
+                flip=args.flip,
             )
             compile_model(model, recipe, steps=steps_per_epoch(len(x), BATCH) * args.epochs)
             data = training_data(x, y, recipe, num_classes=10, batch_size=BATCH, seed=seed)
@@ -83,6 +86,7 @@ def main() -> None:
                     {
                         "augment": augment,
                         "label_smoothing": args.label_smoothing,
+                        "flip": args.flip,
                         "seed": seed,
                         "epochs": args.epochs,
                         "images": len(y),

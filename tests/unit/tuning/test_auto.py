@@ -94,6 +94,11 @@ def test_simple_cnn_priors_come_first_adapted_to_the_image_size_and_kept_to_the_
     assert found[0]["batch_norm"] is True and found[0]["filters_2"] == 128
     assert found[0]["learning_rate"] == 3e-3 and found[0]["conv_blocks"] == 3
     assert found[1]["filters_0"] == 64 and found[3] == within_space(space, {})  # the tutorial
+    # the first three train the way their final training pays for: one-pixel shifts, label
+    # smoothing 0.1, flips left to the paired trial (they cost the 8x8 digits 0.8 points)
+    assert all(
+        (c["augment"], c["label_smoothing"], c["flip"]) == ("subtle", 0.1, False) for c in found[:3]
+    )
     assert len({json.dumps(c, sort_keys=True) for c in found}) == 6  # variants are distinct
     assert candidate_list(space, priors, 6, seed=0) == found  # the seed decides them
     small = plugin_priors(plugin, DataSpec("digits", (8, 8, 1), tuple("0123456789")))
@@ -133,12 +138,22 @@ def test_an_auto_search_runs_its_rungs_then_decides_flips_in_paired_trials(small
     assert values[4]["flip"] is (not top["flip"]) and values[4]["augment"] == top["augment"]
     assert values[5]["augment"] != top["augment"] and values[5]["flip"] is top["flip"]
     # the winner is the top rung's trial, not a shorter one that scored higher, unless a paired
-    # trial beat it by more than the validation noise
+    # trial that takes a regulariser away beat it by more than the validation noise, or one
+    # that adds a regulariser fell short of it by no more than that
     base, paired = result.trials[3], result.trials[4:]
-    noise = math.sqrt(base.score * (1 - base.score) / saved["validation_examples"])
-    clear = [t for t in paired if t.score - base.score > noise]
-    assert 0 < saved["validation_examples"] < 400  # split off the 400 training images
-    assert result.best_trial.score == max(t.score for t in [base, *clear])
+    n = saved["validation_examples"]
+    assert 0 < n < 400  # split off the 400 training images
+
+    def adds(values):
+        return values["flip"] > top["flip"] or (top["augment"] == "none" != values["augment"])
+
+    kept = [
+        t
+        for t, v in zip(paired, values[4:], strict=True)
+        if (adds(v) and base.score - t.score <= math.sqrt(t.score * (1 - t.score) / n))
+        or t.score - base.score > math.sqrt(base.score * (1 - base.score) / n)
+    ]
+    assert result.best_trial.score == max(t.score for t in kept or [base])
     assert result.final_training.epochs == 2
 
 
@@ -289,17 +304,23 @@ def _oracle_with_paired_trials(tmp_path, validation_examples):
 @pytest.mark.parametrize(
     "paired_scores, winner",
     [
-        ((0.8625, 0.8612), (0.86, False, "light")),  # within the noise of 800 images: kept
+        ((0.8575, 0.8612), (0.8575, True, "light")),  # flips added, within the noise: on
+        ((0.84, 0.8612), (0.86, False, "light")),  # flips added, 2 points under: off
+        ((0.84, 0.8625), (0.86, False, "light")),  # shifts removed, within the noise: kept
         ((0.8625, 0.90), (0.90, False, "none")),  # 4 points: the toggle wins
     ],
 )
 def test_a_paired_trial_wins_only_by_more_than_the_validation_noise(
     tmp_path, paired_scores, winner
 ):
-    """A paired trial replaces the winner it toggles only when it scores higher by more than
-    one standard error of the winner's validation accuracy (sqrt(p(1-p)/n), n = 800: 1.2
-    points at 0.86); seen on the bundled data, 0.8637 against 0.8612 turned the prior's
-    augmentation off, and the final model lost 1.4 points on the test split."""
+    """A paired trial that takes a regulariser away replaces the winner it toggles only when
+    it scores higher by more than one standard error of the winner's validation accuracy
+    (sqrt(p(1-p)/n), n = 800: 1.2 points at 0.86); seen on the bundled data, 0.8637 against
+    0.8612 turned the prior's augmentation off, and the final model lost 1.4 points on the
+    test split. One that adds a regulariser replaces it unless it scores lower by more than
+    that: at a trial's length augmentation reads as a loss that the final training's longer
+    schedule turns into a gain (flips on all of Fashion-MNIST: 0.25 points under at 12
+    epochs, 0.3 over at 24)."""
     oracle = _oracle_with_paired_trials(tmp_path, validation_examples=800)
     for score in paired_scores:
         trial = _run_trial(oracle, tmp_path, score, duration_s=20.0, epochs=4)
