@@ -333,3 +333,23 @@ def test_the_final_trainings_reserve_counts_the_images_it_trains_on_not_the_cali
         ).final_examples
         == 0
     )
+
+
+@pytest.mark.parametrize(
+    "best_epoch, epochs, most",
+    [
+        (7, 7, 54),  # best at its last epoch: still improving
+        (6, 7, 54),  # a dip at the last epoch of a cosine run (the default run on 06626e6)
+        (3, 12, 36),  # best a quarter in: not improving, the cap of optimizer steps only
+    ],
+)
+def test_a_winner_still_improving_in_its_last_quarter_may_train_longer(best_epoch, epochs, most):
+    """Where the search left time over, a winner whose best epoch came in the last quarter of
+    its schedule may take 1.5x the epochs found (36 here, the cap of 2,000 steps on 7,200
+    images): the default run on 06626e6 ended 80 s inside its 4m30s budget because its winner's
+    best was epoch 6 of 7, and trained 36 epochs where the same prior had trained 51-54."""
+    from cnnforge.tuning.final_training import _most_final_epochs
+    from cnnforge.tuning.records import TrialRecord
+
+    record = TrialRecord("4", "COMPLETED", 0.9, {}, {}, epochs=epochs, best_epoch=best_epoch)
+    assert _most_final_epochs(36, record, examples=7200, batch_size=128) == most
