@@ -49,8 +49,9 @@ from cnnforge.tuning.plan import (
 TrialStatus = keras_tuner.engine.trial.TrialStatus
 COMPLETED = TrialStatus.COMPLETED
 ENDED = (COMPLETED, TrialStatus.FAILED, TrialStatus.INVALID, TrialStatus.STOPPED)
-# Regularisers decided by a paired trial at the top rung: the value toggled on the winner.
-PAIRED = {"flip": lambda value: not value, "augment": lambda v: "subtle" if v == "none" else "none"}
+# Regularisers decided by a paired trial at the top rung, each as (off, on): the winner's value
+# is toggled to the other one (any value but off counts as on).
+PAIRED = {"flip": (False, True), "augment": ("none", "subtle")}
 MUTATED = 3  # hyperparameters drawn at random in a variant of a prior
 RUNG, CANDIDATE, EPOCHS = "tuner/rung", "tuner/candidate", "tuner/epochs"
 
@@ -297,9 +298,9 @@ class AutoOracle:
         }
         space = {hp.name: hp for hp in self.hyperparameters.space}
         variants = []
-        for name, toggle in PAIRED.items():
-            if name in winner and allowed(space[name], toggle(winner[name])):
-                variants.append({**winner, name: toggle(winner[name])})
+        for name in PAIRED:
+            if name in winner and allowed(space[name], _toggled(name, winner[name])):
+                variants.append({**winner, name: _toggled(name, winner[name])})
         first = len(self.candidates())
         return [(first + i, values) for i, values in enumerate(variants[: self.plan.paired])]
 
@@ -345,15 +346,16 @@ class AutoOracle:
         if not top or top[0] not in ranked:
             return ranked
         base, first_paired = top[0], len(self.candidates())
+        base_at = ranked.index(base)
 
-        def before_base(trial: Any) -> bool:
+        def before_base(at: int, trial: Any) -> bool:
             if trial.hyperparameters.values[CANDIDATE] < first_paired:
-                return ranked.index(trial) < ranked.index(base)
+                return at < base_at
             if _adds_a_regulariser(trial.hyperparameters.values, base.hyperparameters.values):
                 return trial.score >= base.score or not self._clear_of(base, trial)
             return self._clear_of(trial, base)
 
-        ahead = [t for t in ranked if t is not base and before_base(t)]
+        ahead = [t for at, t in enumerate(ranked) if t is not base and before_base(at, t)]
         return ahead + [base] + [t for t in ranked if t not in ahead and t is not base]
 
     def _clear_of(self, trial: Any, base: Any) -> bool:
@@ -369,10 +371,16 @@ class AutoOracle:
         return trial.score - base.score > math.sqrt(p * (1 - p) / n)
 
 
+def _toggled(name: str, value: Any) -> Any:
+    """The other of ``PAIRED[name]``'s off and on for ``value``."""
+    off, on = PAIRED[name]
+    return on if value == off else off
+
+
 def _adds_a_regulariser(values: dict[str, Any], base: dict[str, Any]) -> bool:
     """Whether a paired trial's ``values`` turn on one of ``PAIRED`` that ``base`` has off."""
     return any(
-        name in values and values[name] != base.get(name) and values[name] not in (False, "none")
+        name in values and values[name] != base.get(name) and values[name] != PAIRED[name][0]
         for name in PAIRED
     )
 

@@ -31,6 +31,10 @@ from cnnforge.tuning.tuners import NonFiniteLoss, RecordingTuner, StopAtDeadline
 # Fashion-MNIST run's winner (the first prior) reached 93.78 % with 36 final epochs (1.5x,
 # ending 5 minutes inside its budget, bcb0951) and 93.49 % with 47 (up to 60, 7533cb4).
 LONGER_WHEN_IMPROVING = 1.5
+# A winner whose best epoch came after this share of its schedule is still improving: a cosine
+# run's rate is under 15 % of its peak there, and a best at 6 of 7 epochs is a dip of the last
+# one, not a peak passed.
+IMPROVING_AFTER = 0.75
 
 
 @dataclass
@@ -160,10 +164,9 @@ def _most_final_epochs(found: int, record: TrialRecord, examples: int, batch_siz
     """The most epochs an auto plan's final training under a budget may take where the search
     left time over: its cap of optimizer steps (``final_epochs_cap``; the plan may have given
     fewer, for want of time), or 1.5x the epochs found for a winner still improving, its best
-    epoch in the last quarter of its schedule (where a cosine run's rate is under 15 % of its
-    peak: a best at 6 of 7 epochs is a dip of the last one, not a peak passed)."""
+    epoch in the last quarter of its schedule (``IMPROVING_AFTER``)."""
     most = max(found, final_epochs_cap(examples, record.batch_size or batch_size))
-    if record.best_epoch and record.epochs and record.best_epoch > 0.75 * record.epochs:
+    if record.best_epoch and record.epochs and record.best_epoch > IMPROVING_AFTER * record.epochs:
         most = max(most, min(FINAL_EPOCHS_MAX, round(found * LONGER_WHEN_IMPROVING)))
     return most
 
