@@ -84,6 +84,7 @@ def main() -> None:
     session = open_session(run.onnx)
     meta = metadata(session)
     temperature = meta["probability_calibration"]["temperature"]
+    smoothing = meta["probability_calibration"].get("label_smoothing", 0.0)
     unknown = meta["unknown_threshold"]
     names = [o.name for o in session.get_outputs()]
     test = load_dataset(args.data)
@@ -94,7 +95,7 @@ def main() -> None:
 
     in_out = outputs(x_test)
     after = in_out["probabilities"]
-    views = {"before": cal.rescale(after, 1 / temperature), "after": after}
+    views = {"before": cal.uncalibrated(after, temperature, smoothing), "after": after}
     result: dict = {"model": str(run.onnx), "test_images": len(y_test), "fitted": meta}
     for name, p in views.items():
         result[name] = {
@@ -104,7 +105,7 @@ def main() -> None:
             "brier": cal.brier(p, y_test),
             **{f"selective_{c}": cal.selective_accuracy(p, y_test, c) for c in (1.0, 0.9, 0.8)},
         }
-    before_logp = cal.log_probabilities(views["before"])
+    before_logp = cal.unsmoothed_log_probabilities(views["before"], smoothing)
     result["temperature_the_test_split_would_choose"] = cal.fit_temperature(before_logp, y_test)
 
     model = load_keras_model(run.best_model)

@@ -61,8 +61,9 @@ PASS_THROUGH = ("Add", "Cast", "Identity", "DequantizeLinear", "QuantizeLinear")
 QUANTIZING = ("DequantizeLinear", "QuantizeLinear", "Cast")
 
 
-def with_temperature(proto: Any, temperature: float) -> Any:
-    """A copy of ``proto`` whose ``probabilities`` output is the softmax at ``temperature``."""
+def with_temperature(proto: Any, temperature: float, label_smoothing: float = 0.0) -> Any:
+    """A copy of ``proto`` whose ``probabilities`` output is the softmax at ``temperature``, the
+    network's ``label_smoothing`` taken off first (``calibration.rescale``)."""
     from onnx import helper, numpy_helper
 
     if temperature <= 0:
@@ -72,21 +73,49 @@ def with_temperature(proto: Any, temperature: float) -> Any:
     for node in graph.node:
         node.output[:] = [UNCALIBRATED if name == OUTPUT_NAME else name for name in node.output]
         node.input[:] = [UNCALIBRATED if name == OUTPUT_NAME else name for name in node.input]
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(np.array(calibration.LOG_FLOOR, np.float32), "cal_floor"),
-            numpy_helper.from_array(np.array(temperature, np.float32), "cal_temperature"),
-        ]
+    graph.initializer.append(
+        numpy_helper.from_array(np.array(temperature, np.float32), "cal_temperature")
     )
     graph.node.extend(
         [
-            helper.make_node("Max", [UNCALIBRATED, "cal_floor"], ["cal_floored"]),
+            *_floored(graph, label_smoothing),
             helper.make_node("Log", ["cal_floored"], ["cal_log"]),
             helper.make_node("Div", ["cal_log", "cal_temperature"], ["cal_scaled"]),
             helper.make_node("Softmax", ["cal_scaled"], [OUTPUT_NAME], axis=1),
         ]
     )
     return scaled
+
+
+def _floored(graph: Any, label_smoothing: float) -> list[Any]:
+    """Nodes making ``cal_floored`` of the uncalibrated output: ``p`` floored at ``LOG_FLOOR``,
+    or, for a label-smoothed network, ``p - ε / K`` floored at ``SMOOTHED_FLOOR`` of ``ε / K``
+    (K read from the output's shape, so any graph's class count)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not label_smoothing:
+        graph.initializer.append(
+            numpy_helper.from_array(np.array(calibration.LOG_FLOOR, np.float32), "cal_floor")
+        )
+        return [helper.make_node("Max", [UNCALIBRATED, "cal_floor"], ["cal_floored"])]
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(label_smoothing, np.float32), "cal_smoothing"),
+            numpy_helper.from_array(np.array(1, np.int64), "cal_class_axis"),
+            numpy_helper.from_array(
+                np.array(calibration.SMOOTHED_FLOOR, np.float32), "cal_floor_part"
+            ),
+        ]
+    )
+    return [
+        helper.make_node("Shape", [UNCALIBRATED], ["cal_shape"]),
+        helper.make_node("Gather", ["cal_shape", "cal_class_axis"], ["cal_classes_int"]),
+        helper.make_node("Cast", ["cal_classes_int"], ["cal_classes"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["cal_smoothing", "cal_classes"], ["cal_share"]),
+        helper.make_node("Sub", [UNCALIBRATED, "cal_share"], ["cal_unsmoothed"]),
+        helper.make_node("Mul", ["cal_share", "cal_floor_part"], ["cal_floor"]),
+        helper.make_node("Max", ["cal_unsmoothed", "cal_floor"], ["cal_floored"]),
+    ]
 
 
 @dataclass
@@ -165,12 +194,19 @@ def _retrained(run: RunDir) -> bool:
 
 
 def fit_in_graph(
-    proto: Any, held: HeldOut, layout: str, provider: str, acceptance: float
+    proto: Any,
+    held: HeldOut,
+    layout: str,
+    provider: str,
+    acceptance: float,
+    label_smoothing: float = 0.0,
 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """``proto`` with its temperature and score in the graph; what the metadata records
     (``probability_calibration`` and ``unknown_threshold``), fitted on the graph's own outputs
     for the held-out images (or, for an older run, the trial's recorded probabilities); and the
-    check of the graph's score against NumPy's on up to 256 of those images."""
+    check of the graph's score against NumPy's on up to 256 of those images.
+    ``label_smoothing``: the network's (``label_smoothing_of``), taken off before the
+    temperature."""
     features = feature_tensor(proto)
     if held.probabilities is not None:
         probabilities, held_features, features = held.probabilities, None, None
@@ -183,12 +219,12 @@ def fit_in_graph(
         raise CnnforgeError(
             f"held-out labels ({held.source}) do not fit a model of {classes} classes"
         )
-    fitted = calibration.calibrate(probabilities, held.labels, held.source)
-    scaled = with_temperature(proto, fitted.temperature)
+    fitted = calibration.calibrate(probabilities, held.labels, held.source, label_smoothing)
+    scaled = with_temperature(proto, fitted.temperature, label_smoothing)
     unknown: dict[str, Any]
     check: dict[str, Any] = {}
     if held_features is None or held.training_labels is None:
-        calibrated = calibration.rescale(probabilities, fitted.temperature)
+        calibrated = calibration.rescale(probabilities, fitted.temperature, label_smoothing)
         scores = calibration.max_probability(calibrated)
         unknown = {"score": MAX_PROBABILITY, "output": OUTPUT_NAME}
     else:
@@ -204,6 +240,13 @@ def fit_in_graph(
     }
     fitted_metadata = {"probability_calibration": asdict(fitted), "unknown_threshold": unknown}
     return scaled, fitted_metadata, check
+
+
+def label_smoothing_of(model: Any) -> float:
+    """The label smoothing ``model`` was compiled to train with (its loss's), else 0: a model
+    saved by Keras keeps its compiled loss."""
+    smoothing = getattr(getattr(model, "loss", None), "label_smoothing", 0.0)
+    return float(smoothing) if isinstance(smoothing, int | float) else 0.0
 
 
 def _check_score(
@@ -320,20 +363,23 @@ def check_argmax(
     batch = to_layout(images, layout)
     before = onnx_outputs(open_session(uncalibrated, provider=provider), batch, 64)[0]
     after = onnx_outputs(open_session(calibrated, provider=provider), batch, 64)[0]
-    temperature = _temperature_of(calibrated)
-    expected = calibration.rescale(before, temperature)
+    temperature = _initializer(calibrated, "cal_temperature", 1.0)
+    label_smoothing = _initializer(calibrated, "cal_smoothing", 0.0)
+    expected = calibration.rescale(before, temperature, label_smoothing)
     return {
         "temperature": temperature,
+        "label_smoothing": label_smoothing,
         "images": len(images),
         "argmax_unchanged": float(np.mean(before.argmax(1) == after.argmax(1))),
         "max_abs_diff_from_numpy": float(np.abs(after - expected).max()),
     }
 
 
-def _temperature_of(model: bytes) -> float:
+def _initializer(model: bytes, name: str, missing: float) -> float:
+    """The scalar the calibration put in ``model`` as ``name``, or ``missing``."""
     import onnx
     from onnx import numpy_helper
 
     graph = onnx.load_from_string(model).graph
-    value = next(i for i in graph.initializer if i.name == "cal_temperature")
-    return float(numpy_helper.to_array(value))
+    value = next((i for i in graph.initializer if i.name == name), None)
+    return missing if value is None else float(numpy_helper.to_array(value))

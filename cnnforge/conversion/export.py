@@ -350,7 +350,7 @@ def export(
     fitted: dict[str, Any] = {}
     if held is not None:
         proto, fitted, score_check = calibrating.fit_in_graph(
-            proto, held, layout, provider, acceptance
+            proto, held, layout, provider, acceptance, calibrating.label_smoothing_of(model)
         )
         images, _ = _parity_images(dataset, tuple(model.inputs[0].shape[1:]))
         calibrated = proto.SerializeToString()

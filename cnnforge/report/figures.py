@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnforge.core.calibration import rescale, selective_accuracy
+from cnnforge.core.calibration import selective_accuracy, uncalibrated
 from cnnforge.core.objectives import TrialPoint, as_number, best_first, pareto_front, run_order
 from cnnforge.core.rundir import RunDir
 from cnnforge.data.dataset import Dataset, as_dataset
@@ -90,6 +90,7 @@ class Predictions:
     confidence: np.ndarray  # (N,) probability of the predicted class
     probabilities: np.ndarray | None = None  # (N, classes), as the exported model gives them
     temperature: float | None = None  # the temperature in the model's graph, where calibrated
+    label_smoothing: float = 0.0  # the network's, taken off before that temperature
 
 
 def predict_test_split(model_path: Path, data: str | Dataset) -> Predictions:
@@ -101,23 +102,27 @@ def predict_test_split(model_path: Path, data: str | Dataset) -> Predictions:
         model_path, dataset.x_test, session=session, source=dataset.spec.name
     )
     fitted = metadata(session).get("probability_calibration")
+    fitted = fitted if isinstance(fitted, dict) else {}
     return Predictions(
         dataset.x_test,
         dataset.y_test,
         probabilities.argmax(axis=1),
         probabilities.max(axis=1),
         probabilities,
-        fitted.get("temperature") if isinstance(fitted, dict) else None,
+        fitted.get("temperature"),
+        fitted.get("label_smoothing", 0.0),
     )
 
 
-def calibration_views(probabilities: np.ndarray, temperature: float | None) -> dict[str, Any]:
+def calibration_views(
+    probabilities: np.ndarray, temperature: float | None, label_smoothing: float = 0.0
+) -> dict[str, Any]:
     """The test probabilities to compare, by name: for a calibrated model, before (its
-    temperature undone: softmax of ``log q * T`` is the uncalibrated softmax) and after."""
+    calibration undone: ``calibration.uncalibrated``) and after."""
     if not temperature:
         return {"exported model (not calibrated)": probabilities}
     return {
-        "before calibration": rescale(probabilities, 1 / temperature),
+        "before calibration": uncalibrated(probabilities, temperature, label_smoothing),
         f"after calibration (T = {temperature:.2f})": probabilities,
     }
 

@@ -331,7 +331,9 @@ def _test_split_part(
 
 def _calibration_figures(predictions: figures.Predictions) -> list[str]:
     """The reliability diagram and the accuracy-coverage curve, before and after calibration."""
-    views = figures.calibration_views(predictions.probabilities, predictions.temperature)
+    views = figures.calibration_views(
+        predictions.probabilities, predictions.temperature, predictions.label_smoothing
+    )
     labels = predictions.labels
     return [
         _figure(

@@ -37,6 +37,19 @@ def test_temperature_in_the_graph_is_the_softmax_at_that_temperature() -> None:
         with_temperature(model, 0.0)
 
 
+def test_the_graph_undoes_label_smoothing_before_its_temperature() -> None:
+    model = tiny_onnx.conv_classifier()
+    x = np.random.default_rng(0).uniform(0, 1, (16, 3, 16, 16)).astype(np.float32)
+    before = _run(model, x)
+    scaled = with_temperature(model, 1.5, label_smoothing=0.1)
+    onnx.checker.check_model(scaled)
+    after = _run(scaled, x)
+    expected = calibration.rescale(before, 1.5, 0.1)
+    assert np.abs(after - expected).max() < 1e-5
+    assert np.abs(after - calibration.rescale(before, 1.5)).max() > 1e-3  # not a temperature
+    assert (after.argmax(1) == before.argmax(1)).all()
+
+
 def _meta(path) -> dict:
     return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
@@ -103,6 +116,26 @@ def _npz_of(run_dir):
 
 
 @pytest.mark.slow
+def test_a_model_trained_with_label_smoothing_is_calibrated_with_it_undone(deploy_run, tmp_path):
+    """A stranger's .keras file compiled with label smoothing: export reads it from the loss,
+    undoes it in the graph before the temperature, and records it."""
+    import keras
+
+    model = keras.models.load_model(deploy_run / "best.keras", compile=False)
+    model.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1))
+    keras_file = tmp_path / "smoothed.keras"
+    model.save(keras_file)
+    result = export(keras_file, tmp_path / "s.onnx", calibrate=True, data=_npz_of(deploy_run))
+    fitted = json.loads(_meta(tmp_path / "s.onnx")["cnnforge.probability_calibration"])
+    assert fitted["label_smoothing"] == pytest.approx(0.1)
+    assert "label smoothing undone" in fitted["method"]
+    assert result.parity.calibration["argmax_unchanged"] == 1.0
+    assert result.parity.calibration["max_abs_diff_from_numpy"] < 1e-4
+    export(deploy_run / "best.keras", tmp_path / "p.onnx", calibrate=True)
+    plain = json.loads(_meta(tmp_path / "p.onnx")["cnnforge.probability_calibration"])
+    assert plain["label_smoothing"] == 0.0 and plain["method"] == "temperature"
+
+
 def test_without_retraining_the_heldout_images_are_the_validation_split(small_npz, tmp_path):
     from cnnforge.data.dataset import load_dataset
     from cnnforge.tuning.search import SearchConfig, search

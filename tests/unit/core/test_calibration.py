@@ -79,6 +79,32 @@ def test_overconfident_model_gets_a_lower_ece() -> None:
     assert fit.ece_after < fit.ece_before / 3
 
 
+def test_a_label_smoothed_model_is_calibrated_with_its_smoothing_undone() -> None:
+    # A network 1/0.6 times too sure of itself, trained to smoothed targets (label smoothing
+    # 0.1): its softmax is (1 - 0.1) q + 0.1 / K. A temperature alone cannot reach q's
+    # calibration; with the smoothing's share taken off first it finds the network's 1/0.6.
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 1, (20000, 10))
+    logits[np.arange(20000), rng.integers(0, 10, 20000)] += 4
+    labels = np.array([rng.choice(10, p=p) for p in cal.softmax(logits)])
+    smoothed = 0.9 * cal.softmax(logits, 0.6) + 0.01
+    fit_on, scored = slice(0, 10000), slice(10000, None)
+    plain = cal.calibrate(smoothed[fit_on], labels[fit_on], source="simulated")
+    undone = cal.calibrate(smoothed[fit_on], labels[fit_on], "simulated", label_smoothing=0.1)
+    assert undone.label_smoothing == 0.1 and plain.label_smoothing == 0.0
+    assert undone.temperature == pytest.approx(1 / 0.6, rel=0.05)
+    ece_plain = cal.ece(cal.rescale(smoothed[scored], plain.temperature), labels[scored])
+    ece_undone = cal.ece(cal.rescale(smoothed[scored], undone.temperature, 0.1), labels[scored])
+    assert ece_undone < 0.015 < 0.03 < ece_plain
+    after = cal.rescale(smoothed, undone.temperature, 0.1)
+    assert (after.argmax(1) == smoothed.argmax(1)).all()
+    # a class at or under the smoothing's share keeps a hundredth of it, not zero
+    assert after.min() > 0
+    # the smoothing put back: the probabilities before calibration, from those after
+    before = cal.uncalibrated(after, undone.temperature, 0.1)
+    assert np.abs(before - smoothed).max() < 0.01
+
+
 def test_energy_score_by_hand() -> None:
     logits = np.array([[0.0, 0.0], [math.log(3.0), 0.0]])
     assert cal.energy_score(logits) == pytest.approx([math.log(2.0), math.log(4.0)])

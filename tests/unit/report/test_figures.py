@@ -77,6 +77,10 @@ def test_calibration_views_undo_the_recorded_temperature():
     assert list(views) == ["before calibration", "after calibration (T = 2.00)"]
     np.testing.assert_allclose(views["before calibration"], raw, atol=1e-9)
     assert list(calibration_views(raw, None)) == ["exported model (not calibrated)"]
+    # a label-smoothed network's: the temperature undone, then its smoothing put back
+    smoothed = 0.85 * np.array([[0.8, 0.15, 0.05], [0.1, 0.3, 0.6]]) + 0.05
+    views = calibration_views(rescale(smoothed, 1.5, 0.15), 1.5, 0.15)
+    np.testing.assert_allclose(views["before calibration"], smoothed, atol=1e-9)
 
 
 def _trials(rows: list[dict[str, str]]) -> list[dict[str, str]]:
