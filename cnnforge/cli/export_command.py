@@ -15,8 +15,11 @@ from cnnforge.deploy.triton import DEFAULT_MAX_BATCH as TRITON_MAX_BATCH
 def calibration_summary(fitted: dict) -> str:
     """One line: the temperature, what it was fitted on, ECE before → after, the threshold."""
     cal, unknown = fitted["probability_calibration"], fitted["unknown_threshold"]
+    smoothing = cal.get("label_smoothing", 0.0)
+    undone = f" (the model's label smoothing {smoothing:g} taken off first)" if smoothing else ""
     return (
-        f"temperature {cal['temperature']:.3f} fitted on {cal['images']} images ({cal['source']}): "
+        f"temperature {cal['temperature']:.3f}{undone} fitted on {cal['images']} images "
+        f"({cal['source']}): "
         f"ECE {cal['ece_before']:.2%} → {cal['ece_after']:.2%}, NLL {cal['nll_before']:.3f} → "
         f"{cal['nll_after']:.3f}; 'unknown' below {unknown['score']} (output "
         f"{unknown['output']}) {unknown['threshold']:.3f} "

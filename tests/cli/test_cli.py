@@ -185,6 +185,23 @@ def test_export_calibrate_says_what_it_fitted(finished_run, tmp_path):
     assert "'unknown' below knn_cosine (output ood_score)" in result.output
 
 
+def test_export_calibrate_of_a_label_smoothed_model_says_it_took_the_smoothing_off(
+    finished_run, small_npz, tmp_path
+):
+    """A .keras file a user compiled with label smoothing, exported through the CLI."""
+    import keras
+
+    model = keras.models.load_model(finished_run.run_dir / "best.keras", compile=False)
+    model.compile(loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1))
+    model.save(tmp_path / "mine.keras")
+    out = tmp_path / "mine.onnx"
+    args = ["-o", str(out), "--calibrate", "--data", str(small_npz)]
+    result = invoke("export", str(tmp_path / "mine.keras"), *args)
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "label smoothing 0.1 taken off first" in result.output.replace("\n", " ")
+    assert out.is_file() and "Traceback" not in result.output + result.stderr
+
+
 def test_report_rebuilds_both_reports_and_names_what_is_missing(finished_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run.run_dir, run_dir)
