@@ -39,7 +39,7 @@ from cnnforge.modeling.hypermodel import (
 )
 from cnnforge.registry import Plugin
 from cnnforge.tracking import Tracking, open_tracking, parse_track
-from cnnforge.tuning.auto import make_plan
+from cnnforge.tuning.auto_plan import make_plan
 from cnnforge.tuning.config import SearchConfig
 from cnnforge.tuning.distributed import watch_as_chief
 from cnnforge.tuning.final_training import (

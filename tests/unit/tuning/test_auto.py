@@ -254,7 +254,7 @@ def test_a_worker_waits_for_the_chiefs_plan(small_npz, tmp_path):
     import threading
 
     from cnnforge.core.rundir import RunDir
-    from cnnforge.tuning.auto import make_plan
+    from cnnforge.tuning.auto_plan import make_plan
 
     run_dir = tmp_path / "run"
     role = dict(distributed="worker", address="127.0.0.1:1", worker_id="w1", worker_timeout=30)
@@ -274,9 +274,10 @@ def test_a_worker_waits_for_the_chiefs_plan(small_npz, tmp_path):
     assert got == chiefs
 
 
-def _oracle_with_paired_trials(tmp_path, validation_examples):
-    """An auto oracle of one rung (two candidates) and two paired trials, over a space with the
-    paired regularisers in it, whose rung has ended: the second candidate (0.86) won it."""
+def _oracle_with_paired_trials(tmp_path, validation_examples, durations=(20.0, 20.0)):
+    """An auto oracle of one rung (two candidates, ``durations`` for their 4 epochs) and two
+    paired trials, over a space with the paired regularisers in it, whose rung has ended: the
+    second candidate (0.86) won it."""
     import keras_tuner
 
     from cnnforge.tuning.oracles import ORACLES
@@ -296,8 +297,9 @@ def _oracle_with_paired_trials(tmp_path, validation_examples):
     )
     oracle.plan, oracle.priors = plan, [{"units": 4}, {"units": 8}]
     oracle._set_project_dir(str(tmp_path / "run" / "tuner"), "")
-    for score in (0.85, 0.86):
-        _run_trial(oracle, tmp_path, score, duration_s=20.0, epochs=4)
+    oracle.final_fits = lambda cost: cost["duration_s"] / cost["epochs"] <= 15
+    for score, seconds in zip((0.85, 0.86), durations, strict=True):
+        _run_trial(oracle, tmp_path, score, duration_s=seconds, epochs=4)
     return oracle
 
 
@@ -333,6 +335,24 @@ def test_a_paired_trial_wins_only_by_more_than_the_validation_noise(
     for score in paired_scores:
         _run_trial(old, tmp_path / "old", score, duration_s=20.0, epochs=4)
     assert old.get_best_trials(1)[0].score == max(paired_scores)
+
+
+def test_the_paired_trials_toggle_the_leader_the_final_training_is_reserved_for(tmp_path):
+    """The top rung's best score (0.86, 30 s an epoch) is a candidate whose final training
+    would not fit its share; the other (0.85, 5 s an epoch) is within the validation noise and
+    leads. The pairs toggle the leader: a 30-minute run toggled the wider prior instead, its
+    flips-off pair won by 0.37 points, and its final training got 14 of 24 epochs (93.62 %;
+    the first prior with its whole final: 93.78-93.80 %)."""
+    oracle = _oracle_with_paired_trials(tmp_path, 800, durations=(20.0, 120.0))
+    leader_units = oracle.candidates()[0]["units"]
+    assert leader_units != oracle.candidates()[1]["units"]
+    paired = [
+        _run_trial(oracle, tmp_path, score, duration_s=20.0, epochs=4) for score in (0.852, 0.84)
+    ]
+    assert [t.hyperparameters.values["units"] for t in paired] == [leader_units] * 2
+    assert [t.hyperparameters.values["flip"] for t in paired] == [True, False]  # flips on
+    best = oracle.get_best_trials(1)[0]  # the leader with flips, within the noise of 0.86
+    assert best.hyperparameters.values["units"] == leader_units and best.score == 0.852
 
 
 def test_no_paired_trial_runs_when_the_top_rung_was_fitted_under_half_the_final(tmp_path):
