@@ -363,8 +363,9 @@ def check_argmax(
     batch = to_layout(images, layout)
     before = onnx_outputs(open_session(uncalibrated, provider=provider), batch, 64)[0]
     after = onnx_outputs(open_session(calibrated, provider=provider), batch, 64)[0]
-    temperature = _initializer(calibrated, "cal_temperature", 1.0)
-    label_smoothing = _initializer(calibrated, "cal_smoothing", 0.0)
+    scalars = _scalars(calibrated)
+    temperature = scalars.get("cal_temperature", 1.0)
+    label_smoothing = scalars.get("cal_smoothing", 0.0)
     expected = calibration.rescale(before, temperature, label_smoothing)
     return {
         "temperature": temperature,
@@ -375,11 +376,11 @@ def check_argmax(
     }
 
 
-def _initializer(model: bytes, name: str, missing: float) -> float:
-    """The scalar the calibration put in ``model`` as ``name``, or ``missing``."""
+def _scalars(model: bytes) -> dict[str, float]:
+    """The scalar initializers of ``model`` by name (the calibration's among them), read from
+    one parse of it."""
     import onnx
     from onnx import numpy_helper
 
     graph = onnx.load_from_string(model).graph
-    value = next((i for i in graph.initializer if i.name == name), None)
-    return missing if value is None else float(numpy_helper.to_array(value))
+    return {i.name: float(numpy_helper.to_array(i)) for i in graph.initializer if not i.dims}

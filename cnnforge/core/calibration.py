@@ -89,7 +89,7 @@ def uncalibrated(
 ) -> np.ndarray:
     """The softmax output before ``rescale`` made ``probabilities`` of it: the temperature
     undone, then the smoothing put back (exact where no class was at the floor)."""
-    unsmoothed = softmax(log_probabilities(probabilities), 1 / temperature)
+    unsmoothed = rescale(probabilities, 1 / temperature)
     share = smoothing_share(label_smoothing, unsmoothed.shape[1])
     return (1 - label_smoothing) * unsmoothed + share
 
