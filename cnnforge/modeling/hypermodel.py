@@ -185,11 +185,12 @@ def trial_seed(seed: int, hp: keras_tuner.HyperParameters) -> int:
 class TrainingClock(keras.callbacks.Callback):
     """Where training time goes, validation left out, so that retraining on more data can be
     costed: each epoch's start (up to its first batch: iterator, shuffle buffer, first step) and
-    the steady steps after it, which scale with the number of examples."""
+    the steady steps after it, which scale with the number of examples, and the process's CPU
+    seconds over those steps (how many cores the trainer kept busy)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.seconds = self.steady_seconds = 0.0
+        self.seconds = self.steady_seconds = self.steady_cpu_seconds = 0.0
         self.starts: list[float] = []
         self.epochs = self.steady_steps = 0
 
@@ -201,15 +202,16 @@ class TrainingClock(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._begin = self._first = self._last = time.perf_counter()
+        self._first_cpu = self._last_cpu = time.process_time()
         self._steps = self._first_steps = 0
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         # Several steps run per call (steps_per_execution); ``batch`` is the call's last step
         # as if the call were full (the epoch's last one may not be): capped at the epoch's.
-        self._last = time.perf_counter()
+        self._last, self._last_cpu = time.perf_counter(), time.process_time()
         steps = min(batch + 1, self.params.get("steps") or batch + 1)
         if self._steps == 0:
-            self._first, self._first_steps = self._last, steps
+            self._first, self._first_cpu, self._first_steps = self._last, self._last_cpu, steps
         self._steps = steps
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -217,6 +219,7 @@ class TrainingClock(keras.callbacks.Callback):
         self.seconds += self._last - self._begin
         self.starts.append(self._first - self._begin)
         self.steady_seconds += self._last - self._first
+        self.steady_cpu_seconds += self._last_cpu - self._first_cpu
         self.steady_steps += max(0, self._steps - self._first_steps)
 
 
@@ -296,6 +299,7 @@ class PluginHyperModel(keras_tuner.HyperModel):
             "train_seconds": clock.seconds,  # the training passes alone, not validation
             "epoch_start_seconds": clock.epoch_start(),
             "steady_seconds": clock.steady_seconds,
+            "steady_cpu_seconds": clock.steady_cpu_seconds,
             # a plugin's own fit picks its own batch size: its pace is not known
             "steady_examples": None if own_fit else clock.steady_steps * batch_size,
             "batch_size": None if own_fit else batch_size,

@@ -29,6 +29,7 @@ import numpy as np
 
 from cnnforge.core.contract import TRAINING_PRECISIONS
 from cnnforge.core.cpus import available_cpus
+from cnnforge.modeling import batch_norm
 
 SCHEDULES = ("constant", "cosine")
 AUGMENT_SHIFT = {"none": 0.0, "subtle": 1 / 28, "light": 1 / 14, "medium": 1 / 10, "strong": 1 / 7}
@@ -102,10 +103,15 @@ def compile_model(
     *,
     steps: int = 1,
     steps_per_execution: int | None = None,
+    fused_batch_norm: bool = True,
 ) -> None:
     """Compile for one-hot labels (what ``training_data`` yields), the optimizer set for
     ``steps`` steps of training, under the strategy the model was built in (a GPU mirror);
-    ``steps_per_execution`` by default as the run's length pays for it."""
+    ``steps_per_execution`` by default as the run's length pays for it; the model's
+    ``BatchNormalization`` layers train through TensorFlow's fused kernel (``batch_norm``)
+    unless ``fused_batch_norm`` is off."""
+    if fused_batch_norm:
+        batch_norm.fuse(model)
     if steps_per_execution is None:
         steps_per_execution = STEPS_PER_EXECUTION if steps >= LOOPED_STEPS_MIN else 1
     with model.distribute_strategy.scope():

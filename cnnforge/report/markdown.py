@@ -55,7 +55,7 @@ def _summary(run: dict[str, Any]) -> list[str]:
             lines.append(
                 f"- final training: the best trial again on train+validation "
                 f"({final['examples']} images), {final['epochs']} epochs{cut}, "
-                f"{final['seconds']:.0f} s"
+                f"{final['seconds']:.0f} s{_pace(final)}"
             )
     if search.get("time_budget"):
         lines.append(f"- time budget: {search['time_budget']:.0f} s for the whole run")
@@ -66,6 +66,13 @@ def _summary(run: dict[str, Any]) -> list[str]:
             f"on {ev['images']} images"
         )
     return lines
+
+
+def _pace(final: dict[str, Any]) -> str:
+    if not final.get("train_gflops"):
+        return ""
+    busy = f", {final['cores_busy']:.2f} cores busy" if final.get("cores_busy") else ""
+    return f" at {final['train_gflops']:.0f} GFLOP/s{busy}"
 
 
 def _trials_section(trials: list[dict[str, str]], objective: str) -> list[str]:

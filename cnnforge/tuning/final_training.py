@@ -25,7 +25,13 @@ from cnnforge.tuning.config import SearchConfig
 from cnnforge.tuning.plan import FINAL_EPOCHS_MAX, SearchPlan, auto_batch_size, final_epochs_cap
 from cnnforge.tuning.records import SearchProgress, TrialRecord
 from cnnforge.tuning.timebudget import pace
-from cnnforge.tuning.tuners import NonFiniteLoss, RecordingTuner, StopAtDeadline
+from cnnforge.tuning.tuners import (
+    NonFiniteLoss,
+    RecordingTuner,
+    StopAtDeadline,
+    cores_busy,
+    training_gflops,
+)
 
 # The most a final training grows when the winner still improved. Not more: the 30-minute
 # Fashion-MNIST run's winner (the first prior) reached 93.78 % with 36 final epochs (1.5x,
@@ -46,6 +52,8 @@ class FinalTraining:
     epochs_found: int  # what the search found; more than ``epochs`` when the budget cut it
     seconds: float
     calibration_images: int = 0  # of train+validation, held out (``calibration_slice``)
+    train_gflops: float | None = None  # the trainer's pace over its steady steps (as a trial's)
+    cores_busy: float | None = None  # CPU seconds over wall seconds of those steps
 
 
 def epoch_callback(
@@ -234,8 +242,15 @@ def final_training(
         verbose=0,
         **class_weight(config, dataset),
     )
+    pace_of = {**tuner.hypermodel.last_fit, "flops": record.flops}
     final = FinalTraining(
-        len(x), len(history.history["loss"]), found, time.perf_counter() - start, len(held)
+        len(x),
+        len(history.history["loss"]),
+        found,
+        time.perf_counter() - start,
+        len(held),
+        training_gflops(pace_of),
+        cores_busy(pace_of),
     )
     if progress:
         progress.final_training_ended(final.epochs, final.seconds)

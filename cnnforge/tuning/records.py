@@ -32,6 +32,7 @@ class TrialRecord:
     size_mb: float | None = None
     measure_s: float | None = None
     train_gflops: float | None = None  # the trainer's pace: 3 x forward FLOPs over steady steps
+    cores_busy: float | None = None  # CPU seconds over wall seconds of the steady steps
     batch_size: int | None = None  # what it trained at; None: its own fit() chose
     training: str = ""  # whose training recipe: cnnforge's, or the model's own
     pareto: bool = False  # on the front of (objective, latency, size) among completed trials
@@ -78,6 +79,7 @@ def trial_record(trial: Any, run: RunDir) -> TrialRecord:
         size_mb=cost.get("size_mb"),
         measure_s=cost.get("measure_s"),
         train_gflops=cost.get("train_gflops"),
+        cores_busy=cost.get("cores_busy"),
         batch_size=cost.get("batch_size"),
         training=cost.get("training", ""),
     )
@@ -106,7 +108,7 @@ def trial_records(oracle: Any) -> list[TrialRecord]:
     return records
 
 
-MEASURED = ("latency_ms", "flops", "size_mb", "measure_s", "train_gflops")
+MEASURED = ("latency_ms", "flops", "size_mb", "measure_s", "train_gflops", "cores_busy")
 
 
 def write_trials_csv(records: list[TrialRecord], run: RunDir) -> None:

@@ -236,6 +236,7 @@ class RecordingTuner(keras_tuner.Tuner):
             cost.update(self.hypermodel.last_fit, duration_s=time.perf_counter() - start)
             cost["best_epoch"] = self._best_epoch(cost)
             cost["train_gflops"] = training_gflops(cost)
+            cost["cores_busy"] = cores_busy(cost)
             self.run.write_cost(trial.trial_id, cost)
             self.hypermodel.last_fit = {}
 
@@ -355,6 +356,14 @@ def training_gflops(cost: dict[str, Any]) -> float | None:
     if not cost.get("flops") or not cost.get("steady_examples") or not cost.get("steady_seconds"):
         return None
     return 3 * cost["flops"] * cost["steady_examples"] / cost["steady_seconds"] / 1e9
+
+
+def cores_busy(cost: dict[str, Any]) -> float | None:
+    """The cores the trainer kept busy over its steady steps: the process's CPU seconds (every
+    thread's) over their wall seconds."""
+    if not cost.get("steady_cpu_seconds") or not cost.get("steady_seconds"):
+        return None
+    return cost["steady_cpu_seconds"] / cost["steady_seconds"]
 
 
 def make_tuner(

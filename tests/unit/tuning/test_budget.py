@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -128,14 +129,17 @@ def test_a_trials_pace_separates_epoch_starts_from_steady_steps():
 
 def test_an_epochs_start_leaves_the_first_epochs_tracing_out(monkeypatch):
     """Three epochs of 4 steps: the first starts in 3 s (tracing the step), the others in
-    0.2 s; the steady steps take 1 s an epoch. Retraining for 60 epochs pays the 3 s once."""
+    0.2 s; the steady steps take 1 s an epoch, two cores busy. Retraining for 60 epochs pays
+    the 3 s once."""
     from cnnforge.modeling import hypermodel
 
     ticks = []
     for start in (3.0, 0.2, 0.2):
         ticks += [0.0, start, 0.5, 0.5]  # (increments) begin, the first step, two more
-    clock_times = iter(np.cumsum(ticks))
-    fake_time = types.SimpleNamespace(perf_counter=lambda: next(clock_times))
+    clock_times, cpu_times = iter(np.cumsum(ticks)), iter(2 * np.cumsum(ticks))
+    fake_time = types.SimpleNamespace(
+        perf_counter=lambda: next(clock_times), process_time=lambda: next(cpu_times)
+    )
     monkeypatch.setattr(hypermodel, "time", fake_time)
     clock = hypermodel.TrainingClock()
     clock.set_params({"steps": 4})
@@ -146,6 +150,7 @@ def test_an_epochs_start_leaves_the_first_epochs_tracing_out(monkeypatch):
         clock.on_epoch_end(epoch)
     assert clock.epoch_start() == pytest.approx(0.2)
     assert clock.steady_seconds == pytest.approx(3.0) and clock.steady_steps == 9
+    assert clock.steady_cpu_seconds == pytest.approx(6.0)
 
 
 @pytest.mark.slow
@@ -181,6 +186,9 @@ def test_the_final_training_uses_train_and_validation_for_the_epochs_found(finis
     assert final.epochs_found == finished_run.best_trial.best_epoch
     rows = list(csv.DictReader((finished_run.run_dir / "trials.csv").open()))
     assert all(1 <= int(r["best_epoch"]) <= int(r["epochs"]) for r in rows)
+    # the final training's pace and busy cores over its steady steps, as a trial's
+    assert final.train_gflops > 0 and 0.3 < final.cores_busy <= (os.cpu_count() or 1) + 0.25
+    assert all(0.3 < float(r["cores_busy"]) <= (os.cpu_count() or 1) + 0.25 for r in rows)
 
 
 def _one_trial(small_npz, run_dir, **settings):
