@@ -80,11 +80,14 @@ class TimeBudget:
         return min(self._final_at(plan, leader), self._final_share(plan))
 
     def final_fits(self, plan: SearchPlan, leader: Pace | None) -> bool:
-        """Whether the final training of ``plan`` at ``leader``'s pace fits its share of the
-        budget (``planned_final_seconds``), all its planned epochs in."""
+        """Whether the final training of ``plan`` at ``leader``'s pace fits, all its planned
+        epochs in, both its share of the budget (``planned_final_seconds``) and the time left:
+        a leader that overtook late, after the search had spent what a quicker one's final
+        left it, fits the share and not the clock."""
         if not self.final_examples or not plan.final_epochs:
             return True
-        return self._final_at(plan, leader) <= self._final_share(plan)
+        room = min(self._final_share(plan), self.left() - self.overhead)
+        return self._final_at(plan, leader) <= room
 
     def _final_at(self, plan: SearchPlan, leader: Pace | None) -> float:
         if leader is None:

@@ -112,6 +112,18 @@ def test_a_slow_leaders_final_training_keeps_at_most_the_plans_share_of_the_budg
     assert budget.final_fits(plan, None)  # not measured: the plan's own pace, which fits
 
 
+def test_a_final_training_that_fits_the_share_but_not_the_time_left_does_not_fit():
+    """A 30-minute Fashion-MNIST run's wider prior led by 0.13 points; its final training
+    (875 s) fitted half the budget but not the 682 s the search had left, and got 21 of its
+    24 epochs (93.82 %) where the first prior, within the noise, would have had all of its."""
+    plan = planning.SearchPlan(
+        [planning.Rung(4, 2)], 0, 20, 32, 900, "probe", 0.5, 3.0, final_epoch_seconds=1.0
+    )
+    late = TimeBudget(time.time() + 30, 100, final_examples=1000, overhead=5)
+    assert not late.final_fits(plan, Pace(0.001, epoch_start=0.1))  # 26 s in 25 s left
+    assert late.final_fits(plan, Pace(0.0009, epoch_start=0.1))  # 24 s
+
+
 def test_a_trials_pace_separates_epoch_starts_from_steady_steps():
     cost = {
         "steady_seconds": 9.0,
