@@ -66,7 +66,8 @@ def _fits_the_kernel(layer: keras.layers.BatchNormalization, inputs: Any) -> boo
     rank = len(inputs.shape)
     if rank != 4 or layer.axis not in (-1, rank - 1) or inputs.dtype != tf.float32:
         return False
-    # the kernel's gradient for beta is not deterministic on a GPU
+    # TensorFlow promises no deterministic fused gradient on a GPU (it raises for the kernel's
+    # inference mode and says nothing of its training mode): Keras' code there, under determinism
     deterministic = tf_config.is_op_determinism_enabled()
     return not (deterministic and tf.config.list_logical_devices("GPU"))
 
@@ -88,7 +89,7 @@ def _normalised_batch(layer: keras.layers.BatchNormalization, inputs: Any) -> An
         is_training=True,
     )
     # the kernel returns the sample variance, n / (n - 1) times the one Keras keeps
-    count = tf.cast(tf.size(inputs) // channels, tf.float32)
+    count = tf.cast(tf.size(inputs, out_type=tf.int64) // channels, tf.float32)
     variance = variance * (count - 1.0) / count
     momentum = layer.momentum
     layer.moving_mean.assign(layer.moving_mean * momentum + mean * (1.0 - momentum))

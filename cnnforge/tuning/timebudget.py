@@ -83,17 +83,25 @@ class TimeBudget:
         """Whether the final training of ``plan`` at ``leader``'s pace fits, all its planned
         epochs in, both its share of the budget (``planned_final_seconds``) and the time left:
         a leader that overtook late, after the search had spent what a quicker one's final
-        left it, fits the share and not the clock."""
+        left it, fits the share and not the clock. The clock may take one epoch: a trial cut
+        at the deadline ends a few seconds after it, and a leader whose final was the one kept
+        back must not lose its place to those seconds."""
         if not self.final_examples or not plan.final_epochs:
             return True
-        room = min(self._final_share(plan), self.left() - self.overhead)
-        return self._final_at(plan, leader) <= room
+        final = self._final_at(plan, leader)
+        one_epoch = self._final_epoch_seconds(plan, leader) * SAFETY
+        return final <= self._final_share(plan) and final - one_epoch <= self.left() - self.overhead
 
     def _final_at(self, plan: SearchPlan, leader: Pace | None) -> float:
         if leader is None:
             return plan.final_seconds(margin=SAFETY)
-        epoch = leader.epoch_seconds(self.final_examples)
+        epoch = self._final_epoch_seconds(plan, leader)
         return final_reserve(plan.final_epochs, epoch, plan.trial_overhead_s or 0.0, SAFETY)
+
+    def _final_epoch_seconds(self, plan: SearchPlan, leader: Pace | None) -> float:
+        if leader is None:
+            return plan.final_epoch_seconds or 0.0
+        return leader.epoch_seconds(self.final_examples)
 
     def _final_share(self, plan: SearchPlan) -> float:
         return max(plan.final_seconds(margin=SAFETY), FINAL_SHARE * self.total)

@@ -73,6 +73,17 @@ def test_fused_training_gives_keras_numbers():
     np.testing.assert_allclose(fused.predict(x, verbose=0), plain.predict(x, verbose=0), atol=1e-5)
 
 
+def test_the_moving_statistics_are_the_batchs_own_as_keras_keeps_them():
+    """Momentum 0 on a batch of 16 values a channel: the moving variance is the population
+    variance (the kernel returns the sample variance, 16/15 of it)."""
+    layer = keras.layers.BatchNormalization(momentum=0.0)
+    batch_norm.fuse(keras.Sequential([keras.Input((2, 2, 3)), layer]))
+    x = np.random.default_rng(1).normal(2.0, 3.0, (4, 2, 2, 3)).astype(np.float32)
+    layer(x, training=True)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), x.mean(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), x.var(axis=(0, 1, 2)), rtol=1e-5)
+
+
 def test_a_fused_model_saves_and_loads_as_plain_keras(tmp_path):
     model = _train(_network(), fused=True)
     path = tmp_path / "model.keras"

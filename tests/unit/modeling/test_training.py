@@ -152,8 +152,8 @@ def test_a_trial_learns_through_the_pipeline_and_reports_its_pace(small_npz):
     cost = hypermodel.last_fit
     assert cost["examples"] == len(dataset.x_train) and cost["epochs"] == 4
     assert 0 < cost["steady_seconds"] < cost["train_seconds"] < cost["fit_seconds"]
-    # the trainer's threads' CPU time over the steady steps: at least one core, at most all
-    assert 0.3 < cores_busy(cost) <= (os.cpu_count() or 1) + 0.25
+    # the trainer's threads' CPU time over the steady steps: some, and at most every core
+    assert 0.05 < cores_busy(cost) <= (os.cpu_count() or 1) + 0.25
     # per epoch: the steps after the first call (each epoch's first call is its start)
     steps = -(-len(dataset.x_train) // 8)
     assert 4 * steps >= training.LOOPED_STEPS_MIN  # long enough to run looped steps

@@ -112,16 +112,22 @@ def test_a_slow_leaders_final_training_keeps_at_most_the_plans_share_of_the_budg
     assert budget.final_fits(plan, None)  # not measured: the plan's own pace, which fits
 
 
-def test_a_final_training_that_fits_the_share_but_not_the_time_left_does_not_fit():
+def test_a_final_training_that_fits_the_share_but_not_the_time_left_does_not_fit(monkeypatch):
     """A 30-minute Fashion-MNIST run's wider prior led by 0.13 points; its final training
     (875 s) fitted half the budget but not the 682 s the search had left, and got 21 of its
-    24 epochs (93.82 %) where the first prior, within the noise, would have had all of its."""
+    24 epochs (93.82 %) where the first prior, within the noise, would have had all of its.
+    The clock may take one epoch: a trial cut at the deadline ends seconds after it."""
+    monkeypatch.setattr(timebudget, "time", types.SimpleNamespace(time=lambda: 1000.0))
     plan = planning.SearchPlan(
         [planning.Rung(4, 2)], 0, 20, 32, 900, "probe", 0.5, 3.0, final_epoch_seconds=1.0
     )
-    late = TimeBudget(time.time() + 30, 100, final_examples=1000, overhead=5)
-    assert not late.final_fits(plan, Pace(0.001, epoch_start=0.1))  # 26 s in 25 s left
-    assert late.final_fits(plan, Pace(0.0009, epoch_start=0.1))  # 24 s
+    late = TimeBudget(1025.0, 100, final_examples=1000, overhead=5)  # 20 s left for it
+    # 20 epochs of 1.1 s, 5 % margin, 3 s fixed: 26.1 s, within the share (50 s), and still
+    # 24.9 s with one epoch fewer
+    assert not late.final_fits(plan, Pace(0.001, epoch_start=0.1))
+    # 20.85 s: over the time left by less than one of its 0.89 s epochs
+    assert late.final_fits(plan, Pace(0.00075, epoch_start=0.1))
+    assert late.final_fits(plan, Pace(0.0005, epoch_start=0.1))  # 15.6 s
 
 
 def test_a_trials_pace_separates_epoch_starts_from_steady_steps():
@@ -199,8 +205,8 @@ def test_the_final_training_uses_train_and_validation_for_the_epochs_found(finis
     rows = list(csv.DictReader((finished_run.run_dir / "trials.csv").open()))
     assert all(1 <= int(r["best_epoch"]) <= int(r["epochs"]) for r in rows)
     # the final training's pace and busy cores over its steady steps, as a trial's
-    assert final.train_gflops > 0 and 0.3 < final.cores_busy <= (os.cpu_count() or 1) + 0.25
-    assert all(0.3 < float(r["cores_busy"]) <= (os.cpu_count() or 1) + 0.25 for r in rows)
+    assert final.train_gflops > 0 and 0.05 < final.cores_busy <= (os.cpu_count() or 1) + 0.25
+    assert all(0.05 < float(r["cores_busy"]) <= (os.cpu_count() or 1) + 0.25 for r in rows)
 
 
 def _one_trial(small_npz, run_dir, **settings):
