@@ -5,8 +5,8 @@ forward and as many backward. TensorFlow's pip build runs those in Eigen kernels
 SSE ("rebuild TensorFlow with the appropriate compiler flags", it says at start-up), while
 ``FusedBatchNormV3`` is one oneDNN kernel each way, generated for the CPU it runs on (AVX-512
 where there is one). On the 30-minute Fashion-MNIST run's winner (three convolution blocks with
-batch normalization; 2-core AMD EPYC) that took the trainer from 78 to 114 GFLOP/s
-(``benchmarks/trainer_throughput.py``).
+batch normalization; 2-core AMD EPYC) that made the trainer 1.21-1.69x faster in three
+alternated pairs of ``benchmarks/trainer_throughput.py`` with and without ``--keras-batch-norm``.
 
 The layer stays Keras' own: ``fuse`` routes a layer instance's ``call``, and only a training
 call the fused kernel computes exactly as Keras does (4-D channels-last float32 inputs, no
